@@ -1,0 +1,17 @@
+"""Backends run the same workers and server over different transports: ``serial`` (one process, the
+reference) and ``ray`` (actors on a Ray cluster)."""
+
+from __future__ import annotations
+
+from sgd_dist.backends.base import Backend
+from sgd_dist.config import Config
+
+
+def make_backend(config: Config) -> Backend:
+    if config.cluster.backend == "serial":
+        from sgd_dist.backends.serial import SerialBackend
+
+        return SerialBackend(config)
+    from sgd_dist.backends.ray_backend import RayBackend  # imports ray only when asked for
+
+    return RayBackend(config)

@@ -1,0 +1,37 @@
+"""The serial reference: the same workers and server as plain objects in this one process, no Ray."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from sgd_dist.backends.base import Backend, server_args, worker_args
+from sgd_dist.config import Config
+from sgd_dist.server import ParameterServer
+from sgd_dist.worker import ShardWorker
+
+
+def resolve_local_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("cluster.device=cuda, but torch sees no CUDA device here; use cpu or auto")
+    return device
+
+
+class SerialBackend(Backend):
+    name = "serial"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.device = resolve_local_device(config.cluster.device)
+        self.workers = [ShardWorker(**args, device=self.device) for args in worker_args(config)]
+        self.server = ParameterServer(**server_args(config))
+        self.info = self.worker_info()
+
+    def _call(self, target: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
+        return getattr(target, method)(*args)
+
+    def _get(self, handles: Sequence[Any]) -> list[Any]:
+        return list(handles)

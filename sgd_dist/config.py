@@ -1,0 +1,322 @@
+"""One validated, frozen config tree: a pydantic model per YAML section.
+
+Every field carries a one-line docstring (shown by ``sgd-dist config --describe``). Unknown keys are
+rejected, values are range-checked on construction, and the errors name the dotted field path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config or usage error, with a one-line message naming the field."""
+
+
+def _count(value: Any) -> Any:
+    """Accept 1e6 / "1e6" / "1_000_000" for counts, as long as the value is a whole number."""
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return value  # pydantic reports it as not an integer
+            return int(number) if number.is_integer() else value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_count)]
+Weights = tuple[float, ...]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    kind: Literal["linear", "logistic"] = "linear"
+    """linear: y = x @ a + noise, fitted by mean squared error; logistic: y ~ Bernoulli(sigmoid(x @ a)), fitted by cross-entropy."""
+    n_samples: Count = Field(100_000, ge=1)
+    """Rows in the whole dataset, split over the workers as evenly as possible."""
+    n_features: Count = Field(1, ge=1)
+    """Features per row, the bias column not counted."""
+    bias: bool = True
+    """Append a constant-1 column to x (the seed's x = [U(-1,1), 1])."""
+    x_dist: Literal["uniform", "normal"] = "uniform"
+    """Feature distribution: uniform is U(-1, 1), normal is N(0, 1)."""
+    noise: Literal["uniform", "normal"] = "uniform"
+    """Label noise (linear only): uniform is U(0, noise_scale) as in the seed, normal is N(0, noise_scale^2)."""
+    noise_scale: float = Field(1.0, ge=0)
+    """Scale of the label noise (linear only); 0 gives noiseless labels."""
+    true_weights: Weights | None = None
+    """The true a, one entry per feature then the bias; null draws it from N(0, 1) with the data seed."""
+    seed: int = Field(0, ge=0)
+    """Seeds the data, block by block; the same seed gives bitwise the same dataset however it is sharded."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Storage and compute dtype of the data and the weights."""
+
+    @property
+    def dim(self) -> int:
+        """Number of model parameters: the features plus the bias column."""
+        return self.n_features + int(self.bias)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.true_weights is not None and len(self.true_weights) != self.dim:
+            raise ValueError(
+                f"data.true_weights has {len(self.true_weights)} entries; it needs {self.dim} "
+                f"(data.n_features={self.n_features}{' plus the bias' if self.bias else ''})"
+            )
+        if self.kind == "logistic":
+            extra = {"noise", "noise_scale"} & self.model_fields_set
+            if extra:
+                raise ValueError(f"data.{sorted(extra)[0]} applies only to data.kind=linear")
+        return self
+
+
+class ModelConfig(_Section):
+    init: Literal["zeros"] | Weights = "zeros"
+    """Starting weights: 'zeros', or a list with one entry per parameter (the seed starts at [-1, 1])."""
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _one_of(cls, value: Any) -> Any:
+        if value == "zeros" or isinstance(value, (list, tuple)):
+            return value
+        raise ValueError(f"must be 'zeros' or a list of numbers (got {value!r})")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(0.1, gt=0)
+    """Base learning rate (before warm-up, schedule and linear scaling)."""
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """Heavy-ball momentum, as torch.optim.SGD (dampening 0)."""
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """L2 penalty wd/2 * |w|^2 added to the objective (torch.optim.SGD's weight_decay); the optimum is then the penalised one."""
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: Count = Field(0, ge=0)
+    """Linear warm-up: step t < warmup_steps uses lr * (t + 1) / warmup_steps."""
+    step_size: Count = Field(100, ge=1)
+    """schedule=step: multiply the learning rate by gamma every step_size steps after warm-up."""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """schedule=step: the decay factor."""
+    min_lr: float = Field(0.0, ge=0)
+    """schedule=cosine: the learning rate reached at the last step."""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """linear: multiply lr by global batch / base_batch_size (Goyal et al.'s linear scaling rule)."""
+    base_batch_size: Count = Field(256, ge=1)
+    """lr_scaling=linear: the global batch size that optim.lr was tuned for."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("optim.nesterov=true needs optim.momentum > 0")
+        return self
+
+
+class ClusterConfig(_Section):
+    backend: Literal["ray", "serial"] = "ray"
+    """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference)."""
+    address: str | None = None
+    """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1."""
+    num_workers: Count = Field(2, ge=1)
+    """Worker actors, each holding one shard of the data."""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where each worker keeps its shard and computes: cpu, cuda (one GPU per worker from Ray), or auto (cuda if the cluster has GPUs)."""
+    cpus_per_worker: float = Field(1.0, ge=0)
+    """CPUs Ray reserves for each worker actor; also its torch thread count (at least 1)."""
+    gpus_per_worker: float = Field(1.0, gt=0, le=1)
+    """GPUs Ray reserves for each worker when it runs on cuda; fractions pack several workers on one GPU."""
+
+
+class TrainConfig(_Section):
+    mode: Literal["sync"] = "sync"
+    """Consistency mode. sync: every step averages all workers' gradients, then one update."""
+    steps: Count = Field(100, ge=1)
+    """Number of parameter updates."""
+    batch_size: Count | Literal["full"] = 32
+    """Rows per worker per step, drawn without replacement per local epoch; 'full' uses each worker's whole shard."""
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _count_or_full(cls, value: Any) -> Any:
+        value = _count(value)
+        if value == "full" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be a positive integer or 'full' (got {value!r})")
+    eval_every: Count = Field(100, ge=0)
+    """Evaluate the full-data loss and the optimality gap every this many steps (and at step 0 and the last); 0: only those two."""
+    log_every: Count = Field(100, ge=0)
+    """Print one console line every this many steps (and at the last); 0: none."""
+    seed: int = Field(0, ge=0)
+    """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
+
+
+class OutputConfig(_Section):
+    dir: str | None = None
+    """Run directory; null makes runs/<name>-<timestamp>. It must not exist yet or be empty."""
+    name: str | None = None
+    """Run name used for the default directory; null uses the config file's stem."""
+    plots: bool = True
+    """Draw loss.png (and fit.png for one-feature problems) at the end of the run."""
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        data, train, cluster = self.data, self.train, self.cluster
+        if isinstance(self.model.init, tuple) and len(self.model.init) != data.dim:
+            raise ValueError(
+                f"model.init has {len(self.model.init)} entries; it needs {data.dim} (one per parameter)"
+            )
+        if cluster.num_workers > data.n_samples:
+            raise ValueError(
+                f"cluster.num_workers={cluster.num_workers} is more than data.n_samples={data.n_samples}: "
+                "every worker needs at least one row"
+            )
+        smallest_shard = data.n_samples // cluster.num_workers
+        if train.batch_size != "full" and train.batch_size > smallest_shard:
+            raise ValueError(
+                f"train.batch_size={train.batch_size} is larger than the smallest shard ({smallest_shard} rows "
+                f"= data.n_samples/cluster.num_workers); use at most {smallest_shard} or 'full'"
+            )
+        if self.optim.warmup_steps > train.steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}"
+            )
+        return self
+
+    def global_batch_size(self) -> int:
+        """Rows per update summed over the workers."""
+        if self.train.batch_size == "full":
+            return self.data.n_samples
+        return self.train.batch_size * self.cluster.num_workers
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line naming each bad field, what was given and what is allowed."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in item and item["type"] not in {"value_error", "assertion_error"}:
+            given = item["input"]
+            if not isinstance(given, dict):
+                msg = f"{msg} (got {given!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not a {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=200)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    path = key.split(".")
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def build_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """Validate a raw mapping plus dotted overrides; raise ConfigError with a one-line message."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from the defaults), apply overrides and validate."""
+    raw = {} if path is None else _read_yaml(Path(path))
+    return build_config(raw, overrides)
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML, every field written out, so that loading it gives the same config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field, for ``sgd-dist config --describe``."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, prefix=f"{key}."))
+        else:
+            default = field.default
+            rows.append((key, "null" if default is None else str(default), field.description or ""))
+    return rows
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw

@@ -1,0 +1,135 @@
+"""Seeded synthetic data, generated shard by shard where it lives, and the mini-batch sampler. No Ray.
+
+The dataset is cut into fixed blocks of ``BLOCK_ROWS`` rows; block b is drawn from a generator seeded by
+(data seed, b) and always in full, so any row's values depend only on the seed and its index. A shard
+[start, stop) generates just the blocks it overlaps: the shards laid end to end are bit-identical to the
+dataset generated in one piece, and a lost shard can be regenerated exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sgd_dist.config import DataConfig
+
+BLOCK_ROWS = 1 << 16
+
+# Independent random streams derived from one user seed.
+_STREAM_DATA = 0
+_STREAM_WEIGHTS = 1
+_STREAM_BATCHES = 2
+
+
+def derive_seed(*keys: int) -> int:
+    """A 64-bit seed from a tuple of non-negative ints (numpy's SeedSequence: well mixed, collision-free)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0])
+
+
+def generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def true_weights(cfg: DataConfig) -> torch.Tensor:
+    """The true parameter vector a (features, then bias): given in the config, or drawn from N(0, 1)."""
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.true_weights is not None:
+        return torch.tensor(cfg.true_weights, dtype=dtype)
+    return torch.randn(cfg.dim, generator=generator(cfg.seed, _STREAM_WEIGHTS), dtype=dtype)
+
+
+def shard_bounds(n_samples: int, num_shards: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard: as even as possible, the first n % K shards one row longer."""
+    base, extra = divmod(n_samples, num_shards)
+    bounds, start = [], 0
+    for rank in range(num_shards):
+        stop = start + base + (rank < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _block(cfg: DataConfig, index: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All BLOCK_ROWS rows of block ``index``, x then y, always drawn in the same order."""
+    dtype = a.dtype
+    g = generator(cfg.seed, _STREAM_DATA, index)
+    x = torch.empty(BLOCK_ROWS, cfg.dim, dtype=dtype)
+    features = x[:, : cfg.n_features]
+    if cfg.x_dist == "uniform":
+        features.uniform_(-1.0, 1.0, generator=g)
+    else:
+        features.normal_(generator=g)
+    if cfg.bias:
+        x[:, -1] = 1.0
+    u = torch.empty(BLOCK_ROWS, dtype=dtype)
+    if cfg.kind == "linear":
+        if cfg.noise == "uniform":
+            u.uniform_(0.0, 1.0, generator=g)
+        else:
+            u.normal_(generator=g)
+        y = x @ a + cfg.noise_scale * u
+    else:
+        u.uniform_(0.0, 1.0, generator=g)
+        y = (u < torch.sigmoid(x @ a)).to(dtype)
+    return x, y
+
+
+def generate(
+    cfg: DataConfig, start: int = 0, stop: int | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [start, stop) of the dataset as (X, y), X with the bias column last when cfg.bias.
+
+    Blocks are drawn on the CPU (so every device sees the same numbers) and copied into tensors
+    preallocated on ``device``: the peak is the shard plus one block.
+    """
+    stop = cfg.n_samples if stop is None else stop
+    if not 0 <= start <= stop <= cfg.n_samples:
+        raise ValueError(f"rows [{start}, {stop}) are outside the dataset [0, {cfg.n_samples})")
+    a = true_weights(cfg)
+    X = torch.empty(stop - start, cfg.dim, dtype=a.dtype, device=device)
+    y = torch.empty(stop - start, dtype=a.dtype, device=device)
+    for index in range(start // BLOCK_ROWS, -(-stop // BLOCK_ROWS)):
+        lo, hi = index * BLOCK_ROWS, (index + 1) * BLOCK_ROWS
+        bx, by = _block(cfg, index, a)
+        take_lo, take_hi = max(lo, start), min(hi, stop)
+        X[take_lo - start : take_hi - start].copy_(bx[take_lo - lo : take_hi - lo])
+        y[take_lo - start : take_hi - start].copy_(by[take_lo - lo : take_hi - lo])
+    return X, y
+
+
+def batches_per_epoch(shard_rows: int, batch_size: int) -> int:
+    """Full batches in one pass over a shard (the last partial batch of an epoch is dropped)."""
+    return shard_rows // batch_size
+
+
+def batch_indices(seed: int, rank: int, step: int, shard_rows: int, batch_size: int) -> torch.Tensor:
+    """Rows of worker ``rank``'s mini-batch at local step ``step``: a pure function of its arguments.
+
+    Local epoch e = step // batches_per_epoch is a permutation of the shard drawn from a generator seeded by
+    (seed, rank, e); the step takes the next batch_size rows of it, so rows are drawn without replacement
+    within an epoch.
+    """
+    return MiniBatchSampler(seed, rank, shard_rows, batch_size).indices(step)
+
+
+class MiniBatchSampler:
+    """``batch_indices`` for one worker, the current epoch's permutation cached (one randperm per epoch)."""
+
+    def __init__(self, seed: int, rank: int, shard_rows: int, batch_size: int) -> None:
+        if not 1 <= batch_size <= shard_rows:
+            raise ValueError(f"batch size {batch_size} must be between 1 and the shard's {shard_rows} rows")
+        self.seed, self.rank, self.shard_rows, self.batch_size = seed, rank, shard_rows, batch_size
+        self.per_epoch = batches_per_epoch(shard_rows, batch_size)
+        self._epoch: int | None = None
+        self._perm: torch.Tensor | None = None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = generator(self.seed, _STREAM_BATCHES, self.rank, epoch)
+            self._perm, self._epoch = torch.randperm(self.shard_rows, generator=g), epoch
+        return self._perm[position * self.batch_size : (position + 1) * self.batch_size]

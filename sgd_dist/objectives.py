@@ -1,0 +1,188 @@
+"""Losses, their gradients and the exact references, as pure functions on tensors. No Ray.
+
+The mini-batch gradient comes from autograd exactly as in the seed (``loss.backward()``). Full-data
+quantities (evaluation loss, sufficient statistics, Newton terms) are accumulated in float64 over row
+chunks, so a shard of any size is summarised in bounded extra memory and the optimality gap is exact to
+double precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+EVAL_CHUNK_ROWS = 1 << 18
+
+
+def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The seed's mean squared error."""
+    return ((pred - y) ** 2).mean()
+
+
+def logistic_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of labels y in {0, 1} given logits x @ w."""
+    return F.binary_cross_entropy_with_logits(logits, y)
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "linear": mse,
+    "logistic": logistic_loss,
+}
+
+
+def loss_and_grad(kind: str, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean loss over (X, y) at w and its gradient in w, by autograd as the seed does."""
+    w = w.detach().requires_grad_(True)
+    loss = LOSSES[kind](X @ w, y)
+    loss.backward()
+    return loss.item(), w.grad
+
+
+def weighted_mean(tensors: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """sum_r n_r g_r / sum_r n_r, accumulated in list order (so every backend rounds the same way)."""
+    total = sum(counts)
+    out = torch.zeros_like(tensors[0])
+    for t, n in zip(tensors, counts):
+        out.add_(t, alpha=n / total)
+    return out
+
+
+def _chunks(X: torch.Tensor, y: torch.Tensor, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for lo in range(0, X.shape[0], rows):
+        yield X[lo : lo + rows].double(), y[lo : lo + rows].double()
+
+
+def loss_sum(kind: str, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk_rows: int = EVAL_CHUNK_ROWS) -> float:
+    """Sum (not mean) of the per-row loss over (X, y) at w, in float64, so shards add up exactly."""
+    w = w.to(device=X.device, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=X.device)
+    for xc, yc in _chunks(X, y, chunk_rows):
+        z = xc @ w
+        if kind == "linear":
+            total += ((z - yc) ** 2).sum()
+        else:
+            total += F.binary_cross_entropy_with_logits(z, yc, reduction="sum")
+    return total.item()
+
+
+def penalty(w: torch.Tensor, weight_decay: float) -> float:
+    """The L2 term wd/2 |w|^2 that torch.optim.SGD's weight_decay minimises along with the loss."""
+    return 0.5 * weight_decay * float(w.double().pow(2).sum())
+
+
+@dataclass(frozen=True)
+class LinearStats:
+    """Sufficient statistics of least squares: X^T X, X^T y, y^T y and n, summed over rows in float64."""
+
+    xtx: torch.Tensor
+    xty: torch.Tensor
+    yty: float
+    n: int
+
+    def __add__(self, other: LinearStats) -> LinearStats:
+        return LinearStats(self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty, self.n + other.n)
+
+
+def linear_stats(X: torch.Tensor, y: torch.Tensor, chunk_rows: int = EVAL_CHUNK_ROWS) -> LinearStats:
+    d = X.shape[1]
+    xtx = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+    xty = torch.zeros(d, dtype=torch.float64, device=X.device)
+    yty = torch.zeros((), dtype=torch.float64, device=X.device)
+    for xc, yc in _chunks(X, y, chunk_rows):
+        xtx += xc.T @ xc
+        xty += xc.T @ yc
+        yty += yc @ yc
+    return LinearStats(xtx.cpu(), xty.cpu(), yty.item(), X.shape[0])
+
+
+def linear_objective(w: torch.Tensor, stats: LinearStats, weight_decay: float = 0.0) -> float:
+    """Mean squared error over the whole dataset (plus the L2 term) from the sufficient statistics alone."""
+    w = w.double()
+    sse = w @ stats.xtx @ w - 2 * w @ stats.xty + stats.yty
+    return float(sse) / stats.n + penalty(w, weight_decay)
+
+
+def least_squares_optimum(stats: LinearStats, weight_decay: float = 0.0) -> torch.Tensor:
+    """argmin_w mean((Xw - y)^2) + wd/2 |w|^2, solved from the statistics: (2 X^T X / n + wd I) w = 2 X^T y / n.
+
+    Solved by least squares (SVD-based) so a rank-deficient X still gets its minimum-norm optimum.
+    """
+    d = stats.xty.shape[0]
+    A = 2 * stats.xtx / stats.n + weight_decay * torch.eye(d, dtype=torch.float64)
+    b = 2 * stats.xty / stats.n
+    return torch.linalg.lstsq(A, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+
+
+@dataclass(frozen=True)
+class NewtonTerms:
+    """Sums over rows of the logistic loss, its gradient and its Hessian at one point, in float64."""
+
+    loss: float
+    grad: torch.Tensor
+    hess: torch.Tensor
+    n: int
+
+    def __add__(self, other: NewtonTerms) -> NewtonTerms:
+        return NewtonTerms(self.loss + other.loss, self.grad + other.grad, self.hess + other.hess, self.n + other.n)
+
+
+def logistic_newton_terms(
+    w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk_rows: int = EVAL_CHUNK_ROWS
+) -> NewtonTerms:
+    d = X.shape[1]
+    w = w.to(device=X.device, dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=X.device)
+    grad = torch.zeros(d, dtype=torch.float64, device=X.device)
+    hess = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+    for xc, yc in _chunks(X, y, chunk_rows):
+        z = xc @ w
+        p = torch.sigmoid(z)
+        loss += F.binary_cross_entropy_with_logits(z, yc, reduction="sum")
+        grad += xc.T @ (p - yc)
+        hess += (xc * (p * (1 - p)).unsqueeze(1)).T @ xc
+    return NewtonTerms(loss.item(), grad.cpu(), hess.cpu(), X.shape[0])
+
+
+def newton_logistic_optimum(
+    terms_at: Callable[[torch.Tensor], NewtonTerms],
+    dim: int,
+    weight_decay: float = 0.0,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+) -> tuple[torch.Tensor, float, int]:
+    """Minimise the mean logistic loss (+ wd/2 |w|^2) by damped Newton steps on full-data terms.
+
+    ``terms_at(w)`` returns the row sums at w (over every shard). Stops when the gradient's max-norm is
+    below ``tol`` or when no step along the Newton direction decreases the objective any more; returns
+    (w*, objective at w*, iterations). Backtracking halves a step that does not decrease the objective, so
+    the solve is monotone even far from the optimum.
+    """
+    w = torch.zeros(dim, dtype=torch.float64)
+    eye = torch.eye(dim, dtype=torch.float64)
+
+    def objective(t: NewtonTerms, at: torch.Tensor) -> float:
+        return t.loss / t.n + penalty(at, weight_decay)
+
+    terms = terms_at(w)
+    value = objective(terms, w)
+    for iteration in range(1, max_iter + 1):
+        grad = terms.grad / terms.n + weight_decay * w
+        if grad.abs().max().item() < tol:
+            return w, value, iteration - 1
+        hess = terms.hess / terms.n + weight_decay * eye
+        step = torch.linalg.lstsq(hess, grad.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        scale = 1.0
+        while scale >= 1e-4:
+            candidate = w - scale * step
+            cand_terms = terms_at(candidate)
+            cand_value = objective(cand_terms, candidate)
+            if cand_value <= value:
+                break
+            scale /= 2
+        else:  # no decrease along the Newton direction: w is optimal to the precision of the sums
+            return w, value, iteration
+        w, terms, value = candidate, cand_terms, cand_value
+    return w, value, max_iter

@@ -1,0 +1,98 @@
+"""Figures drawn from a run directory's files alone (config.yaml, metrics.jsonl, summary.json).
+
+Imports neither Ray nor the trainer, and uses matplotlib's object API (no pyplot state, no display), so it
+works headless and can redraw any finished or killed run: ``sgd-dist plot RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sgd_dist.config import load_config
+from sgd_dist.data import generate
+from sgd_dist.recording import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary
+
+FIT_SAMPLE_ROWS = 2000
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw loss.png (and fit.png for one-feature problems) into the run directory; return their paths."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_FILE)
+    rows = read_metrics(run_dir)
+    summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).exists() else {}
+    paths = [_loss_figure(run_dir / "loss.png", rows, summary, config)]
+    if config.data.n_features == 1 and summary.get("weights"):
+        paths.append(_fit_figure(run_dir / "fit.png", summary, config))
+    return paths
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _title(summary: dict, config) -> str:
+    batch = config.train.batch_size
+    head = (f"{config.data.kind} regression, {config.data.n_samples:,} rows x {config.data.dim} params, "
+            f"{config.cluster.num_workers} workers x batch {batch}, {config.cluster.backend} backend")
+    if summary.get("status") == "completed":
+        rel = summary.get("relative_optimality_gap")
+        rel_text = f" (relative {rel:.2e})" if rel is not None else ""
+        head += f"\nfinal optimality gap {summary['optimality_gap']:.3e}{rel_text}, {summary['train_time_s']:.2f} s"
+    elif summary.get("status") == "failed":
+        head += f"\nFAILED after step {summary.get('steps_recorded')}: {summary.get('error')}"
+    return head
+
+
+def _loss_figure(path: Path, rows: list[dict], summary: dict, config) -> Path:
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2)
+    steps = [r for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    gaps = [r for r in evals if r.get("optimality_gap") is not None and r["optimality_gap"] > 0]
+    optimal = summary.get("optimal_loss")
+    for col, (key, label) in enumerate([("step", "step"), ("wall_time_s", "wall time (s)")]):
+        ax = axes[0, col]
+        ax.plot([r[key] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="mini-batch loss")
+        ax.plot([r[key] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="full-data loss")
+        if optimal is not None:
+            ax.axhline(optimal, ls="--", color="k", lw=1, label=f"optimum {optimal:.6g}")
+        ax.set(yscale="log", xlabel=label, ylabel="loss")
+        ax.legend()
+        ax = axes[1, col]
+        ax.plot([r[key] for r in gaps], [r["optimality_gap"] for r in gaps], "o-", ms=3, color="C3")
+        ax.set(yscale="log", xlabel=label, ylabel="optimality gap  f(w) - f(w*)")
+        for a in axes[:, col]:
+            a.grid(True, which="both", alpha=0.3)
+    fig.suptitle(_title(summary, config))
+    return _save(fig, path)
+
+
+def _fit_figure(path: Path, summary: dict, config) -> Path:
+    """The seed's scatter of the data with the fitted and the true line (or sigmoid, for logistic)."""
+    X, y = generate(config.data, 0, min(config.data.n_samples, FIT_SAMPLE_ROWS))
+    x = X[:, 0]
+    grid = torch.linspace(float(x.min()), float(x.max()), 200, dtype=torch.float64)
+    design = torch.stack([grid, torch.ones_like(grid)], 1) if config.data.bias else grid.unsqueeze(1)
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    logistic = config.data.kind == "logistic"
+    ax.scatter(x, y, s=6, alpha=0.35, label=f"data ({len(x):,} of {config.data.n_samples:,} rows)")
+    lines = [("fitted", summary["weights"], "C3", "-"), ("true", summary["true_weights"], "k", "--")]
+    for name, w, color, style in lines:
+        w = torch.tensor(w, dtype=torch.float64)
+        out = design @ w
+        if logistic:
+            out = torch.sigmoid(out)
+        coeffs = ", ".join(f"{v:.4g}" for v in w.tolist())
+        ax.plot(grid, out, style, color=color, lw=2, label=f"{name}: a = ({coeffs})")
+    ax.set(xlabel="x", ylabel="P(y = 1)" if logistic else "y", title=_title(summary, config).split("\n")[0])
+    ax.title.set_fontsize(8)
+    ax.legend()
+    return _save(fig, path)

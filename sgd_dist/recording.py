@@ -1,0 +1,92 @@
+"""The run directory: config.yaml, metrics.jsonl (one row per recorded step, flushed as written),
+summary.json (written atomically), and the readers that plots and tests use."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sgd_dist.config import Config, ConfigError, dump_config
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def default_run_dir(name: str, root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{name}-{stamp}"
+    suffix = 2
+    while path.exists():
+        path = Path(root) / f"{name}-{stamp}-{suffix}"
+        suffix += 1
+    return path
+
+
+def check_run_dir(path: Path) -> None:
+    """A run directory must be new or empty: a run never writes over another's records."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"output directory {str(path)!r} already exists and is not empty; choose another --out")
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / CONFIG_FILE, dump_config(config))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, then rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+class MetricsWriter:
+    """Appends one JSON row per line and flushes each, so a killed run keeps every row it wrote."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(_jsonable(row)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    rows = []
+    with open(Path(run_dir) / METRICS_FILE) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    with open(Path(run_dir) / SUMMARY_FILE) as f:
+        return json.load(f)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON: non-finite floats become null (JSON has no NaN), tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

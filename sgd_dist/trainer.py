@@ -1,0 +1,288 @@
+"""The driver: build a backend, compute the exact reference, run the policy's schedule, record, close.
+
+``train(config)`` is the whole run as a function a notebook can call; the CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import sgd_dist
+from sgd_dist import objectives
+from sgd_dist.backends import Backend, make_backend
+from sgd_dist.config import Config
+from sgd_dist.consistency import Apply, Dispatch, make_policy
+from sgd_dist.data import true_weights
+from sgd_dist.recording import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsWriter,
+    check_run_dir,
+    default_run_dir,
+    write_config,
+    write_json_atomic,
+)
+
+MIN_FLUSH_S = 0.1  # grow the batch of steps between two metric collections until it takes this long
+MAX_FLUSH_S = 1.0  # and shrink it when it takes longer
+MAX_CHUNK = 256
+
+
+def eval_steps(num_steps: int, every: int) -> frozenset[int]:
+    """Step 0 (the start, as in the seed), every ``every`` steps, and the last step."""
+    steps = {0, num_steps}
+    if every:
+        steps.update(range(every, num_steps, every))
+    return frozenset(steps)
+
+
+def run_schedule(
+    policy, backend: Backend, eval_at: frozenset[int], on_rows: Callable[[list[dict]], None]
+) -> None:
+    """Execute the policy's actions on the backend, feeding arrivals back, until the policy is done.
+
+    Arrivals are taken in dispatch order, which an order-independent policy (sync) allows whatever the real
+    timing: the Ray backend then chains steps ahead without waiting. Rows are collected one chunk behind
+    the newest submitted step, so a chunk always stays in flight; the chunk grows or shrinks so that a
+    collection comes every MIN_FLUSH_S to MAX_FLUSH_S seconds.
+    """
+    assert policy.order_independent, "only order-independent policies can be scheduled ahead"
+    backend.start()
+    if 0 in eval_at:
+        backend.evaluate()
+    actions = deque(policy.start())
+    in_flight: deque = deque()
+    arrived: dict = {}
+    chunk, next_flush, last_flush, t_flush = 1, 1, 0, time.perf_counter()
+    while actions or in_flight:
+        while actions:
+            action = actions.popleft()
+            if isinstance(action, Dispatch):
+                in_flight.append(((action.worker, action.step), backend.dispatch(action.worker, action.step)))
+                continue
+            assert isinstance(action, Apply)
+            version = backend.apply([arrived.pop(key) for key in action.gradients])
+            if version in eval_at:
+                backend.evaluate()
+            if version >= next_flush:
+                on_rows(backend.collect(upto=last_flush))
+                now = time.perf_counter()
+                if now - t_flush < MIN_FLUSH_S:
+                    chunk = min(2 * chunk, MAX_CHUNK)
+                elif now - t_flush > MAX_FLUSH_S:
+                    chunk = max(chunk // 2, 1)
+                last_flush, next_flush, t_flush = version, version + chunk, now
+        if in_flight:
+            key, handle = in_flight.popleft()
+            arrived[key] = handle
+            actions.extend(policy.on_gradient(*key))
+    on_rows(backend.collect(upto=backend.version))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The exact optimum of the objective SGD minimises (the loss plus the L2 term, if any)."""
+
+    weights: torch.Tensor
+    objective: float
+    loss: float
+    method: str
+
+
+def compute_reference(config: Config, backend: Backend) -> Reference:
+    wd = config.optim.weight_decay
+    if config.data.kind == "linear":
+        stats = backend.linear_stats()
+        w = objectives.least_squares_optimum(stats, wd)
+        value = objectives.linear_objective(w, stats, wd)
+        method = "closed-form least squares from X^T X and X^T y summed over the shards (float64)"
+    else:
+        w, value, iterations = objectives.newton_logistic_optimum(backend.newton_terms, config.data.dim, wd)
+        method = f"damped Newton on the full data, sums over the shards in float64 ({iterations} iterations)"
+    return Reference(w, value, value - objectives.penalty(w, wd), method)
+
+
+class Recorder:
+    """Adds the optimality gap to evaluated rows, appends every row to metrics.jsonl, prints one console
+    line per logged step and drives the progress bar."""
+
+    def __init__(self, run_dir: Path, config: Config, reference: Reference, console: bool, progress: bool | None):
+        self.config = config
+        self.reference = reference
+        self.console = console
+        self.writer = MetricsWriter(run_dir / METRICS_FILE)
+        self.bar = tqdm(total=config.train.steps, unit="step", disable=None if progress is None else not progress,
+                        file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.times: list[float] = []
+        self.last: dict | None = None
+        self.last_eval: dict | None = None
+        self._logged: tuple[int, float] = (0, 0.0)
+
+    def record(self, rows: list[dict]) -> None:
+        log_every, steps = self.config.train.log_every, self.config.train.steps
+        for row in rows:
+            if "eval_loss" in row:
+                penalty = 0.5 * self.config.optim.weight_decay * row["weight_norm"] ** 2
+                row["optimality_gap"] = row["eval_loss"] + penalty - self.reference.objective
+                self.last_eval = row
+            self.writer.write(row)
+            self.times.append(row["wall_time_s"])
+            self.last = row
+            step = row["step"]
+            if self.console and log_every and step and (step % log_every == 0 or step == steps):
+                self.bar.write(self._line(row))
+        if rows:
+            self.bar.update(rows[-1]["step"] - self.bar.n)
+
+    def _line(self, row: dict) -> str:
+        step, t = row["step"], row["wall_time_s"]
+        prev_step, prev_t = self._logged
+        self._logged = (step, t)
+        width = len(str(self.config.train.steps))
+        parts = [f"step {step:>{width}}/{self.config.train.steps}", f"loss {row['loss']:.6g}"]
+        if "eval_loss" in row:
+            parts += [f"eval {row['eval_loss']:.6g}", f"gap {row['optimality_gap']:.3e}"]
+        parts += [f"lr {row['lr']:.4g}", f"{1e3 * (t - prev_t) / (step - prev_step):.3f} ms/step"]
+        return " | ".join(parts)
+
+    def median_step_ms(self) -> float | None:
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        return 1e3 * statistics.median(gaps) if gaps else None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+def resolve_run_dir(config: Config, config_path: str | Path | None) -> Path:
+    if config.output.dir is not None:
+        run_dir = Path(config.output.dir)
+        check_run_dir(run_dir)
+        return run_dir
+    name = config.output.name or (Path(config_path).stem if config_path else "run")
+    return default_run_dir(name)
+
+
+def train(
+    config: Config,
+    *,
+    config_path: str | Path | None = None,
+    progress: bool | None = None,
+    console: bool = True,
+) -> RunResult:
+    """Run one training as configured; return the run directory and its summary.
+
+    Nothing is written before the backend is up (a bad address or a cluster too small leaves no run
+    directory); from then on config.yaml, then every metrics row as it comes, then summary.json and the
+    figures. A run that fails leaves summary.json with status 'failed' and the error.
+    """
+    t_start = time.perf_counter()
+    run_dir = resolve_run_dir(config, config_path)
+    say = print if console else (lambda *a, **k: None)
+    say(f"sgd-dist: {config.cluster.backend} backend, {config.cluster.num_workers} workers, "
+        f"{config.data.n_samples:,} rows x {config.data.dim} parameters; generating the shards where they live")
+    backend = make_backend(config)
+    recorder: Recorder | None = None
+    steps_done = 0
+    try:
+        write_config(run_dir, config)
+        t_setup = time.perf_counter() - t_start
+        say(f"sgd-dist: run directory {run_dir}  (setup {t_setup:.1f} s, device {backend.device})")
+        reference = compute_reference(config, backend)
+        t_reference = time.perf_counter() - t_start - t_setup
+        recorder = Recorder(run_dir, config, reference, console, progress)
+        policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
+        t0 = time.perf_counter()
+        run_schedule(policy, backend, eval_steps(config.train.steps, config.train.eval_every), recorder.record)
+        train_time = time.perf_counter() - t0
+        steps_done = policy.version
+        weights = backend.final_weights()
+        recorder.close()
+        summary = _summary(config, backend, reference, recorder, weights, t_setup, t_reference, train_time,
+                           time.perf_counter() - t_start)
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    except BaseException as exc:
+        if run_dir.exists():
+            last = recorder.last["step"] if recorder and recorder.last else steps_done
+            write_json_atomic(run_dir / SUMMARY_FILE, {
+                "status": "failed", "error": one_line(exc),
+                "steps_recorded": last, "steps": config.train.steps, "backend": config.cluster.backend,
+                "mode": config.train.mode, "num_workers": config.cluster.num_workers,
+            })
+        raise
+    finally:
+        if recorder is not None:
+            recorder.close()
+        backend.close()
+    if config.output.plots:
+        from sgd_dist.plots import plot_run
+
+        plot_run(run_dir)
+    return RunResult(run_dir, summary)
+
+
+def _summary(config: Config, backend: Backend, reference: Reference, recorder: Recorder, weights: torch.Tensor,
+             t_setup: float, t_reference: float, train_time: float, wall: float) -> dict:
+    last, last_eval = recorder.last, recorder.last_eval
+    assert last is not None and last_eval is not None and last_eval["step"] == config.train.steps
+    gap = last_eval["optimality_gap"]
+    return {
+        "status": "completed",
+        "final_loss": last_eval["eval_loss"],
+        "optimal_loss": reference.loss,
+        "optimality_gap": gap,
+        "relative_optimality_gap": gap / reference.objective if reference.objective > 0 else None,
+        "final_minibatch_loss": last["loss"],
+        "weights": weights.tolist(),
+        "optimal_weights": reference.weights.tolist(),
+        "true_weights": true_weights(config.data).tolist(),
+        "reference": reference.method,
+        "objective": "mean squared error" if config.data.kind == "linear" else "mean logistic loss",
+        "weight_decay": config.optim.weight_decay,
+        "steps": last["step"],
+        "samples_seen": last["samples_seen"],
+        "global_batch_size": config.global_batch_size(),
+        "num_workers": config.cluster.num_workers,
+        "backend": backend.name,
+        "mode": config.train.mode,
+        "device": backend.device,
+        "wall_time_s": wall,
+        "setup_time_s": t_setup,
+        "reference_time_s": t_reference,
+        "train_time_s": train_time,
+        "median_step_ms": recorder.median_step_ms(),
+        "samples_per_s": last["samples_seen"] / train_time,
+        "workers": backend.info,
+        "versions": {"sgd_dist": sgd_dist.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                     **_ray_version(backend)},
+    }
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (Ray's errors carry whole remote tracebacks)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _ray_version(backend: Backend) -> dict:
+    if backend.name != "ray":
+        return {}
+    import ray
+
+    return {"ray": ray.__version__}
