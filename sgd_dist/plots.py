@@ -84,7 +84,8 @@ def _fit_figure(path: Path, summary: dict, config) -> Path:
     ax = fig.subplots()
     logistic = config.data.kind == "logistic"
     ax.scatter(x, y, s=6, alpha=0.35, label=f"data ({len(x):,} of {config.data.n_samples:,} rows)")
-    lines = [("fitted", summary["weights"], "C3", "-"), ("true", summary["true_weights"], "k", "--")]
+    lines = [("fitted", summary["weights"], "C3", "-"), ("exact optimum", summary["optimal_weights"], "C2", ":"),
+             ("true", summary["true_weights"], "k", "--")]
     for name, w, color, style in lines:
         w = torch.tensor(w, dtype=torch.float64)
         out = design @ w

@@ -23,6 +23,7 @@ from sgd_dist.backends import Backend, make_backend
 from sgd_dist.config import Config
 from sgd_dist.consistency import Apply, Dispatch, make_policy
 from sgd_dist.data import true_weights
+from sgd_dist.worker import peak_rss_bytes
 from sgd_dist.recording import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -213,6 +214,7 @@ def train(
         train_time = time.perf_counter() - t0
         steps_done = policy.version
         weights = backend.final_weights()
+        backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
         recorder.close()
         summary = _summary(config, backend, reference, recorder, weights, t_setup, t_reference, train_time,
                            time.perf_counter() - t_start)
@@ -268,6 +270,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "train_time_s": train_time,
         "median_step_ms": recorder.median_step_ms(),
         "samples_per_s": last["samples_seen"] / train_time,
+        "driver_peak_rss_bytes": peak_rss_bytes(),
         "workers": backend.info,
         "versions": {"sgd_dist": sgd_dist.__version__, "torch": torch.__version__, "python": platform.python_version(),
                      **_ray_version(backend)},

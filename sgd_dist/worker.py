@@ -7,6 +7,7 @@ both run the very same code. Each method is a few lines over the pure modules.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from dataclasses import dataclass
 from typing import Literal
@@ -79,4 +80,10 @@ class ShardWorker:
             "data_bytes": self.X.nbytes + self.y.nbytes,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "peak_rss_bytes": peak_rss_bytes(),
         }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

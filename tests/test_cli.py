@@ -1,0 +1,129 @@
+"""The sgd-dist command end to end, as a user runs it: exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))  # the installed console script
+TINY = {
+    "data": {"n_samples": 400, "n_features": 1, "seed": 3, "true_weights": [3.0, 2.0]},
+    "model": {"init": [-1.0, 1.0]},
+    "cluster": {"num_workers": 2},
+    "train": {"steps": 40, "batch_size": 20, "eval_every": 10, "log_every": 10},
+}
+
+
+def sgd_dist(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([SGD_DIST, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def test_train_on_an_embedded_ray_end_to_end(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(out), "train.steps=30")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split("|")[0].strip() for line in lines if line.startswith("step")] == [
+        "step 10/30", "step 20/30", "step 30/30"]  # one console line per logged step
+    assert any(line.startswith("done: 30 steps") for line in lines) and f"results in {out}/" in proc.stdout
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "loss.png", "fit.png"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "ray" and summary["steps"] == 30
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
+
+
+def test_train_joins_an_existing_cluster_with_address(ray_session, tiny, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "joined"
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(out), "--address", address, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["cluster"]["address"] == address
+    assert json.loads((out / "summary.json").read_text())["final_loss"] > 0
+
+
+def test_serial_backend_flag(tiny, tmp_path):
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "s"), "--backend", "serial")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["backend"] == "serial"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.stesp=5"], "sgd-dist: error: train.stesp: unknown key"),
+        (["optim.lr=-1"], "sgd-dist: error: optim.lr: Input should be greater than 0 (got -1)"),
+        (["train.batch_size=500"], "sgd-dist: error: train.batch_size=500 is larger than the smallest shard"),
+        (["--backend", "spark"], "sgd-dist train: error: argument --backend: invalid choice: 'spark'"),
+        (["--frobnicate"], "sgd-dist: error: unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_invalid_config_or_usage_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, args, message):
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "never"), *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "never").exists() and not (tmp_path / "runs").exists()
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    proc = sgd_dist("train", "--config", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_non_empty_output_directory_exits_2(tiny, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "busy"), "--backend", "serial")
+    assert proc.returncode == 2 and "already exists and is not empty" in proc.stderr
+
+
+def test_unreachable_cluster_exits_1_fast_and_writes_nothing(tiny, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "never"), "--address",
+                    f"127.0.0.1:{port}", timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"sgd-dist: error: run failed: ClusterError: cannot reach a Ray cluster at "
+                                   f"'127.0.0.1:{port}': Connection refused (--traceback shows where)")
+    assert not (tmp_path / "never").exists()
+
+
+def test_cluster_too_small_exits_1(ray_session, tiny, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "never"), "--address", address,
+                    "cluster.cpus_per_worker=50")
+    assert proc.returncode == 1 and "needs 100 CPUs" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_plot_redraws_from_the_files(tiny, tmp_path):
+    run = tmp_path / "r"
+    assert sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial").returncode == 0
+    (run / "loss.png").unlink()
+    proc = sgd_dist("plot", str(run))
+    assert proc.returncode == 0 and (run / "loss.png").exists() and proc.stdout.split() == [
+        str(run / "loss.png"), str(run / "fit.png")]
+    bad = sgd_dist("plot", str(tmp_path))
+    assert bad.returncode == 2 and "is not a run directory" in bad.stderr
+
+
+def test_config_prints_the_resolved_yaml(tiny):
+    proc = sgd_dist("config", "--config", str(tiny), "train.steps=7")
+    assert proc.returncode == 0
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["train"]["steps"] == 7 and resolved["optim"]["lr"] == 0.1  # defaults filled in
+    assert "train.batch_size" in sgd_dist("config", "--describe").stdout

@@ -1,0 +1,63 @@
+"""The worker and the server as plain objects: the pieces both backends share. No Ray."""
+
+from __future__ import annotations
+
+import torch
+
+from sgd_dist.backends.base import server_args, worker_args
+from sgd_dist.data import generate
+from sgd_dist.objectives import loss_and_grad
+from sgd_dist.server import ParameterServer
+from sgd_dist.worker import GradientResult, ShardWorker
+
+from conftest import make_config
+
+
+def test_worker_holds_its_rows_and_takes_the_sampled_batch():
+    config = make_config()
+    args = worker_args(config)[1]
+    worker = ShardWorker(**args)
+    X, y = generate(config.data)
+    assert torch.equal(worker.X, X[256:512]) and torch.equal(worker.y, y[256:512])
+    w = torch.tensor([0.5, -0.5, 1.0, 0.0])
+    result = worker.gradient(w, step=3)
+    idx = worker.sampler.indices(3)
+    loss, grad = loss_and_grad("linear", w, worker.X[idx], worker.y[idx])
+    assert result.count == 16 and result.loss == loss and torch.equal(result.grad, grad)
+    assert worker.info()["rows"] == [256, 512]
+
+
+def test_full_batch_worker_uses_the_whole_shard():
+    worker = ShardWorker(**worker_args(make_config("train.batch_size=full"))[0])
+    assert worker.gradient(torch.zeros(4), 0).count == 256
+
+
+def test_server_averages_by_rows_and_updates_in_place():
+    config = make_config("optim.lr=0.5")
+    server = ParameterServer(**server_args(config))
+    w0, row0 = server.start()
+    assert torch.equal(w0, torch.zeros(4)) and row0["step"] == 0 and row0["loss"] is None
+    a = GradientResult(torch.tensor([1.0, 0, 0, 0]), 2.0, 30, 0, 0)
+    b = GradientResult(torch.tensor([0.0, 1, 0, 0]), 4.0, 10, 1, 0)
+    w1, row = server.apply(a, b)
+    torch.testing.assert_close(w1, torch.tensor([-0.375, -0.125, 0, 0]))  # 0.5 * (0.75, 0.25)
+    assert row["loss"] == 2.5 and row["samples_seen"] == 40 and row["step"] == 1 and row["lr"] == 0.5
+    w1[0] = 99.0  # the caller's copy is not the server's weights
+    assert server.weights[0] == -0.375
+
+
+def test_server_state_is_a_plain_mapping_that_restores_exactly():
+    config = make_config("optim.momentum=0.9", "optim.schedule=cosine")
+    grads = [GradientResult(torch.randn(4, generator=torch.Generator().manual_seed(s)), 1.0, 16, 0, s) for s in range(6)]
+    one = ParameterServer(**server_args(config))
+    for g in grads[:3]:
+        one.apply(g)
+    state = one.state_dict()
+    assert set(state) == {"weights", "optimizer", "step", "samples_seen"}
+    assert all(isinstance(v, (torch.Tensor, int, dict)) for v in state.values())
+    two = ParameterServer(**server_args(config))
+    two.load_state_dict(state)
+    for g in grads[3:]:
+        w_one, r_one = one.apply(g)
+        w_two, r_two = two.apply(g)
+        assert torch.equal(w_one, w_two) and r_one["lr"] == r_two["lr"] and r_one["step"] == r_two["step"]

@@ -1,0 +1,141 @@
+"""Whole runs: the seed's checks, the default job's accuracy, and everything a run directory holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sgd_dist.config import ConfigError, load_config
+from sgd_dist.plots import plot_run
+from sgd_dist.recording import read_metrics, read_summary
+from sgd_dist.trainer import eval_steps, train
+
+from conftest import make_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def default_run(ray_session, tmp_path_factory):
+    """configs/default.yaml exactly as shipped, on the Ray backend, figures on."""
+    out = tmp_path_factory.mktemp("runs") / "default"
+    config = load_config(CONFIGS / "default.yaml", [f"output.dir={out}"])
+    return config, train(config, config_path=CONFIGS / "default.yaml", console=False, progress=False)
+
+
+def test_default_job_ends_within_1e_3_of_the_optimum(default_run):
+    _, result = default_run
+    s = result.summary
+    assert s["status"] == "completed" and s["backend"] == "ray" and s["num_workers"] == 2
+    assert 0 <= s["relative_optimality_gap"] < 1e-3
+    assert s["final_loss"] == pytest.approx(s["optimal_loss"] * (1 + s["relative_optimality_gap"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["serial", "ray"])
+def test_lesson2_ends_within_1_percent_of_least_squares(ray_session, tmp_path, backend):
+    config = load_config(CONFIGS / "lesson2.yaml", [f"output.dir={tmp_path / 'l2'}", f"cluster.backend={backend}"])
+    s = train(config, console=False, progress=False).summary
+    assert s["final_loss"] <= 1.01 * s["optimal_loss"]
+    w, w_star = torch.tensor(s["weights"]), torch.tensor(s["optimal_weights"])
+    assert ((w - w_star).norm() / w_star.norm()).item() < 0.01
+    assert s["true_weights"] == [3.0, 2.0]
+    assert s["weights"][0] == pytest.approx(3.0, abs=0.15)  # the slope is 3; the intercept also absorbs the
+    assert s["weights"][1] == pytest.approx(2.5, abs=0.15)  # U(0,1) noise's mean 0.5
+
+
+def test_run_directory_holds_config_metrics_summary_and_figures(default_run):
+    config, result = default_run
+    run_dir = result.run_dir
+    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "loss.png"}
+    assert load_config(run_dir / "config.yaml") == config
+    rows = read_metrics(run_dir)
+    steps = config.train.steps
+    assert [r["step"] for r in rows] == list(range(steps + 1))  # every step, in order, once
+    for key in ["step", "wall_time_s", "samples_seen", "loss", "lr", "grad_norm"]:
+        assert all(key in r for r in rows)
+    assert rows[0]["loss"] is None and rows[0]["samples_seen"] == 0 and rows[0]["wall_time_s"] == 0
+    assert rows[-1]["samples_seen"] == steps * 512
+    evaluated = {r["step"] for r in rows if "eval_loss" in r}
+    assert evaluated == set(eval_steps(steps, config.train.eval_every)) == {0, steps, *range(100, steps, 100)}
+    assert all("optimality_gap" in r for r in rows if "eval_loss" in r)
+    times = [r["wall_time_s"] for r in rows]
+    assert times == sorted(times)
+    summary = read_summary(run_dir)
+    for key in ["final_loss", "optimal_loss", "weights", "optimal_weights", "steps", "num_workers", "backend",
+                "mode", "wall_time_s", "train_time_s", "median_step_ms", "samples_per_s"]:
+        assert summary[key] is not None, key
+    assert summary["final_loss"] == rows[-1]["eval_loss"] and summary["steps"] == steps
+    assert (run_dir / "loss.png").read_bytes()[:8] == PNG
+
+
+def test_fit_figure_for_one_feature_and_plot_redraws(ray_session, tmp_path):
+    config = load_config(CONFIGS / "lesson2.yaml", [f"output.dir={tmp_path / 'l2'}", "cluster.backend=serial"])
+    run_dir = train(config, console=False, progress=False).run_dir
+    for name in ["loss.png", "fit.png"]:
+        (run_dir / name).unlink()
+    assert [p.name for p in plot_run(run_dir)] == ["loss.png", "fit.png"]
+    assert (run_dir / "fit.png").read_bytes()[:8] == PNG
+
+
+def test_logistic_run_reports_its_reference(tmp_path):
+    config = make_config("data.kind=logistic", "data.n_samples=4000", "train.steps=300", "optim.lr=1.0",
+                         "cluster.backend=serial", f"output.dir={tmp_path / 'lg'}", "optim.weight_decay=0.001")
+    s = train(config, console=False, progress=False).summary
+    assert "Newton" in s["reference"] and s["objective"] == "mean logistic loss"
+    assert 0 <= s["optimality_gap"] < 0.01
+
+
+def test_metrics_are_on_disk_before_the_run_ends(tmp_path):
+    """Rows are flushed as written: a reader sees them while the run is still going."""
+    seen = []
+    config = make_config("cluster.backend=serial", "train.steps=400", f"output.dir={tmp_path / 'r'}")
+
+    import sgd_dist.trainer as trainer
+
+    original = trainer.Recorder.record
+
+    def spy(self, rows):
+        original(self, rows)
+        if rows:
+            with open(tmp_path / "r" / "metrics.jsonl") as f:
+                on_disk = [json.loads(line)["step"] for line in f]
+            seen.append(on_disk[-1] == rows[-1]["step"])
+
+    trainer.Recorder.record = spy
+    try:
+        train(config, console=False, progress=False)
+    finally:
+        trainer.Recorder.record = original
+    assert seen and all(seen)
+
+
+def test_existing_output_directory_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        train(make_config("cluster.backend=serial", f"output.dir={tmp_path / 'taken'}"), console=False)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
+    from sgd_dist.server import ParameterServer
+
+    original = ParameterServer.apply
+
+    def failing(self, *results):
+        if self.step == 7:
+            raise RuntimeError("injected failure at step 8")
+        return original(self, *results)
+
+    monkeypatch.setattr(ParameterServer, "apply", failing)
+    config = make_config("cluster.backend=serial", f"output.dir={tmp_path / 'f'}")
+    with pytest.raises(RuntimeError, match="injected"):
+        train(config, console=False, progress=False)
+    summary = read_summary(tmp_path / "f")
+    assert summary["status"] == "failed" and "injected failure" in summary["error"]
+    assert yaml.safe_load((tmp_path / "f" / "config.yaml").read_text())["train"]["steps"] == 20
