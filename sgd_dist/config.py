@@ -207,6 +207,8 @@ class Config(_Section):
                 f"train.batch_size={train.batch_size} is larger than the smallest shard ({smallest_shard} rows "
                 f"= data.n_samples/cluster.num_workers); use at most {smallest_shard} or 'full'"
             )
+        if cluster.backend == "serial" and cluster.address is not None:
+            raise ValueError("cluster.address applies only to cluster.backend=ray (the serial backend uses no cluster)")
         if self.optim.warmup_steps > train.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}"

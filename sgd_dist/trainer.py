@@ -140,7 +140,7 @@ class Recorder:
             self.times.append(row["wall_time_s"])
             self.last = row
             step = row["step"]
-            if self.console and log_every and step and (step % log_every == 0 or step == steps):
+            if self.console and log_every and (step % log_every == 0 or step == steps):
                 self.bar.write(self._line(row))
         if rows:
             self.bar.update(rows[-1]["step"] - self.bar.n)
@@ -150,10 +150,13 @@ class Recorder:
         prev_step, prev_t = self._logged
         self._logged = (step, t)
         width = len(str(self.config.train.steps))
-        parts = [f"step {step:>{width}}/{self.config.train.steps}", f"loss {row['loss']:.6g}"]
+        parts = [f"step {step:>{width}}/{self.config.train.steps}"]
+        if step:
+            parts.append(f"loss {row['loss']:.6g}")
         if "eval_loss" in row:
             parts += [f"eval {row['eval_loss']:.6g}", f"gap {row['optimality_gap']:.3e}"]
-        parts += [f"lr {row['lr']:.4g}", f"{1e3 * (t - prev_t) / (step - prev_step):.3f} ms/step"]
+        if step:
+            parts += [f"lr {row['lr']:.4g}", f"{1e3 * (t - prev_t) / (step - prev_step):.3f} ms/step"]
         return " | ".join(parts)
 
     def median_step_ms(self) -> float | None:

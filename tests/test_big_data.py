@@ -4,6 +4,7 @@ the workers generate their shards where they live and the driver never holds the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def test_1e8_rows_train_with_a_driver_that_never_holds_them(ray_session, tmp_pat
          "--address", ray_session.get_runtime_context().gcs_address, "data.n_samples=1e8", "data.n_features=10",
          "train.steps=20", "train.eval_every=0", "optim.warmup_steps=0", "output.plots=false"],
         capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
     )
     assert proc.returncode == 0, proc.stderr
     s = json.loads((out / "summary.json").read_text())

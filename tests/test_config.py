@@ -83,6 +83,12 @@ def test_bad_values_give_one_line_naming_the_field(override, message):
     assert "\n" not in str(info.value)
 
 
+def test_an_address_needs_the_ray_backend():
+    assert make_config("cluster.address=auto").cluster.address == "auto"
+    with pytest.raises(ConfigError, match=r"cluster\.address applies only to cluster\.backend=ray"):
+        make_config("cluster.address=auto", "cluster.backend=serial")
+
+
 def test_noise_settings_are_refused_for_logistic():
     with pytest.raises(ConfigError, match=r"data\.noise_scale applies only to data\.kind=linear"):
         make_config("data.kind=logistic", "data.noise_scale=0.5")

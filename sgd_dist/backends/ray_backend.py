@@ -7,6 +7,7 @@ as it is and left running.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -30,8 +31,8 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or cannot host the run."""
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast on an address nobody listens on: ray.init would retry for many minutes."""
+def _resolve(address: str) -> tuple[str, int]:
+    """HOST and PORT of a cluster address ('auto', HOST:PORT or ray://HOST:PORT)."""
     target = address.removeprefix("ray://")
     if address == "auto":
         try:
@@ -43,29 +44,57 @@ def _check_reachable(address: str) -> None:
         if target is None:
             raise ClusterError("cluster.address=auto: no running Ray cluster found on this machine")
     host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not host or not port.isdigit():
         raise ClusterError(f"cluster.address={address!r} must be 'auto', HOST:PORT or ray://HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise ClusterError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _stay_on_loopback() -> None:
+    """Make this process's Ray use 127.0.0.1 as its node address.
+
+    Otherwise Ray binds a local cluster to the external interface, and rewrites a 127.0.0.1 cluster address
+    into this machine's external IP (where nothing listens). The variable is read when ray is imported and
+    inherited by the processes Ray starts, so set both it and the constant it fed.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect this process to Ray; return True if this call started it (the caller then shuts it down)."""
+    """Connect this process to Ray; return True if this call started it (the caller then shuts it down).
+
+    No address: an embedded local Ray on 127.0.0.1 with the dashboard off. An address: join that cluster,
+    after checking that something listens there (ray.init would retry for many minutes).
+    """
     if ray.is_initialized():
         return False
     if address is None:
-        # Bind every Ray process to loopback. The variable is read when ray is imported (and inherited by
-        # the processes Ray starts), so set both it and the constant it fed.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        _stay_on_loopback()
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    else:
-        _check_reachable(address)
+        return True
+    host, port = _resolve(address)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
+    if _is_loopback(host):
+        _stay_on_loopback()
+    try:
         ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+            "; a cluster made with `ray start` uses token authentication (Ray 2.60): export RAY_AUTH_MODE=token "
+            "and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+        raise ClusterError(f"{str(exc).splitlines()[0]}{hint}") from None
     return True
 
 
