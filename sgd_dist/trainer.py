@@ -267,6 +267,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "backend": backend.name,
         "mode": config.train.mode,
         "device": backend.device,
+        "ray_address": backend.address,
         "wall_time_s": wall,
         "setup_time_s": t_setup,
         "reference_time_s": t_reference,

@@ -55,7 +55,18 @@ def test_train_joins_an_existing_cluster_with_address(ray_session, tiny, tmp_pat
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["cluster"]["address"] == address
-    assert json.loads((out / "summary.json").read_text())["final_loss"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ray_address"] == address and summary["final_loss"] > 0
+
+
+def test_ray_address_in_the_environment_is_joined_as_inside_a_ray_job(ray_session, tiny, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "job"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    proc = subprocess.run([SGD_DIST, "train", "--config", str(tiny), "--out", str(out), "train.steps=5"],
+                          capture_output=True, text=True, timeout=120, env={**env, "RAY_ADDRESS": address})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "summary.json").read_text())["ray_address"] == address
 
 
 def test_serial_backend_flag(tiny, tmp_path):

@@ -30,6 +30,7 @@ class Backend(ABC):
         self.server: Any = None
         self.device = "cpu"
         self.info: list[dict] = []
+        self.address: str | None = None  # the Ray cluster joined, if any
         self.version = 0
         self._weights: Handle = None
         self._rows: list[tuple[int, Handle]] = []

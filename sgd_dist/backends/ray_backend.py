@@ -72,14 +72,17 @@ def _stay_on_loopback() -> None:
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect this process to Ray; return True if this call started it (the caller then shuts it down).
 
-    No address: an embedded local Ray on 127.0.0.1 with the dashboard off. An address: join that cluster,
-    after checking that something listens there (ray.init would retry for many minutes).
+    No address: an embedded local Ray on 127.0.0.1 with the dashboard off, unless RAY_ADDRESS names a cluster
+    (as inside a Ray job), which is then joined. An address: join that cluster, after checking that something
+    listens there (ray.init would retry for many minutes).
     """
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         _stay_on_loopback()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         return True
     host, port = _resolve(address)
     try:
@@ -139,6 +142,7 @@ class RayBackend(Backend):
         ]
         self.server = _ServerActor.options(num_cpus=0).remote(**server_args(config))
         self.info = self.worker_info()  # waits until every shard is generated; raises if a worker died
+        self.address = ray.get_runtime_context().gcs_address
 
     def _call(self, target: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
         fn = getattr(target, method)
