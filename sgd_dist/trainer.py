@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import sys
@@ -90,6 +91,10 @@ def run_schedule(
     on_rows(backend.collect(upto=backend.version))
 
 
+class DivergenceError(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
 @dataclass(frozen=True)
 class Reference:
     """The exact optimum of the objective SGD minimises (the loss plus the L2 term, if any)."""
@@ -139,6 +144,11 @@ class Recorder:
             self.writer.write(row)
             self.times.append(row["wall_time_s"])
             self.last = row
+            if row["loss"] is not None and not math.isfinite(row["loss"]):
+                raise DivergenceError(
+                    f"the mini-batch loss is {row['loss']} at step {row['step']}: the run diverged; "
+                    f"try a smaller optim.lr (step {row['step']} used lr {row['lr']:.4g})"
+                )
             step = row["step"]
             if self.console and log_every and (step % log_every == 0 or step == steps):
                 self.bar.write(self._line(row))
@@ -203,7 +213,6 @@ def train(
         f"{config.data.n_samples:,} rows x {config.data.dim} parameters; generating the shards where they live")
     backend = make_backend(config)
     recorder: Recorder | None = None
-    steps_done = 0
     try:
         write_config(run_dir, config)
         t_setup = time.perf_counter() - t_start
@@ -215,7 +224,6 @@ def train(
         t0 = time.perf_counter()
         run_schedule(policy, backend, eval_steps(config.train.steps, config.train.eval_every), recorder.record)
         train_time = time.perf_counter() - t0
-        steps_done = policy.version
         weights = backend.final_weights()
         backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
         recorder.close()
@@ -224,7 +232,7 @@ def train(
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
     except BaseException as exc:
         if run_dir.exists():
-            last = recorder.last["step"] if recorder and recorder.last else steps_done
+            last = recorder.last["step"] if recorder and recorder.last else 0
             write_json_atomic(run_dir / SUMMARY_FILE, {
                 "status": "failed", "error": one_line(exc),
                 "steps_recorded": last, "steps": config.train.steps, "backend": config.cluster.backend,

@@ -139,3 +139,14 @@ def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
     summary = read_summary(tmp_path / "f")
     assert summary["status"] == "failed" and "injected failure" in summary["error"]
     assert yaml.safe_load((tmp_path / "f" / "config.yaml").read_text())["train"]["steps"] == 20
+
+
+def test_divergence_stops_the_run_naming_the_step_and_the_learning_rate(tmp_path):
+    config = make_config("cluster.backend=serial", "optim.lr=50", "train.steps=200", f"output.dir={tmp_path / 'd'}")
+    with pytest.raises(RuntimeError, match=r"the mini-batch loss is (inf|nan) at step \d+: the run diverged; "
+                                           r"try a smaller optim\.lr \(step \d+ used lr 50\)"):
+        train(config, console=False, progress=False)
+    summary = read_summary(tmp_path / "d")
+    assert summary["status"] == "failed" and "diverged" in summary["error"]
+    rows = read_metrics(tmp_path / "d")
+    assert rows and rows[-1]["loss"] is None and rows[-1]["step"] == summary["steps_recorded"]

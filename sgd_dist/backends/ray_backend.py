@@ -1,8 +1,8 @@
 """The Ray backend: shard workers and the parameter server as Ray actors.
 
-Without an address it starts an embedded local Ray bound to 127.0.0.1 with the dashboard off; with one it
-joins that cluster. If Ray is already initialised in this process (a notebook, a test session) it is used
-as it is and left running.
+Without an address (and without RAY_ADDRESS) it starts an embedded local Ray bound to 127.0.0.1 with the
+dashboard off; with one it joins that cluster. If Ray is already initialised in this process (a notebook, a
+test session) it is used as it is and left running.
 """
 
 from __future__ import annotations
