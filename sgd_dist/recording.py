@@ -24,13 +24,20 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
     while path.exists():
         path = Path(root) / f"{name}-{stamp}-{suffix}"
         suffix += 1
+    check_run_dir(path)
     return path
 
 
 def check_run_dir(path: Path) -> None:
-    """A run directory must be new or empty: a run never writes over another's records."""
+    """A run directory must be new or empty, and creatable: a run never writes over another's records, and
+    a directory it cannot write fails before the cluster is started."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigError(f"output directory {str(path)!r} already exists and is not empty; choose another --out")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory {str(path)!r} cannot be created: {str(existing)!r} is not writable")
 
 
 def write_config(run_dir: Path, config: Config) -> None:

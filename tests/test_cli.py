@@ -104,6 +104,12 @@ def test_non_empty_output_directory_exits_2(tiny, tmp_path):
     assert proc.returncode == 2 and "already exists and is not empty" in proc.stderr
 
 
+def test_unwritable_output_directory_exits_2_before_anything_starts(tiny, tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "file" / "run"))
+    assert proc.returncode == 2 and "cannot be created" in proc.stderr and proc.stderr.count("\n") == 1
+
+
 def test_unreachable_cluster_exits_1_fast_and_writes_nothing(tiny, tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
