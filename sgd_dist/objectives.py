@@ -70,7 +70,11 @@ def loss_sum(kind: str, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk
 
 def penalty(w: torch.Tensor, weight_decay: float) -> float:
     """The L2 term wd/2 |w|^2 that torch.optim.SGD's weight_decay minimises along with the loss."""
-    return 0.5 * weight_decay * float(w.double().pow(2).sum())
+    return penalty_from_norm(float(w.double().norm()), weight_decay)
+
+
+def penalty_from_norm(norm: float, weight_decay: float) -> float:
+    return 0.5 * weight_decay * norm**2
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from sgd_dist.backends import Backend, make_backend
 from sgd_dist.config import Config
 from sgd_dist.consistency import Apply, Dispatch, make_policy
 from sgd_dist.data import true_weights
-from sgd_dist.worker import peak_rss_bytes
 from sgd_dist.recording import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -34,6 +33,7 @@ from sgd_dist.recording import (
     write_config,
     write_json_atomic,
 )
+from sgd_dist.worker import peak_rss_bytes
 
 MIN_FLUSH_S = 0.1  # grow the batch of steps between two metric collections until it takes this long
 MAX_FLUSH_S = 1.0  # and shrink it when it takes longer
@@ -138,7 +138,7 @@ class Recorder:
         log_every, steps = self.config.train.log_every, self.config.train.steps
         for row in rows:
             if "eval_loss" in row:
-                penalty = 0.5 * self.config.optim.weight_decay * row["weight_norm"] ** 2
+                penalty = objectives.penalty_from_norm(row["weight_norm"], self.config.optim.weight_decay)
                 row["optimality_gap"] = row["eval_loss"] + penalty - self.reference.objective
                 self.last_eval = row
             self.writer.write(row)

@@ -150,3 +150,13 @@ def test_divergence_stops_the_run_naming_the_step_and_the_learning_rate(tmp_path
     assert summary["status"] == "failed" and "diverged" in summary["error"]
     rows = read_metrics(tmp_path / "d")
     assert rows and rows[-1]["loss"] is None and rows[-1]["step"] == summary["steps_recorded"]
+
+
+def test_with_weight_decay_the_gap_is_measured_on_the_penalised_objective(tmp_path):
+    # full-batch gradient descent on the ridge objective converges to the ridge optimum, not least squares
+    config = make_config("cluster.backend=serial", "optim.weight_decay=0.5", "train.batch_size=full",
+                         "train.steps=300", "optim.lr=0.3", f"output.dir={tmp_path / 'wd'}")
+    s = train(config, console=False, progress=False).summary
+    assert 0 <= s["optimality_gap"] < 1e-6
+    torch.testing.assert_close(torch.tensor(s["weights"]), torch.tensor(s["optimal_weights"], dtype=torch.float32),
+                               rtol=1e-4, atol=1e-5)
