@@ -6,6 +6,7 @@ rejected, values are range-checked on construction, and the errors name the dott
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
@@ -282,7 +283,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def build_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
     """Validate a raw mapping plus dotted overrides; raise ConfigError with a one-line message."""
-    raw = _deep_copy(raw)
+    raw = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item)
     try:
@@ -314,11 +315,3 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
             default = field.default
             rows.append((key, "null" if default is None else str(default), field.description or ""))
     return rows
-
-
-def _deep_copy(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return {k: _deep_copy(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_deep_copy(v) for v in raw]
-    return raw

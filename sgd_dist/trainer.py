@@ -226,7 +226,6 @@ def train(
         train_time = time.perf_counter() - t0
         weights = backend.final_weights()
         backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
-        recorder.close()
         summary = _summary(config, backend, reference, recorder, weights, t_setup, t_reference, train_time,
                            time.perf_counter() - t_start)
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
