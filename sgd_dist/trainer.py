@@ -10,10 +10,8 @@ import platform
 import statistics
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -22,7 +20,6 @@ import sgd_dist
 from sgd_dist import objectives
 from sgd_dist.backends import Backend, make_backend
 from sgd_dist.config import Config
-from sgd_dist.consistency import Apply, Dispatch, make_policy
 from sgd_dist.data import true_weights
 from sgd_dist.recording import (
     METRICS_FILE,
@@ -35,60 +32,12 @@ from sgd_dist.recording import (
 )
 from sgd_dist.worker import peak_rss_bytes
 
-MIN_FLUSH_S = 0.1  # grow the batch of steps between two metric collections until it takes this long
-MAX_FLUSH_S = 1.0  # and shrink it when it takes longer
-MAX_CHUNK = 256
-
-
 def eval_steps(num_steps: int, every: int) -> frozenset[int]:
     """Step 0 (the start, as in the seed), every ``every`` steps, and the last step."""
     steps = {0, num_steps}
     if every:
         steps.update(range(every, num_steps, every))
     return frozenset(steps)
-
-
-def run_schedule(
-    policy, backend: Backend, eval_at: frozenset[int], on_rows: Callable[[list[dict]], None]
-) -> None:
-    """Execute the policy's actions on the backend, feeding arrivals back, until the policy is done.
-
-    Arrivals are taken in dispatch order, which an order-independent policy (sync) allows whatever the real
-    timing: the Ray backend then chains steps ahead without waiting. Rows are collected one chunk behind
-    the newest submitted step, so a chunk always stays in flight; the chunk grows or shrinks so that a
-    collection comes every MIN_FLUSH_S to MAX_FLUSH_S seconds.
-    """
-    assert policy.order_independent, "only order-independent policies can be scheduled ahead"
-    backend.start()
-    if 0 in eval_at:
-        backend.evaluate()
-    actions = deque(policy.start())
-    in_flight: deque = deque()
-    arrived: dict = {}
-    chunk, next_flush, last_flush, t_flush = 1, 1, 0, time.perf_counter()
-    while actions or in_flight:
-        while actions:
-            action = actions.popleft()
-            if isinstance(action, Dispatch):
-                in_flight.append(((action.worker, action.step), backend.dispatch(action.worker, action.step)))
-                continue
-            assert isinstance(action, Apply)
-            version = backend.apply([arrived.pop(key) for key in action.gradients])
-            if version in eval_at:
-                backend.evaluate()
-            if version >= next_flush:
-                on_rows(backend.collect(upto=last_flush))
-                now = time.perf_counter()
-                if now - t_flush < MIN_FLUSH_S:
-                    chunk = min(2 * chunk, MAX_CHUNK)
-                elif now - t_flush > MAX_FLUSH_S:
-                    chunk = max(chunk // 2, 1)
-                last_flush, next_flush, t_flush = version, version + chunk, now
-        if in_flight:
-            key, handle = in_flight.popleft()
-            arrived[key] = handle
-            actions.extend(policy.on_gradient(*key))
-    on_rows(backend.collect(upto=backend.version))
 
 
 class DivergenceError(RuntimeError):
@@ -220,9 +169,8 @@ def train(
         reference = compute_reference(config, backend)
         t_reference = time.perf_counter() - t_start - t_setup
         recorder = Recorder(run_dir, config, reference, console, progress)
-        policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
         t0 = time.perf_counter()
-        run_schedule(policy, backend, eval_steps(config.train.steps, config.train.eval_every), recorder.record)
+        backend.run(eval_steps(config.train.steps, config.train.eval_every), recorder.record)
         train_time = time.perf_counter() - t0
         weights = backend.final_weights()
         backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
@@ -272,6 +220,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "global_batch_size": config.global_batch_size(),
         "num_workers": config.cluster.num_workers,
         "backend": backend.name,
+        "transport": backend.transport,
         "mode": config.train.mode,
         "device": backend.device,
         "ray_address": backend.address,
@@ -280,6 +229,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "reference_time_s": t_reference,
         "train_time_s": train_time,
         "median_step_ms": recorder.median_step_ms(),
+        "record_ms_per_step": 1e3 * backend.loop_stats.get("record_seconds", 0.0) / max(last["step"], 1),
         "samples_per_s": last["samples_seen"] / train_time,
         "driver_peak_rss_bytes": peak_rss_bytes(),
         "workers": backend.info,

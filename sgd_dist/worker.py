@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +18,7 @@ import torch
 from sgd_dist import objectives
 from sgd_dist.config import DataConfig
 from sgd_dist.data import MiniBatchSampler, generate
+from sgd_dist.transports import EVALUATE, GRADIENT, Arrival, Command
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,18 @@ class ShardWorker:
         X, y = self.batch(step)
         loss, grad = objectives.loss_and_grad(self.kind, weights.to(self.device), X, y)
         return GradientResult(grad.cpu(), loss, X.shape[0], self.rank, step)
+
+    def execute(self, command: Command, weights: torch.Tensor) -> Arrival:
+        """One pass of the worker's loop, whatever the transport: answer ``command`` on ``weights``."""
+        t0 = time.perf_counter()
+        if command.kind == GRADIENT:
+            result = self.gradient(weights, command.step)
+            grad, loss, count = result.grad, result.loss, result.count
+        else:
+            assert command.kind == EVALUATE, command
+            grad, (loss, count) = None, self.evaluate(weights)
+        return Arrival(self.rank, command.kind, command.step, command.version, grad, loss, count,
+                       time.perf_counter() - t0)
 
     def evaluate(self, weights: torch.Tensor) -> tuple[float, int]:
         """(sum of the per-row loss over the shard, rows), in float64."""

@@ -125,14 +125,14 @@ def test_existing_output_directory_is_refused_before_anything_runs(tmp_path):
 def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
     from sgd_dist.server import ParameterServer
 
-    original = ParameterServer.apply
+    original = ParameterServer.update
 
-    def failing(self, *results):
+    def failing(self, results):
         if self.step == 7:
             raise RuntimeError("injected failure at step 8")
-        return original(self, *results)
+        return original(self, results)
 
-    monkeypatch.setattr(ParameterServer, "apply", failing)
+    monkeypatch.setattr(ParameterServer, "update", failing)
     config = make_config("cluster.backend=serial", f"output.dir={tmp_path / 'f'}")
     with pytest.raises(RuntimeError, match="injected"):
         train(config, console=False, progress=False)

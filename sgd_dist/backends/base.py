@@ -1,16 +1,15 @@
-"""What every backend does, written once over a two-verb transport (``_call`` and ``_get``).
+"""What every backend shares: K shard workers, one parameter server, and the setup calls.
 
-A backend owns K shard workers and one parameter server. The serial backend's transport calls the objects
-directly; the Ray backend's submits actor tasks and returns ObjectRefs, which it chains without waiting:
-a worker's gradient goes straight into the server's ``apply`` and the new weights straight into the next
-gradients, so no step makes a round trip through the driver. Metrics rows and evaluation results come
-back in batches through ``collect``.
+A backend builds the workers and the server, answers the setup questions (worker info, the exact
+reference's sums) through a two-verb call mechanism (``_call`` / ``_get``: a direct call in the serial
+backend, an actor task on Ray), and runs the training loop: ``server.serve`` over a transport, with the
+metrics rows handed to the driver in batches. The loop itself is the same code everywhere.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -29,26 +28,23 @@ class Backend(ABC):
         self.workers: list[Any] = []
         self.server: Any = None
         self.device = "cpu"
+        self.transport = "local"  # the transport the loop ran on
         self.info: list[dict] = []
         self.address: str | None = None  # the Ray cluster joined, if any
-        self.version = 0
-        self._weights: Handle = None
-        self._rows: list[tuple[int, Handle]] = []
-        self._evals: dict[int, list[Handle]] = {}
+        self.loop_stats: dict = {}
 
-    # -- transport -------------------------------------------------------------------------------
+    # -- setup calls ----------------------------------------------------------------------------
     @abstractmethod
-    def _call(self, target: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
-        """Start ``target.method(*args)``; return a handle (or a tuple of ``num_returns`` handles)."""
+    def _call(self, target: Any, method: str, *args: Any) -> Handle:
+        """Start ``target.method(*args)``; return a handle."""
 
     @abstractmethod
     def _get(self, handles: Sequence[Handle]) -> list[Any]:
         """Wait for the handles and return their values."""
 
     def close(self) -> None:
-        """Release the workers and the server."""
+        """Release the workers, the server and the transport."""
 
-    # -- setup and reference ---------------------------------------------------------------------
     def worker_info(self) -> list[dict]:
         return self._get([self._call(w, "info") for w in self.workers])
 
@@ -60,47 +56,15 @@ class Backend(ABC):
         parts = self._get([self._call(w, "newton_terms", weights) for w in self.workers])
         return sum(parts[1:], parts[0])
 
-    # -- the schedule's verbs --------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the server's clock; the starting weights are version 0."""
-        self._weights, row = self._call(self.server, "start", num_returns=2)
-        self._rows.append((0, row))
+    # -- the training loop ----------------------------------------------------------------------
+    @abstractmethod
+    def run(self, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+        """Train to the end: the server runs the consistency policy over the transport; every metrics row
+        reaches ``on_rows`` (in batches, in step order), also those computed before a failure."""
 
-    def dispatch(self, worker: int, step: int) -> Handle:
-        """Worker ``worker`` computes its mini-batch ``step``'s gradient on the newest weights."""
-        return self._call(self.workers[worker], "gradient", self._weights, step)
-
-    def apply(self, gradients: Sequence[Handle]) -> int:
-        """The server averages these gradients and updates; returns the new version."""
-        self._weights, row = self._call(self.server, "apply", *gradients, num_returns=2)
-        self.version += 1
-        self._rows.append((self.version, row))
-        return self.version
-
-    def evaluate(self) -> None:
-        """Every worker evaluates the full-shard loss at the current version."""
-        self._evals[self.version] = [self._call(w, "evaluate", self._weights) for w in self.workers]
-
-    def collect(self, upto: int) -> list[dict]:
-        """Metrics rows of versions <= upto not yet collected, with eval_loss merged into evaluated ones."""
-        take = [(v, h) for v, h in self._rows if v <= upto]
-        if not take:
-            return []
-        self._rows = self._rows[len(take):]
-        evals = [(v, self._evals.pop(v)) for v, _ in take if v in self._evals]
-        flat = [h for _, hs in evals for h in hs]
-        values = self._get([h for _, h in take] + flat)
-        rows = [dict(r) for r in values[: len(take)]]
-        by_version = {row["step"]: row for row in rows}
-        pos = len(take)
-        for v, hs in evals:
-            parts = values[pos : pos + len(hs)]
-            pos += len(hs)
-            by_version[v]["eval_loss"] = sum(s for s, _ in parts) / sum(n for _, n in parts)
-        return rows
-
+    @abstractmethod
     def final_weights(self) -> torch.Tensor:
-        return self._get([self._weights])[0]
+        """The server's weights after the run."""
 
 
 def worker_args(config: Config) -> list[dict]:

@@ -12,17 +12,92 @@ import logging
 import math
 import os
 import socket
-from typing import Any, Sequence
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Collection, Sequence
 
 import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sgd_dist.backends.base import Backend, server_args, worker_args
 from sgd_dist.config import Config
-from sgd_dist.server import ParameterServer
+from sgd_dist.consistency import make_policy
+from sgd_dist.server import ParameterServer, serve
+from sgd_dist.transports.actor import RayServerEnd
+from sgd_dist.transports.shm import SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker
 from sgd_dist.worker import ShardWorker
 
-_WorkerActor = ray.remote(ShardWorker)
-_ServerActor = ray.remote(ParameterServer)
+DRAIN_EVERY_S = 0.2  # how often the driver collects metrics rows while the loop runs
+
+
+class _Worker(ShardWorker):
+    """A shard worker as a Ray actor: the plain worker, plus the shared-memory loop and its node."""
+
+    _shm: ShmWorkerEnd | None = None
+
+    def info(self) -> dict:
+        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def attach(self, name: str, layout: Layout) -> None:
+        self._shm = ShmWorkerEnd(name, layout, self.rank)
+
+    def serve_shm(self) -> int:
+        assert self._shm is not None
+        try:
+            return serve_worker(self, self._shm)
+        finally:
+            self._shm.close()
+            self._shm = None
+
+
+class _Server:
+    """The parameter server as a Ray actor: runs ``server.serve`` on its transport; the driver drains the
+    rows concurrently (the actor has two threads: the loop and the drain)."""
+
+    def __init__(self, server_kwargs: dict, mode: str, num_workers: int, steps: int) -> None:
+        self.server = ParameterServer(**server_kwargs)
+        self.mode, self.num_workers, self.steps = mode, num_workers, steps
+        self.end: ShmServerEnd | RayServerEnd | None = None
+        self.outbox: deque[list[dict]] = deque()
+
+    def setup(self, transport: str, workers: Sequence[Any], layout: Layout | None) -> str | None:
+        """Create the transport's server end; for shm return the segment's name for the workers."""
+        if transport == "shm":
+            assert layout is not None
+            self.end = ShmServerEnd(layout)
+            return self.end.segment.name
+        self.end = RayServerEnd(workers)
+        return None
+
+    def run(self, eval_at: Collection[int]) -> dict:
+        assert self.end is not None
+        if isinstance(self.end, ShmServerEnd):
+            self.end.wait_attached()
+        policy = make_policy(self.mode, self.num_workers, self.steps)
+        try:
+            serve(self.server, self.end, policy, self.num_workers, eval_at, self.outbox.append)
+        finally:
+            self.end.stop()
+        return {"record_seconds": self.server.record_seconds}
+
+    def drain(self) -> list[dict]:
+        rows = []
+        while self.outbox:
+            rows.extend(self.outbox.popleft())
+        return rows
+
+    def weights(self) -> torch.Tensor:
+        return self.server.weights.clone()
+
+    def close_transport(self) -> None:
+        if self.end is not None:
+            self.end.close()
+            self.end = None
+
+
+_WorkerActor = ray.remote(_Worker)
+_ServerActor = ray.remote(_Server)
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -110,6 +185,7 @@ class RayBackend(Backend):
         cpus_needed = cluster.num_workers * cluster.cpus_per_worker
         # The embedded Ray is a simulation: give it enough logical CPUs for every actor even on 2 cores.
         self._started = init_ray(cluster.address, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)))
+        self._segment: str | None = None
         try:
             self._create_actors(config, cpus_needed)
         except BaseException:
@@ -140,25 +216,77 @@ class RayBackend(Backend):
             ).remote(**args, device=self.device, num_threads=threads)
             for args in worker_args(config)
         ]
-        self.server = _ServerActor.options(num_cpus=0).remote(**server_args(config))
         self.info = self.worker_info()  # waits until every shard is generated; raises if a worker died
+        self.transport = self._pick_transport({info["node_id"] for info in self.info})
+        # on shm the server shares the workers' node; on ray it may go anywhere
+        placement = (NodeAffinitySchedulingStrategy(self.info[0]["node_id"], soft=False)
+                     if self.transport == "shm" else "DEFAULT")
+        self.server = _ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
+            server_args(config), config.train.mode, cluster.num_workers, config.train.steps)
         self.address = ray.get_runtime_context().gcs_address
 
-    def _call(self, target: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
-        fn = getattr(target, method)
-        if num_returns == 1:
-            return fn.remote(*args)
-        return tuple(fn.options(num_returns=num_returns).remote(*args))
+    def _pick_transport(self, nodes: set[str]) -> str:
+        wanted = self.config.cluster.transport
+        if wanted == "shm" and len(nodes) > 1:
+            raise ClusterError(f"cluster.transport=shm needs every worker on one node; they are on {len(nodes)} "
+                               "nodes (use cluster.transport=ray or auto)")
+        if wanted == "auto":
+            return "shm" if len(nodes) == 1 else "ray"
+        return wanted
+
+    def _call(self, target: Any, method: str, *args: Any) -> Any:
+        return getattr(target, method).remote(*args)
 
     def _get(self, handles: Sequence[Any]) -> list[Any]:
         return ray.get(list(handles))
 
+    def run(self, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+        config = self.config
+        watched = []  # the worker loops (shm): one that ends early has failed
+        if self.transport == "shm":
+            layout = Layout(config.cluster.num_workers, config.data.dim, config.data.dtype)
+            self._segment = ray.get(self.server.setup.remote("shm", None, layout))
+            ray.get([w.attach.remote(self._segment, layout) for w in self.workers])
+            watched = [w.serve_shm.remote() for w in self.workers]
+        else:
+            ray.get(self.server.setup.remote("ray", self.workers, None))
+        run = self.server.run.remote(frozenset(eval_at))
+        loops = list(watched)
+        try:
+            while True:
+                ready, _ = ray.wait([run, *loops], num_returns=1, timeout=DRAIN_EVERY_S)
+                on_rows(ray.get(self.server.drain.remote()))
+                if run in ready:
+                    self.loop_stats = ray.get(run)
+                    break
+                for ref in ready:  # a worker's loop ended: raises its error, or it was told to stop
+                    ray.get(ref)
+                    loops.remove(ref)
+        except BaseException:
+            try:  # every row the server computed before the failure
+                on_rows(ray.get(self.server.drain.remote(), timeout=10))
+            except Exception:
+                pass
+            raise
+        ray.get(watched)
+
+    def final_weights(self) -> torch.Tensor:
+        return ray.get(self.server.weights.remote())
+
     def close(self) -> None:
         if ray.is_initialized():
+            if self.server is not None:
+                try:
+                    ray.get(self.server.close_transport.remote(), timeout=10)
+                except Exception:
+                    pass
             for actor in [*self.workers, self.server]:
                 if actor is not None:
                     ray.kill(actor)
             self.workers, self.server = [], None
+            if self._segment is not None:  # the server may have died holding it (same node only: shm)
+                (SHM_DIR / self._segment).unlink(missing_ok=True)
+                self._segment = None
             if self._started:
                 ray.shutdown()
                 self._started = False

@@ -1,14 +1,16 @@
-"""The serial reference: the same workers and server as plain objects in this one process, no Ray."""
+"""The serial reference: the same workers, server and loop as plain objects in this one process, no Ray."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
 from sgd_dist.backends.base import Backend, server_args, worker_args
 from sgd_dist.config import Config
-from sgd_dist.server import ParameterServer
+from sgd_dist.consistency import make_policy
+from sgd_dist.server import ParameterServer, serve
+from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.worker import ShardWorker
 
 
@@ -30,8 +32,17 @@ class SerialBackend(Backend):
         self.server = ParameterServer(**server_args(config))
         self.info = self.worker_info()
 
-    def _call(self, target: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
+    def _call(self, target: Any, method: str, *args: Any) -> Any:
         return getattr(target, method)(*args)
 
     def _get(self, handles: Sequence[Any]) -> list[Any]:
         return list(handles)
+
+    def run(self, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+        train = self.config.train
+        policy = make_policy(train.mode, self.config.cluster.num_workers, train.steps)
+        serve(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers, eval_at, on_rows)
+        self.loop_stats = {"record_seconds": self.server.record_seconds}
+
+    def final_weights(self) -> torch.Tensor:
+        return self.server.weights.clone()

@@ -1,0 +1,82 @@
+"""How commands and gradients travel between the parameter server and the workers.
+
+The server's loop (``server.serve``) and the worker's loop (``worker.ShardWorker.execute``) are written once
+against two small interfaces: the server's end (``ServerEnd``: publish weights, send a command, receive the
+next arrival) and the worker's end (a transport-specific loop around ``execute``). Three transports implement
+them:
+
+- ``local``: everything in one process, the serial reference;
+- ``shm``: one node; weights, gradients and the control words live in one shared-memory segment, and each
+  process polls a sequence counter: no actor task, no pickling, no copy on the step path;
+- ``ray``: across nodes; the server calls the worker actors and waits on their results with ``ray.wait``.
+
+Every transport delivers the same values, so the same config gives bit-equal runs on each.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+# Command kinds.
+STOP, GRADIENT, EVALUATE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the server asks of a worker: the gradient of its local step ``step``, or the full-shard loss,
+    on weights version ``version`` (the newest the server has published)."""
+
+    kind: int
+    step: int = 0
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A worker's answer to a command.
+
+    GRADIENT: ``grad`` is the mean gradient over ``count`` rows and ``loss`` their mean loss. EVALUATE:
+    ``loss`` is the float64 sum of the per-row loss over the worker's ``count`` rows and ``grad`` is None.
+    ``seconds`` is the worker's compute time. On the shm transport ``grad`` is a view of the worker's slot,
+    valid until that worker is sent its next command (the server clones what it keeps longer).
+    """
+
+    worker: int
+    kind: int
+    step: int
+    version: int
+    grad: torch.Tensor | None
+    loss: float
+    count: int
+    seconds: float
+
+
+class WorkerLost(RuntimeError):
+    """A worker stopped answering: its process died or its actor was killed."""
+
+
+class ServerEnd(ABC):
+    """The server's side of a transport."""
+
+    name: str
+
+    @abstractmethod
+    def publish(self, version: int, weights: torch.Tensor) -> None:
+        """Make ``weights`` the newest version; commands sent from now on use it."""
+
+    @abstractmethod
+    def send(self, worker: int, command: Command) -> None:
+        """Hand ``command`` to ``worker`` (which is idle: it has answered its previous command)."""
+
+    @abstractmethod
+    def receive(self) -> Arrival:
+        """Block until some worker answers; arrivals of one worker come in the order it was sent commands."""
+
+    def stop(self) -> None:
+        """Tell every worker's loop to end."""
+
+    def close(self) -> None:
+        """Release what the transport holds (idempotent)."""

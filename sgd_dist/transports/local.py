@@ -1,0 +1,35 @@
+"""The local transport: the server and the workers are plain objects in one process (the serial reference).
+
+A command is executed the moment it is sent, on the newest published weights, and its answer queued; the
+server receives answers in the order the commands were sent.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Sequence
+
+import torch
+
+from sgd_dist.transports import Arrival, Command, ServerEnd
+
+
+class LocalServerEnd(ServerEnd):
+    name = "local"
+
+    def __init__(self, workers: Sequence) -> None:
+        self.workers = workers
+        self.weights: torch.Tensor | None = None
+        self.version = 0
+        self._answers: deque[Arrival] = deque()
+
+    def publish(self, version: int, weights: torch.Tensor) -> None:
+        # a copy: the server updates its weights in place, and a command uses the version it was sent with
+        self.version, self.weights = version, weights.clone()
+
+    def send(self, worker: int, command: Command) -> None:
+        assert command.version == self.version, (command, self.version)
+        self._answers.append(self.workers[worker].execute(command, self.weights))
+
+    def receive(self) -> Arrival:
+        return self._answers.popleft()

@@ -1,0 +1,276 @@
+"""The shared-memory transport: every actor on one node, no actor task and no pickling on the step path.
+
+One segment in /dev/shm holds, for K workers and d parameters:
+
+- ``ctrl``, int64 [K, 8]: per worker, the command (sequence number, kind, step, version, weight slot), the
+  sequence number of its latest answer, its row count, and the worker's pid;
+- ``vals``, float64 [K, 2]: the answer's loss and compute seconds;
+- ``weights``, [K + 2, d]: weight slots; a command names the slot of the version it must use, and a slot is
+  rewritten only when no command in flight reads it (K in flight + the newest + the one being written);
+- ``grads``, [K, d]: one gradient slot per worker.
+
+A command is handed over by writing its fields and then bumping the sequence number; an answer by writing
+the gradient, loss and count and then bumping the answer number (x86 keeps stores in order). Each side
+polls with ``os.sched_yield()`` while the other computes, backing off to short sleeps when the wait is long,
+and checks now and then that the other side's process is alive, so a dead peer is noticed in about a second
+instead of a hang.
+
+The segment's name carries the creating process's pid; a new segment sweeps away segments whose creator is
+dead, so even a killed run leaves nothing behind for long.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sgd_dist.transports import GRADIENT, STOP, Arrival, Command, ServerEnd, WorkerLost
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "sgd_dist-"
+SPIN_S = 2e-3  # yield-spin this long before sleeping between polls
+MAX_SLEEP_S = 1e-3
+LIVENESS_EVERY_S = 0.5
+
+# ctrl columns
+_CMD_SEQ, _CMD_KIND, _CMD_STEP, _CMD_VERSION, _CMD_SLOT, _ANS_SEQ, _ANS_COUNT, _PID = range(8)
+
+
+@dataclass(frozen=True)
+class Layout:
+    num_workers: int
+    dim: int
+    dtype: str  # numpy dtype name: float32 / float64
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_workers + 2
+
+    def sizes(self) -> list[tuple[str, tuple[int, ...], str]]:
+        k, d = self.num_workers, self.dim
+        return [("ctrl", (k, 8), "int64"), ("vals", (k, 2), "float64"), ("server", (1,), "int64"),
+                ("weights", (self.num_slots, d), self.dtype), ("grads", (k, d), self.dtype)]
+
+    def nbytes(self) -> int:
+        return sum(_aligned(int(np.prod(shape)) * np.dtype(dt).itemsize) for _, shape, dt in self.sizes())
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def sweep_stale_segments() -> list[str]:
+    """Remove segments whose creating process is gone; return their names."""
+    removed = []
+    for path in SHM_DIR.glob(f"{PREFIX}*"):
+        try:
+            pid = int(path.name[len(PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+class _Segment:
+    """The mapped segment and its named numpy views."""
+
+    def __init__(self, name: str, layout: Layout, create: bool) -> None:
+        self.name, self.layout = name, layout
+        self.path = SHM_DIR / name
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, layout.nbytes())
+            self._mm = mmap.mmap(fd, layout.nbytes())
+        finally:
+            os.close(fd)
+        offset = 0
+        for field, shape, dt in layout.sizes():
+            count = int(np.prod(shape))
+            setattr(self, field, np.frombuffer(self._mm, dtype=dt, count=count, offset=offset).reshape(shape))
+            offset += _aligned(count * np.dtype(dt).itemsize)
+
+    def close(self, unlink: bool) -> None:
+        for field, _, _ in self.layout.sizes():
+            self.__dict__.pop(field, None)
+        if unlink:
+            self.path.unlink(missing_ok=True)
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view; the mapping goes with the process
+            pass
+
+
+class _Waiter:
+    """Poll politely: yield while the wait is short, then sleep in growing steps; check a peer's pid."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.sleep = 0.0
+        self.next_check = self.t0 + LIVENESS_EVERY_S
+
+    def pause(self) -> float:
+        now = time.perf_counter()
+        if now - self.t0 < SPIN_S:
+            os.sched_yield()
+        else:
+            self.sleep = min(MAX_SLEEP_S, self.sleep * 2 or 2e-5)
+            time.sleep(self.sleep)
+        return now
+
+    def due(self, now: float) -> bool:
+        if now < self.next_check:
+            return False
+        self.next_check = now + LIVENESS_EVERY_S
+        return True
+
+
+class ShmServerEnd(ServerEnd):
+    name = "shm"
+    views = True
+
+    def __init__(self, layout: Layout) -> None:
+        sweep_stale_segments()
+        self.layout = layout
+        self.segment = _Segment(f"{PREFIX}{os.getpid()}-{secrets.token_hex(6)}", layout, create=True)
+        self.segment.server[0] = os.getpid()
+        k = layout.num_workers
+        self._weights = [torch.from_numpy(self.segment.weights[s]) for s in range(layout.num_slots)]
+        self._grads = [torch.from_numpy(self.segment.grads[r]) for r in range(k)]
+        self._refs = [0] * layout.num_slots  # commands in flight reading each slot
+        self._current = -1
+        self._sent: list[Command | None] = [None] * k
+        self._slot_of = [0] * k
+        self._seq = [0] * k
+        self._next = 0
+
+    @property
+    def name_in_shm(self) -> str:
+        return self.segment.name
+
+    def publish(self, version: int, weights: torch.Tensor) -> None:
+        slot = next(s for s in range(self.layout.num_slots) if s != self._current and self._refs[s] == 0)
+        self._weights[slot].copy_(weights)
+        self._current = slot
+
+    def send(self, worker: int, command: Command) -> None:
+        ctrl = self.segment.ctrl[worker]
+        slot = self._current
+        self._refs[slot] += 1
+        self._slot_of[worker], self._sent[worker] = slot, command
+        ctrl[_CMD_KIND], ctrl[_CMD_STEP], ctrl[_CMD_VERSION], ctrl[_CMD_SLOT] = (
+            command.kind, command.step, command.version, slot)
+        self._seq[worker] += 1
+        ctrl[_CMD_SEQ] = self._seq[worker]  # last: the worker starts when it sees this
+
+    def receive(self) -> Arrival:
+        ctrl, k = self.segment.ctrl, self.layout.num_workers
+        answers = ctrl[:, _ANS_SEQ]
+        waiter = _Waiter()
+        while True:
+            for i in range(k):
+                r = (self._next + i) % k
+                if self._sent[r] is not None and answers[r] == self._seq[r]:
+                    self._next = r + 1
+                    return self._take(r)
+            now = waiter.pause()
+            if waiter.due(now):
+                self._check_workers()
+
+    def _take(self, r: int) -> Arrival:
+        command, self._sent[r] = self._sent[r], None
+        self._refs[self._slot_of[r]] -= 1
+        loss, seconds = self.segment.vals[r]
+        grad = self._grads[r] if command.kind == GRADIENT else None
+        return Arrival(r, command.kind, command.step, command.version, grad, float(loss),
+                       int(self.segment.ctrl[r, _ANS_COUNT]), float(seconds))
+
+    def _check_workers(self) -> None:
+        for r in range(self.layout.num_workers):
+            pid = int(self.segment.ctrl[r, _PID])
+            if self._sent[r] is not None and pid and not _alive(pid):
+                raise WorkerLost(f"worker {r} (pid {pid}) died")
+
+    def wait_attached(self, timeout_s: float = 60.0) -> None:
+        """Until every worker has attached and written its pid."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self.segment.ctrl[:, _PID]):
+            if time.monotonic() > deadline:
+                raise WorkerLost("workers did not attach to the shared-memory segment")
+            time.sleep(1e-3)
+
+    def stop(self) -> None:
+        for r in range(self.layout.num_workers):
+            if self._sent[r] is None:
+                self.send(r, Command(STOP))
+
+    def close(self) -> None:
+        self._weights, self._grads = [], []
+        self.segment.close(unlink=True)
+
+
+class ShmWorkerEnd:
+    """A worker's side: wait for a command, hand back its answer."""
+
+    def __init__(self, name: str, layout: Layout, rank: int) -> None:
+        self.segment = _Segment(name, layout, create=False)
+        self.rank = rank
+        self._weights = [torch.from_numpy(self.segment.weights[s]) for s in range(layout.num_slots)]
+        self._grad = torch.from_numpy(self.segment.grads[rank])
+        self._seen = int(self.segment.ctrl[rank, _CMD_SEQ])
+        self.segment.ctrl[rank, _PID] = os.getpid()
+
+    def wait(self) -> tuple[Command, torch.Tensor]:
+        ctrl = self.segment.ctrl[self.rank]
+        server_pid = int(self.segment.server[0])
+        waiter = _Waiter()
+        while ctrl[_CMD_SEQ] == self._seen:
+            now = waiter.pause()
+            if waiter.due(now) and not _alive(server_pid):
+                return Command(STOP), self._weights[0]
+        self._seen = int(ctrl[_CMD_SEQ])
+        command = Command(int(ctrl[_CMD_KIND]), int(ctrl[_CMD_STEP]), int(ctrl[_CMD_VERSION]))
+        return command, self._weights[int(ctrl[_CMD_SLOT])]
+
+    def answer(self, arrival: Arrival) -> None:
+        if arrival.grad is not None:
+            self._grad.copy_(arrival.grad)
+        self.segment.vals[self.rank] = (arrival.loss, arrival.seconds)
+        ctrl = self.segment.ctrl[self.rank]
+        ctrl[_ANS_COUNT] = arrival.count
+        ctrl[_ANS_SEQ] = self._seen  # last: the server takes the answer when it sees this
+
+    def close(self) -> None:
+        self._weights, self._grad = [], None
+        self.segment.close(unlink=False)
+
+
+def serve_worker(worker, end: ShmWorkerEnd) -> int:
+    """The worker's loop on this transport: wait for go, compute on the named weights, answer. Returns the
+    number of commands served."""
+    served = 0
+    while True:
+        command, weights = end.wait()
+        if command.kind == STOP:
+            return served
+        end.answer(worker.execute(command, weights))
+        served += 1
