@@ -160,3 +160,32 @@ def test_with_weight_decay_the_gap_is_measured_on_the_penalised_objective(tmp_pa
     assert 0 <= s["optimality_gap"] < 1e-6
     torch.testing.assert_close(torch.tensor(s["weights"]), torch.tensor(s["optimal_weights"], dtype=torch.float32),
                                rtol=1e-4, atol=1e-5)
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
+
+
+@pytest.mark.parametrize(
+    "path, overrides",
+    [
+        (CONFIGS / "lesson2.yaml", ["cluster.backend=serial"]),
+        (CONFIGS / "default.yaml", ["cluster.backend=serial", "train.steps=200"]),
+        (None, ["data.kind=logistic", "data.n_samples=2000", "data.n_features=1", "optim.lr=1.0",
+                "train.steps=60", "train.batch_size=64", "train.eval_every=20", "cluster.backend=serial"]),
+    ],
+    ids=["lesson2", "default", "logistic"],
+)
+def test_a_run_repeats_bit_for_bit_from_its_saved_config(tmp_path, path, overrides):
+    # The README's promise: `sgd-dist train --config RUN_DIR/config.yaml --out NEW` repeats the run. The first
+    # run draws its figures (which reload config.yaml); the second starts from that file and nothing else.
+    first = train(load_config(path, [*overrides, f"output.dir={tmp_path / 'first'}", "output.plots=true"]),
+                  console=False, progress=False)
+    second = train(load_config(first.run_dir / "config.yaml", [f"output.dir={tmp_path / 'second'}"]),
+                   console=False, progress=False)
+    assert first.summary["status"] == second.summary["status"] == "completed"
+    rows_first, rows_second = read_metrics(first.run_dir), read_metrics(second.run_dir)
+    assert len(rows_first) == first.summary["steps"] + 1
+    assert _without_timings(rows_second) == _without_timings(rows_first)
+    assert second.summary["weights"] == first.summary["weights"]
+    assert (first.run_dir / "loss.png").read_bytes()[:8] == PNG
