@@ -230,6 +230,8 @@ def train(
                            time.perf_counter() - t_start)
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
     except BaseException as exc:
+        if recorder is not None and isinstance(exc, Exception) and not isinstance(exc, DivergenceError):
+            _record_finished_rows(backend, recorder)
         if run_dir.exists():
             last = recorder.last["step"] if recorder and recorder.last else 0
             write_json_atomic(run_dir / SUMMARY_FILE, {
@@ -247,6 +249,22 @@ def train(
 
         plot_run(run_dir)
     return RunResult(run_dir, summary)
+
+
+def _record_finished_rows(backend: Backend, recorder: Recorder) -> None:
+    """After a failure, record the rows still uncollected up to the first that cannot be read.
+
+    Rows come back a chunk behind the newest step, so a failure at step k leaves the finished steps before it
+    uncollected. One version at a time: a failed update's row (and every later one) raises, the earlier ones
+    do not. A divergence is not collected further (the run stopped at its first non-finite loss on purpose),
+    nor is an interrupt (the user asked to stop, not to wait for steps in flight).
+    """
+    first = recorder.last["step"] + 1 if recorder.last else 0
+    for version in range(first, backend.version + 1):
+        try:
+            recorder.record(backend.collect(upto=version))
+        except Exception:
+            return
 
 
 def _summary(config: Config, backend: Backend, reference: Reference, recorder: Recorder, weights: torch.Tensor,
@@ -290,6 +308,9 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
 
 def one_line(exc: BaseException) -> str:
     """The exception's type and the first line of its message (Ray's errors carry whole remote tracebacks)."""
+    cause = getattr(exc, "cause", None)  # a Ray task's error: its first line is Ray's header, the cause says why
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 

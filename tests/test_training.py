@@ -139,6 +139,33 @@ def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
     summary = read_summary(tmp_path / "f")
     assert summary["status"] == "failed" and "injected failure" in summary["error"]
     assert yaml.safe_load((tmp_path / "f" / "config.yaml").read_text())["train"]["steps"] == 20
+    # updates 1..7 finished before the 8th failed: every one of their rows is kept, none twice
+    assert [r["step"] for r in read_metrics(tmp_path / "f")] == list(range(8))
+    assert summary["steps_recorded"] == 7
+
+
+@pytest.mark.parametrize("fail_at", [1, 150])
+def test_a_failed_ray_run_keeps_every_row_its_server_computed(ray_session, tmp_path, monkeypatch, fail_at):
+    """On Ray, rows come back one chunk behind the newest step; a failure must not take the finished ones along."""
+    import sgd_dist.backends.ray_backend as ray_backend
+    from sgd_dist.server import ParameterServer
+
+    class FailingServer(ParameterServer):  # defined here, so Ray pickles it by value into the server's actor
+        def apply(self, *results):
+            if self.step == fail_at:
+                raise RuntimeError(f"injected failure at update {fail_at + 1}")
+            return super().apply(*results)
+
+    monkeypatch.setattr(ray_backend, "_ServerActor", ray_session.remote(FailingServer))
+    config = make_config("train.steps=400", "train.eval_every=50", f"output.dir={tmp_path / 'f'}")
+    with pytest.raises(Exception, match="injected failure"):
+        train(config, console=False, progress=False)
+    summary = read_summary(tmp_path / "f")
+    assert summary["status"] == "failed" and "injected failure" in summary["error"]
+    rows = read_metrics(tmp_path / "f")
+    assert [r["step"] for r in rows] == list(range(fail_at + 1))
+    assert summary["steps_recorded"] == fail_at
+    assert [r["step"] for r in rows if "eval_loss" in r] == [s for s in range(0, fail_at + 1, 50)]
 
 
 def test_divergence_stops_the_run_naming_the_step_and_the_learning_rate(tmp_path):

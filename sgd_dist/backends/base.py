@@ -86,10 +86,13 @@ class Backend(ABC):
         take = [(v, h) for v, h in self._rows if v <= upto]
         if not take:
             return []
-        self._rows = self._rows[len(take):]
-        evals = [(v, self._evals.pop(v)) for v, _ in take if v in self._evals]
+        evals = [(v, self._evals[v]) for v, _ in take if v in self._evals]
         flat = [h for _, hs in evals for h in hs]
         values = self._get([h for _, h in take] + flat)
+        # forget the handles only once they are read: after a failure the finished rows can still be collected
+        self._rows = self._rows[len(take):]
+        for v, _ in evals:
+            del self._evals[v]
         rows = [dict(r) for r in values[: len(take)]]
         by_version = {row["step"]: row for row in rows}
         pos = len(take)
