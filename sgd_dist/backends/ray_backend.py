@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import ray
 
-from sgd_dist.backends.base import Backend, server_args, worker_args
+from sgd_dist.backends.base import Backend, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
 from sgd_dist.server import ParameterServer
 from sgd_dist.worker import ShardWorker
@@ -131,7 +131,7 @@ class RayBackend(Backend):
                 + f"; the Ray cluster has {resources.get('CPU', 0):g} CPUs and {gpus:g} GPUs"
                 " (lower cluster.cpus_per_worker or cluster.num_workers)"
             )
-        threads = max(1, int(cluster.cpus_per_worker))
+        threads = worker_threads(config)
         self.workers = [
             _WorkerActor.options(
                 num_cpus=cluster.cpus_per_worker,
