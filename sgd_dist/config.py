@@ -143,7 +143,7 @@ class ClusterConfig(_Section):
     backend: Literal["ray", "serial"] = "ray"
     """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference)."""
     address: str | None = None
-    """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1."""
+    """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1 (or uses the one this process is connected to)."""
     num_workers: Count = Field(2, ge=1)
     """Worker actors, each holding one shard of the data."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -152,6 +152,8 @@ class ClusterConfig(_Section):
     """CPUs Ray reserves for each worker actor; also its torch thread count (at least 1)."""
     gpus_per_worker: float = Field(1.0, gt=0, le=1)
     """GPUs Ray reserves for each worker when it runs on cuda; fractions pack several workers on one GPU."""
+    placement_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for free CPUs (and GPUs) to place the workers; then the run fails naming what is missing."""
 
 
 class TrainConfig(_Section):
