@@ -147,3 +147,31 @@ def test_config_prints_the_resolved_yaml(tiny):
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["train"]["steps"] == 7 and resolved["optim"]["lr"] == 0.1  # defaults filled in
     assert "train.batch_size" in sgd_dist("config", "--describe").stdout
+
+
+def test_overrides_are_accepted_on_both_sides_of_options(tiny, tmp_path):
+    proc = sgd_dist("config", "--config", str(tiny), "train.steps=7", "--describe")  # a flag between: --describe
+    assert proc.returncode == 0 and "train.batch_size" in proc.stdout
+    proc = sgd_dist("train", "--config", str(tiny), "train.steps=7", "--out", str(tmp_path / "r"), "optim.lr=0.05",
+                    "--backend", "serial", "output.plots=false")
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert (saved["train"]["steps"], saved["optim"]["lr"], saved["cluster"]["backend"]) == (7, 0.05, "serial")
+    assert saved["output"]["plots"] is False
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tiny, tmp_path):
+    # `sgd-dist train ... | head -n 1`: the reader goes away; the command stops without a traceback
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(tmp_path / "r"), "--backend",
+                             "serial", "train.steps=20000", "train.log_every=1", "data.n_samples=4000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert first.startswith(b"sgd-dist: serial backend")
+    assert proc.returncode == 141, stderr  # 128 + SIGPIPE, what a shell reports for a command the pipe stopped
+    assert stderr == b""
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "BrokenPipeError" in summary["error"]
+    assert summary["steps_recorded"] < 20000  # it stopped: where depends on stdout's buffering, not on the run
