@@ -126,7 +126,7 @@ class OptimConfig(_Section):
     gamma: float = Field(0.1, gt=0, le=1)
     """schedule=step: the decay factor."""
     min_lr: float = Field(0.0, ge=0)
-    """schedule=cosine: the learning rate reached at the last step."""
+    """schedule=cosine: the floor of the decay, reached one update after the last (torch's CosineAnnealingLR)."""
     lr_scaling: Literal["none", "linear"] = "none"
     """linear: multiply lr by global batch / base_batch_size (Goyal et al.'s linear scaling rule)."""
     base_batch_size: Count = Field(256, ge=1)
