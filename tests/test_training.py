@@ -14,11 +14,10 @@ from sgd_dist.plots import plot_run
 from sgd_dist.recording import read_metrics, read_summary
 from sgd_dist.trainer import eval_steps, train
 
-from conftest import make_config
+from conftest import assert_png, make_config
 from plain_sgd import PlainRun, plain_sgd
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +119,18 @@ def test_run_directory_holds_config_metrics_summary_and_figures(default_run):
                 "mode", "wall_time_s", "train_time_s", "median_step_ms", "samples_per_s"]:
         assert summary[key] is not None, key
     assert summary["final_loss"] == rows[-1]["eval_loss"] and summary["steps"] == steps
-    assert (run_dir / "loss.png").read_bytes()[:8] == PNG
+    assert_png(run_dir / "loss.png")
 
 
 def test_fit_figure_for_one_feature_and_plot_redraws(ray_session, tmp_path):
     config = load_config(CONFIGS / "lesson2.yaml", [f"output.dir={tmp_path / 'l2'}", "cluster.backend=serial"])
     run_dir = train(config, console=False, progress=False).run_dir
     for name in ["loss.png", "fit.png"]:
+        assert_png(run_dir / name)
         (run_dir / name).unlink()
     assert [p.name for p in plot_run(run_dir)] == ["loss.png", "fit.png"]
-    assert (run_dir / "fit.png").read_bytes()[:8] == PNG
+    for name in ["loss.png", "fit.png"]:
+        assert_png(run_dir / name)
 
 
 def test_logistic_run_reports_its_reference(tmp_path):
@@ -192,6 +193,9 @@ def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
     # updates 1..7 finished before the 8th failed: every one of their rows is kept, none twice
     assert [r["step"] for r in read_metrics(tmp_path / "f")] == list(range(8))
     assert summary["steps_recorded"] == 7
+    # and its figure redraws from what it recorded (no weights in a failed summary: no fit figure)
+    assert [p.name for p in plot_run(tmp_path / "f")] == ["loss.png"]
+    assert_png(tmp_path / "f" / "loss.png")
 
 
 @pytest.mark.parametrize("fail_at", [1, 150])
@@ -265,4 +269,4 @@ def test_a_run_repeats_bit_for_bit_from_its_saved_config(tmp_path, path, overrid
     assert len(rows_first) == first.summary["steps"] + 1
     assert _without_timings(rows_second) == _without_timings(rows_first)
     assert second.summary["weights"] == first.summary["weights"]
-    assert (first.run_dir / "loss.png").read_bytes()[:8] == PNG
+    assert_png(first.run_dir / "loss.png")
