@@ -257,8 +257,10 @@ def _record_finished_rows(backend: Backend, recorder: Recorder) -> None:
     Rows come back a chunk behind the newest step, so a failure at step k leaves the finished steps before it
     uncollected. One version at a time: a failed update's row (and every later one) raises, the earlier ones
     do not. A divergence is not collected further (the run stopped at its first non-finite loss on purpose),
-    nor is an interrupt (the user asked to stop, not to wait for steps in flight).
+    nor is an interrupt (the user asked to stop, not to wait for steps in flight). The rows go to metrics.jsonl
+    only: the console may be what failed (a closed pipe).
     """
+    recorder.console = False
     first = recorder.last["step"] + 1 if recorder.last else 0
     for version in range(first, backend.version + 1):
         try:

@@ -2,7 +2,7 @@
 
 Without an address (and without RAY_ADDRESS) it starts an embedded local Ray bound to 127.0.0.1 with the
 dashboard off; with one it joins that cluster. If Ray is already initialised in this process (a notebook, a
-test session) it is used as it is and left running.
+test session) it is used as it is and left running, and an address naming another cluster is refused.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     No address: an embedded local Ray on 127.0.0.1 with the dashboard off, unless RAY_ADDRESS names a cluster
     (as inside a Ray job), which is then joined. An address: join that cluster, after checking that something
-    listens there (ray.init would retry for many minutes).
+    listens there (ray.init would retry for many minutes). Already initialised: keep that connection, and
+    refuse an address that names another cluster (ray.init would ignore it).
     """
     if ray.is_initialized():
         connected = ray.get_runtime_context().gcs_address
