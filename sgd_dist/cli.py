@@ -1,12 +1,14 @@
 """The ``sgd-dist`` command: a thin layer over ``sgd_dist.trainer.train``.
 
 Exit codes: 0 success; 2 invalid config or usage (one line naming the field, nothing written);
-1 a run that failed (one line; the run directory keeps what was recorded); 130 interrupted.
+1 a run that failed (one line; the run directory keeps what was recorded); 130 interrupted; 141 the reader
+of stdout went away (``| head``), as for a program stopped by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import NoReturn, Sequence
 
 from sgd_dist.config import ConfigError, describe_fields, dump_config, load_config
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (help, unknown commands) and each command's own parser."""
     parser = _Parser(prog="sgd-dist", description="Distributed mini-batch SGD with a parameter server on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -43,7 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file; default: the built-in defaults")
     p.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser
+    return parser, sub.choices
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line, key=value overrides accepted before, between and after options.
+
+    argparse intermixes positionals and options only in parse_intermixed_args, which refuses a parser with
+    subcommands: so the command's own parser reads everything after the command's name.
+    """
+    parser, commands = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # help, or an error naming the commands
+    args, extra = commands[argv[0]].parse_known_intermixed_args(argv[1:])
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command = argv[0]
+    return args
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -66,6 +86,8 @@ def _train(args: argparse.Namespace) -> int:
         raise
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted; the run directory keeps the rows recorded so far")
+    except BrokenPipeError:
+        raise  # not a failure of the run: main stops quietly
     except Exception as exc:
         if args.traceback:
             traceback.print_exc()
@@ -103,11 +125,16 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return {"train": _train, "plot": _plot, "config": _config}[args.command](args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
+    except BrokenPipeError:
+        # The reader of stdout went away (`sgd-dist train ... | head`): stop silently, as a program stopped by
+        # SIGPIPE does. stdout now goes to /dev/null, or the interpreter's last flush would raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
+LINEAR_ONLY = ("noise", "noise_scale")  # data keys that only data.kind=linear uses
+
+
 class DataConfig(_Section):
     kind: Literal["linear", "logistic"] = "linear"
     """linear: y = x @ a + noise, fitted by mean squared error; logistic: y ~ Bernoulli(sigmoid(x @ a)), fitted by cross-entropy."""
@@ -86,9 +89,10 @@ class DataConfig(_Section):
                 f"(data.n_features={self.n_features}{' plus the bias' if self.bias else ''})"
             )
         if self.kind == "logistic":
-            extra = {"noise", "noise_scale"} & self.model_fields_set
+            extra = [f"data.{key}" for key in LINEAR_ONLY if key in self.model_fields_set]
             if extra:
-                raise ValueError(f"data.{sorted(extra)[0]} applies only to data.kind=linear")
+                raise ValueError(f"{', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} only to "
+                                 f"data.kind=linear; drop {'it' if len(extra) == 1 else 'them'} for data.kind=logistic")
         return self
 
 
@@ -122,7 +126,7 @@ class OptimConfig(_Section):
     gamma: float = Field(0.1, gt=0, le=1)
     """schedule=step: the decay factor."""
     min_lr: float = Field(0.0, ge=0)
-    """schedule=cosine: the learning rate reached at the last step."""
+    """schedule=cosine: the floor of the decay, reached one update after the last (torch's CosineAnnealingLR)."""
     lr_scaling: Literal["none", "linear"] = "none"
     """linear: multiply lr by global batch / base_batch_size (Goyal et al.'s linear scaling rule)."""
     base_batch_size: Count = Field(256, ge=1)
@@ -139,7 +143,7 @@ class ClusterConfig(_Section):
     backend: Literal["ray", "serial"] = "ray"
     """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference)."""
     address: str | None = None
-    """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1."""
+    """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1 (or uses the one this process is connected to)."""
     num_workers: Count = Field(2, ge=1)
     """Worker actors, each holding one shard of the data."""
     transport: Literal["auto", "shm", "ray"] = "auto"
@@ -150,6 +154,8 @@ class ClusterConfig(_Section):
     """CPUs Ray reserves for each worker actor; also its torch thread count (at least 1)."""
     gpus_per_worker: float = Field(1.0, gt=0, le=1)
     """GPUs Ray reserves for each worker when it runs on cuda; fractions pack several workers on one GPU."""
+    placement_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for free CPUs (and GPUs) to place the workers; then the run fails naming what is missing."""
 
 
 class TrainConfig(_Section):
@@ -237,7 +243,8 @@ def format_validation_error(error: ValidationError) -> str:
             given = item["input"]
             if not isinstance(given, dict):
                 msg = f"{msg} (got {given!r})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        # a section's own check already names its dotted fields ("data.noise ..."): no "data: " in front
+        parts.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}.") else msg)
     return "; ".join(parts)
 
 
@@ -301,8 +308,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def dump_config(config: Config) -> str:
-    """The config as YAML, every field written out, so that loading it gives the same config."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, every field it uses written out, so that loading it gives the same config.
+
+    A logistic config leaves out the linear-only keys: their defaults mean nothing there, and a file that
+    set them would be refused on reload.
+    """
+    exclude = {"data": set(LINEAR_ONLY)} if config.data.kind == "logistic" else None
+    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
 def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -25,6 +26,18 @@ def make_config(*overrides: str, **sections) -> Config:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return build_config(raw, overrides)
+
+
+def assert_png(path) -> None:
+    """A real figure: PNG bytes that matplotlib decodes into a sizeable image with something drawn on it."""
+    from matplotlib.image import imread
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert len(data) > 10_000, (path, len(data))
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] >= 300 and image.shape[1] >= 300, image.shape
+    assert image[..., :3].std() > 0.05, path  # not one flat colour
 
 
 @pytest.fixture(scope="session")

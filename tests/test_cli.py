@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import assert_png
 
 SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))  # the installed console script
 TINY = {
@@ -114,8 +119,11 @@ def test_unreachable_cluster_exits_1_fast_and_writes_nothing(tiny, tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    start = time.monotonic()
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "never"), "--address",
                     f"127.0.0.1:{port}", timeout=60)
+    # fast: the command's own start-up (~3 s here) and one refused connection, not Ray's minutes of retries
+    assert time.monotonic() - start < 15
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"sgd-dist: error: run failed: ClusterError: cannot reach a Ray cluster at "
                                    f"'127.0.0.1:{port}': Connection refused (--traceback shows where)")
@@ -135,8 +143,9 @@ def test_plot_redraws_from_the_files(tiny, tmp_path):
     assert sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial").returncode == 0
     (run / "loss.png").unlink()
     proc = sgd_dist("plot", str(run))
-    assert proc.returncode == 0 and (run / "loss.png").exists() and proc.stdout.split() == [
-        str(run / "loss.png"), str(run / "fit.png")]
+    assert proc.returncode == 0 and proc.stdout.split() == [str(run / "loss.png"), str(run / "fit.png")]
+    assert_png(run / "loss.png")
+    assert_png(run / "fit.png")
     bad = sgd_dist("plot", str(tmp_path))
     assert bad.returncode == 2 and "is not a run directory" in bad.stderr
 
@@ -147,3 +156,118 @@ def test_config_prints_the_resolved_yaml(tiny):
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["train"]["steps"] == 7 and resolved["optim"]["lr"] == 0.1  # defaults filled in
     assert "train.batch_size" in sgd_dist("config", "--describe").stdout
+
+
+def test_overrides_are_accepted_on_both_sides_of_options(tiny, tmp_path):
+    proc = sgd_dist("config", "--config", str(tiny), "train.steps=7", "--describe")  # a flag between: --describe
+    assert proc.returncode == 0 and "train.batch_size" in proc.stdout
+    proc = sgd_dist("train", "--config", str(tiny), "train.steps=7", "--out", str(tmp_path / "r"), "optim.lr=0.05",
+                    "--backend", "serial", "output.plots=false")
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert (saved["train"]["steps"], saved["optim"]["lr"], saved["cluster"]["backend"]) == (7, 0.05, "serial")
+    assert saved["output"]["plots"] is False
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tiny, tmp_path):
+    # `sgd-dist train ... | head -n 1`: the reader goes away; the command stops without a traceback
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(tmp_path / "r"), "--backend",
+                             "serial", "train.steps=20000", "train.log_every=1", "data.n_samples=4000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert first.startswith(b"sgd-dist: serial backend")
+    assert proc.returncode == 141, stderr  # 128 + SIGPIPE, what a shell reports for a command the pipe stopped
+    assert stderr == b""
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "BrokenPipeError" in summary["error"]
+    assert summary["steps_recorded"] < 20000  # it stopped: where depends on stdout's buffering, not on the run
+
+
+def _user_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+
+
+def _wait_for_rows(run: Path, count: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len((run / "metrics.jsonl").read_text().splitlines()) >= count:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"the run wrote fewer than {count} rows (exit {proc.poll()})")
+
+
+def _assert_rows_up_to_the_summary(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "failed" and steps == list(range(summary["steps_recorded"] + 1))
+    return summary
+
+
+DIVERGES = ["--backend", "serial", "optim.lr=50", "train.steps=200", "--no-progress"]
+DIVERGED = (r"run failed: DivergenceError: the mini-batch loss is (inf|nan) at step (\d+): the run diverged; "
+            r"try a smaller optim\.lr \(step \d+ used lr 50\)")
+
+
+def test_a_run_failing_part_way_exits_1_in_one_line_keeping_its_rows(tiny, tmp_path):
+    run = tmp_path / "diverged"
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(run), *DIVERGES)
+    assert proc.returncode == 1
+    match = re.fullmatch(rf"sgd-dist: error: {DIVERGED} \(--traceback shows where\)\n", proc.stderr)
+    assert match, proc.stderr
+    summary = _assert_rows_up_to_the_summary(run)
+    assert 0 < summary["steps_recorded"] == int(match.group(2)) < 200
+    assert "DivergenceError" in summary["error"]
+    plot = sgd_dist("plot", str(run))  # a failed run redraws
+    assert plot.returncode == 0 and plot.stdout.split() == [str(run / "loss.png")]
+    assert_png(run / "loss.png")
+
+
+def test_traceback_prints_where_a_run_failed(tiny, tmp_path):
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "d"), "--traceback", *DIVERGES)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Traceback (most recent call last):\n")
+    assert re.search(r'File ".*sgd_dist/trainer\.py", line \d+, in record\n', proc.stderr), proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert re.fullmatch(rf"sgd-dist: error: {DIVERGED}", last), last  # no "--traceback shows where" now
+
+
+def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
+    # its own session: a process started from a non-interactive shell ignores SIGINT (see NOTES.md)
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), "--backend", "serial",
+                             "train.steps=1e7", "train.log_every=0", "train.eval_every=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_user_env(),
+                            start_new_session=True)
+    try:
+        _wait_for_rows(run, 20, proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr == "sgd-dist: error: interrupted; the run directory keeps the rows recorded so far\n"
+    summary = _assert_rows_up_to_the_summary(run)
+    assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 19
+
+
+def test_plot_redraws_a_killed_run(tiny, tmp_path):
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), "--backend", "serial",
+                             "train.steps=1e7", "train.log_every=0", "train.eval_every=1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_user_env())
+    try:
+        _wait_for_rows(run, 2000, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and not (run / "summary.json").exists()
+    plot = sgd_dist("plot", str(run))
+    assert plot.returncode == 0, plot.stderr
+    assert plot.stdout.split() == [str(run / "loss.png")]  # no summary, so no fitted weights to draw
+    assert_png(run / "loss.png")

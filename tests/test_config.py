@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import yaml
 
 from sgd_dist.config import ConfigError, build_config, dump_config, load_config
 
@@ -90,9 +91,27 @@ def test_an_address_needs_the_ray_backend():
 
 
 def test_noise_settings_are_refused_for_logistic():
-    with pytest.raises(ConfigError, match=r"data\.noise_scale applies only to data\.kind=linear"):
+    with pytest.raises(ConfigError, match=r"^data\.noise_scale applies only to data\.kind=linear; drop it for "
+                                          r"data\.kind=logistic$"):
         make_config("data.kind=logistic", "data.noise_scale=0.5")
     assert make_config("data.kind=logistic").data.kind == "logistic"
+
+
+def test_switching_a_linear_config_to_logistic_names_every_key_to_drop():
+    # lesson2.yaml sets both noise keys; the override alone cannot remove them, so the message lists them
+    with pytest.raises(ConfigError, match=r"^data\.noise, data\.noise_scale apply only to data\.kind=linear; "
+                                          r"drop them for data\.kind=logistic$"):
+        load_config(CONFIGS / "lesson2.yaml", ["data.kind=logistic"])
+
+
+def test_a_logistic_config_round_trips_through_its_dump(tmp_path):
+    config = make_config("data.kind=logistic", "data.x_dist=normal")
+    dumped = yaml.safe_load(dump_config(config))
+    assert "noise" not in dumped["data"] and "noise_scale" not in dumped["data"]
+    assert dumped["data"]["kind"] == "logistic" and dumped["data"]["x_dist"] == "normal"
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
 
 
 def test_config_is_frozen():

@@ -63,3 +63,23 @@ def test_full_batch_over_k_workers_equals_one_worker(tmp_path):
     one, _ = run(make_config("cluster.num_workers=1", "train.batch_size=full", "cluster.backend=serial"), tmp_path, "k1")
     three, _ = run(make_config("cluster.num_workers=3", "train.batch_size=full", "cluster.backend=serial"), tmp_path, "k3")
     torch.testing.assert_close(torch.tensor(three["weights"]), torch.tensor(one["weights"]), rtol=1e-5, atol=1e-6)
+
+
+def test_ray_equals_serial_bit_for_bit_at_a_realistic_size(ray_session, tmp_path):
+    """1e5 rows x 100 features, 2 x 4096 rows a step: reductions this large round differently with different
+    thread counts, so the serial reference must compute with the Ray workers' count (cluster.cpus_per_worker),
+    whatever this process uses, and give this process its own count back afterwards."""
+    overrides = ("data.n_samples=1e5", "data.n_features=100", "train.batch_size=4096", "train.steps=30",
+                 "train.eval_every=10", "optim.lr=0.05", "cluster.cpus_per_worker=1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)  # not the workers' 1 thread, on any machine
+    try:
+        serial_summary, serial_rows = run(make_config(*overrides, "cluster.backend=serial"), tmp_path, "serial")
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(previous)
+    ray_summary, ray_rows = run(make_config(*overrides), tmp_path, "ray")
+    assert len(losses(ray_rows)) == 30
+    assert losses(ray_rows) == losses(serial_rows)
+    assert evals(ray_rows) == evals(serial_rows)
+    assert ray_summary["weights"] == serial_summary["weights"]

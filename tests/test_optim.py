@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sgd_dist.config import OptimConfig
 from sgd_dist.optim import base_lr, learning_rate, sgd_update_
 
 from conftest import make_config
@@ -78,3 +79,13 @@ def test_linear_scaling_rule():
     assert base_lr(cfg, 256) == pytest.approx(0.4)
     assert learning_rate(cfg, 3, 10, 256) == pytest.approx(0.4)
     assert base_lr(make_config("optim.lr=0.1").optim, 256) == 0.1
+
+
+def test_min_lr_is_reached_one_update_after_the_last_as_its_description_says():
+    # torch's CosineAnnealingLR (T_max = the updates after warm-up): the last update still uses more than
+    # min_lr. `sgd-dist config --describe` prints the field's description, so it must say the same.
+    cfg = make_config("optim.lr=0.4", "optim.schedule=cosine", "optim.min_lr=0.01", "train.steps=50").optim
+    assert learning_rate(cfg, 49, 50, 256) > 0.01
+    assert learning_rate(cfg, 50, 50, 256) == pytest.approx(0.01, rel=1e-12)
+    description = OptimConfig.model_fields["min_lr"].description
+    assert "one update after the last" in description and "reached at the last step" not in description

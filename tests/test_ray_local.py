@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,66 @@ def test_cuda_without_a_gpu_is_a_clear_error(ray_session):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ClusterError, match=r"cluster\.device=cuda, but the Ray cluster has no GPU"):
         RayBackend(make_config("cluster.device=cuda"))
+
+
+def _hold_cpus(ray, num_cpus: float):
+    """An idle actor holding ``num_cpus`` of the session's CPUs (as another job's actors would)."""
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.options(num_cpus=num_cpus).remote()
+    ray.get(holder.ready.remote())
+    return holder
+
+
+def test_workers_that_cannot_be_placed_fail_after_the_placement_timeout(ray_session):
+    # enough CPUs in total (8) but not free: without a timeout the run would wait forever
+    total = ray_session.cluster_resources()["CPU"]
+    holder = _hold_cpus(ray_session, total - 1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ClusterError) as info:
+            RayBackend(make_config("cluster.placement_timeout_s=1"))
+        assert time.monotonic() - start < 15
+    finally:
+        ray_session.kill(holder)
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.fullmatch(
+        r"cluster\.num_workers=2 needs 2 free CPUs; after cluster\.placement_timeout_s=1 s the Ray cluster has "
+        rf"1 of its {total:g} CPUs free \(other actors or jobs hold the rest\): free them, raise "
+        r"cluster\.placement_timeout_s or lower cluster\.num_workers or cluster\.cpus_per_worker", message), message
+    # the refused run reserved nothing: the CPUs are all free again once the holder is gone
+    deadline = time.monotonic() + 10
+    while ray_session.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_session.available_resources().get("CPU", 0) == total
+
+
+def test_workers_wait_for_cpus_freed_within_the_placement_timeout(ray_session):
+    holder = _hold_cpus(ray_session, ray_session.cluster_resources()["CPU"] - 1)
+    threading.Timer(1.0, ray_session.kill, [holder]).start()
+    backend = RayBackend(make_config("cluster.placement_timeout_s=60"))
+    try:
+        assert len(backend.info) == 2
+    finally:
+        backend.close()
+
+
+def test_an_address_naming_another_cluster_is_refused_when_ray_is_initialised(ray_session):
+    connected = ray_session.get_runtime_context().gcs_address
+    with pytest.raises(ClusterError, match=(
+            rf"^cluster\.address='127\.0\.0\.1:1', but this process is already connected to the Ray cluster at "
+            rf"{re.escape(connected)}; leave cluster\.address null to use it, or call ray\.shutdown\(\) first$")):
+        RayBackend(make_config("cluster.address=127.0.0.1:1"))
+    port = connected.rpartition(":")[2]
+    for same in [connected, f"localhost:{port}"]:
+        backend = RayBackend(make_config(f"cluster.address={same}"))
+        try:
+            assert backend.address == connected
+        finally:
+            backend.close()
+    assert ray_session.is_initialized()  # a cluster this call did not start is left running

@@ -76,6 +76,11 @@ def worker_args(config: Config) -> list[dict]:
     ]
 
 
+def worker_threads(config: Config) -> int:
+    """torch threads of each worker: its reserved CPUs, at least one (the serial reference uses the same)."""
+    return max(1, int(config.cluster.cpus_per_worker))
+
+
 def server_args(config: Config) -> dict:
     """Constructor arguments of the parameter server."""
     dtype = torch_dtype(config.data.dtype)

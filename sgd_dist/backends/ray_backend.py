@@ -2,7 +2,7 @@
 
 Without an address (and without RAY_ADDRESS) it starts an embedded local Ray bound to 127.0.0.1 with the
 dashboard off; with one it joins that cluster. If Ray is already initialised in this process (a notebook, a
-test session) it is used as it is and left running.
+test session) it is used as it is and left running, and an address naming another cluster is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import Any, Callable, Collection, Sequence
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from sgd_dist.backends.base import Backend, server_args, worker_args
+from sgd_dist.backends.base import Backend, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
 from sgd_dist.consistency import make_policy
 from sgd_dist.server import ParameterServer, serve
@@ -131,6 +133,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _same_cluster(address: str, gcs_address: str) -> bool:
+    """Whether ``address`` names the cluster whose GCS listens at ``gcs_address`` (host names resolved)."""
+    try:
+        host, port = _resolve(address)
+        gcs_host, gcs_port = _resolve(gcs_address)
+        return port == gcs_port and socket.gethostbyname(host) == socket.gethostbyname(gcs_host)
+    except (ClusterError, OSError):
+        return False
+
+
 def _stay_on_loopback() -> None:
     """Make this process's Ray use 127.0.0.1 as its node address.
 
@@ -149,9 +161,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     No address: an embedded local Ray on 127.0.0.1 with the dashboard off, unless RAY_ADDRESS names a cluster
     (as inside a Ray job), which is then joined. An address: join that cluster, after checking that something
-    listens there (ray.init would retry for many minutes).
+    listens there (ray.init would retry for many minutes). Already initialised: keep that connection, and
+    refuse an address that names another cluster (ray.init would ignore it).
     """
     if ray.is_initialized():
+        connected = ray.get_runtime_context().gcs_address
+        if address is not None and not _same_cluster(address, connected):
+            raise ClusterError(f"cluster.address={address!r}, but this process is already connected to the Ray "
+                               f"cluster at {connected}; leave cluster.address null to use it, or call "
+                               "ray.shutdown() first")
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
@@ -181,6 +199,7 @@ class RayBackend(Backend):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        self._group = None  # the workers' placement group
         cluster = config.cluster
         cpus_needed = cluster.num_workers * cluster.cpus_per_worker
         # The embedded Ray is a simulation: give it enough logical CPUs for every actor even on 2 cores.
@@ -207,14 +226,14 @@ class RayBackend(Backend):
                 + f"; the Ray cluster has {resources.get('CPU', 0):g} CPUs and {gpus:g} GPUs"
                 " (lower cluster.cpus_per_worker or cluster.num_workers)"
             )
-        threads = max(1, int(cluster.cpus_per_worker))
+        gpus_per_worker = cluster.gpus_per_worker if self.device == "cuda" else 0
+        strategies = self._reserve(cluster, gpus_per_worker, cpus_needed, gpus_needed)
+        threads = worker_threads(config)
         self.workers = [
             _WorkerActor.options(
-                num_cpus=cluster.cpus_per_worker,
-                num_gpus=cluster.gpus_per_worker if self.device == "cuda" else 0,
-                scheduling_strategy="SPREAD",
+                num_cpus=cluster.cpus_per_worker, num_gpus=gpus_per_worker, scheduling_strategy=strategy,
             ).remote(**args, device=self.device, num_threads=threads)
-            for args in worker_args(config)
+            for args, strategy in zip(worker_args(config), strategies)
         ]
         self.info = self.worker_info()  # waits until every shard is generated; raises if a worker died
         self.transport = self._pick_transport({info["node_id"] for info in self.info})
@@ -233,6 +252,31 @@ class RayBackend(Backend):
         if wanted == "auto":
             return "shm" if len(nodes) == 1 else "ray"
         return wanted
+
+    def _reserve(self, cluster, gpus_per_worker: float, cpus_needed: float, gpus_needed: float) -> list[Any]:
+        """Reserve every worker's CPUs (and GPUs) at once, waiting at most cluster.placement_timeout_s.
+
+        Ray queues an actor that does not fit the free resources and never says so: with enough CPUs in
+        total but not free, a run would wait forever. A placement group makes the wait explicit and bounded.
+        Returns each worker's scheduling strategy (its bundle, or SPREAD for a worker that reserves nothing).
+        """
+        bundle = {key: value for key, value in [("CPU", cluster.cpus_per_worker), ("GPU", gpus_per_worker)] if value}
+        if not bundle:  # nothing to reserve (cpus_per_worker=0 on cpu): Ray places such actors at once
+            return ["SPREAD"] * cluster.num_workers
+        self._group = placement_group([bundle] * cluster.num_workers, strategy="SPREAD")
+        if not self._group.wait(timeout_seconds=cluster.placement_timeout_s):
+            free, total = ray.available_resources(), ray.cluster_resources()
+            missing = [f"{cpus_needed:g} free CPUs"] + ([f"{gpus_needed:g} free GPUs"] if gpus_needed else [])
+            has = [f"{free.get('CPU', 0):g} of its {total.get('CPU', 0):g} CPUs"] + (
+                [f"{free.get('GPU', 0):g} of its {total.get('GPU', 0):g} GPUs"] if gpus_needed else [])
+            raise ClusterError(
+                f"cluster.num_workers={cluster.num_workers} needs {' and '.join(missing)}; after "
+                f"cluster.placement_timeout_s={cluster.placement_timeout_s:g} s the Ray cluster has "
+                f"{' and '.join(has)} free (other actors or jobs hold the rest): free them, raise "
+                "cluster.placement_timeout_s or lower cluster.num_workers or cluster.cpus_per_worker"
+            )
+        return [PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=rank)
+                for rank in range(cluster.num_workers)]
 
     def _call(self, target: Any, method: str, *args: Any) -> Any:
         return getattr(target, method).remote(*args)
@@ -287,6 +331,9 @@ class RayBackend(Backend):
             if self._segment is not None:  # the server may have died holding it (same node only: shm)
                 (SHM_DIR / self._segment).unlink(missing_ok=True)
                 self._segment = None
+            if self._group is not None:  # a pending group would take the CPUs the moment they free up
+                remove_placement_group(self._group)
+                self._group = None
             if self._started:
                 ray.shutdown()
                 self._started = False

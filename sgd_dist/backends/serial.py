@@ -6,7 +6,7 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
-from sgd_dist.backends.base import Backend, server_args, worker_args
+from sgd_dist.backends.base import Backend, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
 from sgd_dist.consistency import make_policy
 from sgd_dist.server import ParameterServer, serve
@@ -28,9 +28,17 @@ class SerialBackend(Backend):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.device = resolve_local_device(config.cluster.device)
-        self.workers = [ShardWorker(**args, device=self.device) for args in worker_args(config)]
-        self.server = ParameterServer(**server_args(config))
-        self.info = self.worker_info()
+        # Compute with the Ray workers' thread count, from data generation on: large reductions round
+        # differently with different thread counts, and the reference must equal the Ray run bit for bit.
+        self._process_threads: int | None = torch.get_num_threads()
+        torch.set_num_threads(worker_threads(config))
+        try:
+            self.workers = [ShardWorker(**args, device=self.device) for args in worker_args(config)]
+            self.server = ParameterServer(**server_args(config))
+            self.info = self.worker_info()
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, target: Any, method: str, *args: Any) -> Any:
         return getattr(target, method)(*args)
@@ -46,3 +54,8 @@ class SerialBackend(Backend):
 
     def final_weights(self) -> torch.Tensor:
         return self.server.weights.clone()
+    def close(self) -> None:
+        """Give this process its own torch thread count back."""
+        if self._process_threads is not None:
+            torch.set_num_threads(self._process_threads)
+            self._process_threads = None
