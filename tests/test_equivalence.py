@@ -1,4 +1,4 @@
-"""The distributed run equals the serial reference: same per-step losses and final weights."""
+"""The distributed run equals the serial reference: same per-step losses and final weights, on each transport."""
 
 from __future__ import annotations
 
@@ -26,13 +26,18 @@ def evals(rows):
     return [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
 
 
+TRANSPORTS = ["shm", "ray"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("num_workers", [1, 2, 4])
-def test_ray_equals_serial(ray_session, tmp_path, num_workers):
-    config = make_config(f"cluster.num_workers={num_workers}", "train.steps=30")
+def test_ray_equals_serial(ray_session, tmp_path, num_workers, transport):
+    config = make_config(f"cluster.num_workers={num_workers}", "train.steps=30", f"cluster.transport={transport}")
     ray_summary, ray_rows = run(config, tmp_path, "ray")
     serial_config = make_config(f"cluster.num_workers={num_workers}", "train.steps=30", "cluster.backend=serial")
     serial_summary, serial_rows = run(serial_config, tmp_path, "serial")
     assert ray_summary["backend"] == "ray" and serial_summary["backend"] == "serial"
+    assert ray_summary["transport"] == transport and serial_summary["transport"] == "local"
     assert len(losses(ray_rows)) == 30
     assert losses(ray_rows) == losses(serial_rows)  # bit-equal: same math, same order
     assert ray_summary["weights"] == serial_summary["weights"]
@@ -50,8 +55,9 @@ def test_ray_equals_serial(ray_session, tmp_path, num_workers):
     ],
     ids=["momentum-cosine-wd", "logistic-step-scaled", "uneven-full-batch-f64"],
 )
-def test_ray_equals_serial_across_options(ray_session, tmp_path, overrides):
-    _, ray_rows = run(make_config(*overrides), tmp_path, "ray")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_ray_equals_serial_across_options(ray_session, tmp_path, overrides, transport):
+    _, ray_rows = run(make_config(*overrides, f"cluster.transport={transport}"), tmp_path, "ray")
     _, serial_rows = run(make_config(*overrides, "cluster.backend=serial"), tmp_path, "serial")
     assert losses(ray_rows) == losses(serial_rows)
     assert [r["lr"] for r in ray_rows] == [r["lr"] for r in serial_rows]
@@ -65,7 +71,8 @@ def test_full_batch_over_k_workers_equals_one_worker(tmp_path):
     torch.testing.assert_close(torch.tensor(three["weights"]), torch.tensor(one["weights"]), rtol=1e-5, atol=1e-6)
 
 
-def test_ray_equals_serial_bit_for_bit_at_a_realistic_size(ray_session, tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_ray_equals_serial_bit_for_bit_at_a_realistic_size(ray_session, tmp_path, transport):
     """1e5 rows x 100 features, 2 x 4096 rows a step: reductions this large round differently with different
     thread counts, so the serial reference must compute with the Ray workers' count (cluster.cpus_per_worker),
     whatever this process uses, and give this process its own count back afterwards."""
@@ -78,7 +85,7 @@ def test_ray_equals_serial_bit_for_bit_at_a_realistic_size(ray_session, tmp_path
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(previous)
-    ray_summary, ray_rows = run(make_config(*overrides), tmp_path, "ray")
+    ray_summary, ray_rows = run(make_config(*overrides, f"cluster.transport={transport}"), tmp_path, "ray")
     assert len(losses(ray_rows)) == 30
     assert losses(ray_rows) == losses(serial_rows)
     assert evals(ray_rows) == evals(serial_rows)

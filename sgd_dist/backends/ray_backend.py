@@ -194,6 +194,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def pick_transport(wanted: str, nodes: set[str]) -> str:
+    """The transport for workers placed on ``nodes``: shm needs them all on one node; auto takes it if it can."""
+    if wanted == "shm" and len(nodes) > 1:
+        raise ClusterError(f"cluster.transport=shm needs every worker on one node; they are on {len(nodes)} "
+                           "nodes (use cluster.transport=ray or auto)")
+    if wanted == "auto":
+        return "shm" if len(nodes) == 1 else "ray"
+    return wanted
+
+
 class RayBackend(Backend):
     name = "ray"
 
@@ -236,22 +246,13 @@ class RayBackend(Backend):
             for args, strategy in zip(worker_args(config), strategies)
         ]
         self.info = self.worker_info()  # waits until every shard is generated; raises if a worker died
-        self.transport = self._pick_transport({info["node_id"] for info in self.info})
+        self.transport = pick_transport(cluster.transport, {info["node_id"] for info in self.info})
         # on shm the server shares the workers' node; on ray it may go anywhere
         placement = (NodeAffinitySchedulingStrategy(self.info[0]["node_id"], soft=False)
                      if self.transport == "shm" else "DEFAULT")
         self.server = _ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
             server_args(config), config.train.mode, cluster.num_workers, config.train.steps)
         self.address = ray.get_runtime_context().gcs_address
-
-    def _pick_transport(self, nodes: set[str]) -> str:
-        wanted = self.config.cluster.transport
-        if wanted == "shm" and len(nodes) > 1:
-            raise ClusterError(f"cluster.transport=shm needs every worker on one node; they are on {len(nodes)} "
-                               "nodes (use cluster.transport=ray or auto)")
-        if wanted == "auto":
-            return "shm" if len(nodes) == 1 else "ray"
-        return wanted
 
     def _reserve(self, cluster, gpus_per_worker: float, cpus_needed: float, gpus_needed: float) -> list[Any]:
         """Reserve every worker's CPUs (and GPUs) at once, waiting at most cluster.placement_timeout_s.

@@ -1,0 +1,160 @@
+"""The transports: shared memory equals the local reference without Ray, cleans up after itself, and a dead
+worker is noticed instead of waited for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgd_dist.backends.base import server_args, worker_args
+from sgd_dist.backends.ray_backend import ClusterError, pick_transport
+from sgd_dist.consistency import make_policy
+from sgd_dist.recording import read_metrics, read_summary
+from sgd_dist.server import ParameterServer, serve
+from sgd_dist.trainer import eval_steps, train
+from sgd_dist.transports import WorkerLost
+from sgd_dist.transports.local import LocalServerEnd
+from sgd_dist.transports.shm import PREFIX, SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker, sweep_stale_segments
+from sgd_dist.worker import ShardWorker
+
+from conftest import make_config
+
+
+def segments() -> set[str]:
+    return {p.name for p in SHM_DIR.glob(f"{PREFIX}*")}
+
+
+def run_loop(config, end_factory):
+    """serve() over a transport end; returns the rows and the final weights."""
+    workers = [ShardWorker(**args) for args in worker_args(config)]
+    server = ParameterServer(**server_args(config))
+    rows: list[dict] = []
+    policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
+    end, finish = end_factory(workers)
+    try:
+        serve(server, end, policy, config.cluster.num_workers, eval_steps(config.train.steps, 5), rows.extend)
+        end.stop()
+    finally:
+        finish()
+    return rows, server.weights
+
+
+def local_end(workers):
+    return LocalServerEnd(workers), lambda: None
+
+
+def shm_end(workers):
+    """The shm transport with each worker's loop in a thread of this process (no Ray)."""
+    k = len(workers)
+    end = ShmServerEnd(Layout(k, workers[0].X.shape[1], str(workers[0].X.dtype).removeprefix("torch.")))
+    ends = [ShmWorkerEnd(end.segment.name, end.layout, r) for r in range(k)]
+    threads = [threading.Thread(target=serve_worker, args=(w, e), daemon=True) for w, e in zip(workers, ends)]
+    for t in threads:
+        t.start()
+
+    def finish():
+        for t in threads:
+            t.join(timeout=10)
+        for e in ends:
+            e.close()
+        end.close()
+
+    return end, finish
+
+
+@pytest.mark.parametrize("overrides", [(), ("optim.momentum=0.9", "data.dtype=float64", "cluster.num_workers=3")])
+def test_shm_loop_equals_the_local_loop_without_ray(overrides):
+    config = make_config(*overrides)
+    before = segments()
+    local_rows, local_w = run_loop(config, local_end)
+    shm_rows, shm_w = run_loop(config, shm_end)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+    assert len(shm_rows) == config.train.steps + 1
+    assert strip(shm_rows) == strip(local_rows) and torch.equal(shm_w, local_w)
+    assert segments() == before  # the segment is gone
+
+
+def test_stale_segments_of_dead_processes_are_swept():
+    dead = SHM_DIR / f"{PREFIX}999999999-test"
+    mine = SHM_DIR / f"{PREFIX}{os.getpid()}-test"
+    dead.write_bytes(b"x")
+    mine.write_bytes(b"x")
+    try:
+        assert f"{PREFIX}999999999-test" in sweep_stale_segments()
+        assert not dead.exists() and mine.exists()
+    finally:
+        dead.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)
+
+
+def test_transport_choice():
+    assert pick_transport("auto", {"a"}) == "shm" and pick_transport("auto", {"a", "b"}) == "ray"
+    assert pick_transport("ray", {"a"}) == "ray" and pick_transport("shm", {"a"}) == "shm"
+    with pytest.raises(ClusterError, match=r"cluster\.transport=shm needs every worker on one node; they are on 2"):
+        pick_transport("shm", {"a", "b"})
+
+
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_a_failed_run_leaves_no_segment_and_keeps_its_rows(ray_session, tmp_path, monkeypatch, transport):
+    import sgd_dist.backends.ray_backend as ray_backend
+
+    class FailingParameterServer(ParameterServer):
+        def update(self, results):
+            if self.step == 12:
+                raise RuntimeError("injected failure at update 13")
+            return super().update(results)
+
+    class FailingServer(ray_backend._Server):
+        def __init__(self, server_kwargs, *args):
+            super().__init__(server_kwargs, *args)
+            self.server = FailingParameterServer(**server_kwargs)
+
+    monkeypatch.setattr(ray_backend, "_ServerActor", ray_session.remote(FailingServer))
+    before = segments()
+    with pytest.raises(Exception, match="injected failure"):
+        train(make_config(f"cluster.transport={transport}", f"output.dir={tmp_path / 'f'}"), console=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "f")] == list(range(13))
+    assert segments() == before
+
+
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_a_killed_worker_fails_the_run_in_seconds_not_a_hang(ray_session, tmp_path, transport):
+    """A worker process killed from outside (SIGKILL) mid-run: the run stops with WorkerLost, keeps its rows,
+    and leaves no shared memory behind. (Replacing the worker is the fault-tolerance work.)"""
+    import sgd_dist.backends.ray_backend as ray_backend
+
+    config = make_config(f"cluster.transport={transport}", "train.steps=1000000", "train.eval_every=0",
+                         f"output.dir={tmp_path / 'k'}")
+    before = segments()
+    killed: dict = {}
+    original = ray_backend.RayBackend.run
+
+    def run_then_kill(self, eval_at, on_rows):
+        def on_rows_then_kill(rows):  # once steps are being recorded, kill worker 1's process
+            on_rows(rows)
+            if rows and rows[-1]["step"] > 0 and not killed:
+                killed["pid"], killed["at"] = self.info[1]["pid"], time.monotonic()
+                os.kill(killed["pid"], signal.SIGKILL)
+
+        return original(self, eval_at, on_rows_then_kill)
+
+    ray_backend.RayBackend.run = run_then_kill
+    try:
+        with pytest.raises(Exception) as info:
+            train(config, console=False, progress=False)
+    finally:
+        ray_backend.RayBackend.run = original
+    noticed = time.monotonic() - killed["at"]
+    assert "died" in str(info.value)
+    assert noticed < 30  # bounded, not a hang (the noticing itself takes ~0.5 s on shm)
+    summary = read_summary(tmp_path / "k")
+    rows = read_metrics(tmp_path / "k")
+    assert summary["status"] == "failed" and rows[-1]["step"] == summary["steps_recorded"] > 0
+    assert [r["step"] for r in rows] == list(range(len(rows)))
+    assert segments() == before
