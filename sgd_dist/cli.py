@@ -97,8 +97,11 @@ def _train(args: argparse.Namespace) -> int:
     rel = s["relative_optimality_gap"]
     print(f"done: {s['steps']} steps in {s['train_time_s']:.2f} s ({s['median_step_ms']:.3f} ms/step median, "
           f"{s['samples_per_s']:,.0f} samples/s); wall {s['wall_time_s']:.1f} s")
-    print(f"final loss {s['final_loss']:.6g}, optimum {s['optimal_loss']:.6g}, gap {s['optimality_gap']:.3e}"
-          + (f" (relative {rel:.2e})" if rel is not None else ""))
+    if s["optimality_gap"] is None:
+        print(f"final loss {s['final_loss']:.6g}; optimum {s['reference']}")
+    else:
+        print(f"final loss {s['final_loss']:.6g}, optimum {s['optimal_loss']:.6g}, gap {s['optimality_gap']:.3e}"
+              + (f" (relative {rel:.2e})" if rel is not None else ""))
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
     print(f"results in {result.run_dir}/")
     return EXIT_OK

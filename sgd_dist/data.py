@@ -1,7 +1,8 @@
 """Seeded synthetic data, generated shard by shard where it lives, and the mini-batch sampler. No Ray.
 
-The dataset is cut into fixed blocks of ``BLOCK_ROWS`` rows; block b is drawn from a generator seeded by
-(data seed, b) and always in full, so any row's values depend only on the seed and its index. A shard
+The dataset is cut into fixed blocks of ``block_rows(cfg)`` rows (BLOCK_ROWS, or fewer for wide rows so that a
+block stays within BLOCK_BYTES); block b is drawn from a generator seeded by (data seed, b) and always in
+full, so any row's values depend only on the config and its index. A shard
 [start, stop) generates just the blocks it overlaps: the shards laid end to end are bit-identical to the
 dataset generated in one piece, and a lost shard can be regenerated exactly.
 """
@@ -14,6 +15,7 @@ import torch
 from sgd_dist.config import DataConfig
 
 BLOCK_ROWS = 1 << 16
+BLOCK_BYTES = 64 << 20  # the generation buffer beside the shard: 1,024 rows x 1e5 features need no 26 GB block
 
 # Independent random streams derived from one user seed.
 _STREAM_DATA = 0
@@ -53,11 +55,18 @@ def shard_bounds(n_samples: int, num_shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def block_rows(cfg: DataConfig) -> int:
+    """Rows per generation block: BLOCK_ROWS, fewer when a block of them would pass BLOCK_BYTES (at least 1)."""
+    row_bytes = (cfg.dim + 1) * torch_dtype(cfg.dtype).itemsize
+    return max(1, min(BLOCK_ROWS, BLOCK_BYTES // row_bytes))
+
+
 def _block(cfg: DataConfig, index: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All BLOCK_ROWS rows of block ``index``, x then y, always drawn in the same order."""
+    """All block_rows(cfg) rows of block ``index``, x then y, always drawn in the same order."""
     dtype = a.dtype
+    rows = block_rows(cfg)
     g = generator(cfg.seed, _STREAM_DATA, index)
-    x = torch.empty(BLOCK_ROWS, cfg.dim, dtype=dtype)
+    x = torch.empty(rows, cfg.dim, dtype=dtype)
     features = x[:, : cfg.n_features]
     if cfg.x_dist == "uniform":
         features.uniform_(-1.0, 1.0, generator=g)
@@ -65,7 +74,7 @@ def _block(cfg: DataConfig, index: int, a: torch.Tensor) -> tuple[torch.Tensor, 
         features.normal_(generator=g)
     if cfg.bias:
         x[:, -1] = 1.0
-    u = torch.empty(BLOCK_ROWS, dtype=dtype)
+    u = torch.empty(rows, dtype=dtype)
     if cfg.kind == "linear":
         if cfg.noise == "uniform":
             u.uniform_(0.0, 1.0, generator=g)
@@ -84,7 +93,7 @@ def generate(
     """Rows [start, stop) of the dataset as (X, y), X with the bias column last when cfg.bias.
 
     Blocks are drawn on the CPU (so every device sees the same numbers) and copied into tensors
-    preallocated on ``device``: the peak is the shard plus one block.
+    preallocated on ``device``: the peak is the shard plus one block (at most BLOCK_BYTES).
     """
     stop = cfg.n_samples if stop is None else stop
     if not 0 <= start <= stop <= cfg.n_samples:
@@ -92,8 +101,9 @@ def generate(
     a = true_weights(cfg)
     X = torch.empty(stop - start, cfg.dim, dtype=a.dtype, device=device)
     y = torch.empty(stop - start, dtype=a.dtype, device=device)
-    for index in range(start // BLOCK_ROWS, -(-stop // BLOCK_ROWS)):
-        lo, hi = index * BLOCK_ROWS, (index + 1) * BLOCK_ROWS
+    rows = block_rows(cfg)
+    for index in range(start // rows, -(-stop // rows)):
+        lo, hi = index * rows, (index + 1) * rows
         bx, by = _block(cfg, index, a)
         take_lo, take_hi = max(lo, start), min(hi, stop)
         X[take_lo - start : take_hi - start].copy_(bx[take_lo - lo : take_hi - lo])

@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 EVAL_CHUNK_ROWS = 1 << 18
+EVAL_CHUNK_BYTES = 64 << 20  # a float64 chunk of wide rows stays this small
+
+
+def chunk_rows_for(dim: int) -> int:
+    """Rows per float64 chunk of ``dim`` columns: EVAL_CHUNK_ROWS, fewer for wide rows (at least 1)."""
+    return max(1, min(EVAL_CHUNK_ROWS, EVAL_CHUNK_BYTES // (8 * dim)))
 
 
 def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,12 +56,13 @@ def weighted_mean(tensors: list[torch.Tensor], counts: list[int]) -> torch.Tenso
     return out
 
 
-def _chunks(X: torch.Tensor, y: torch.Tensor, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _chunks(X: torch.Tensor, y: torch.Tensor, rows: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    rows = rows or chunk_rows_for(X.shape[1])
     for lo in range(0, X.shape[0], rows):
         yield X[lo : lo + rows].double(), y[lo : lo + rows].double()
 
 
-def loss_sum(kind: str, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk_rows: int = EVAL_CHUNK_ROWS) -> float:
+def loss_sum(kind: str, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk_rows: int | None = None) -> float:
     """Sum (not mean) of the per-row loss over (X, y) at w, in float64, so shards add up exactly."""
     w = w.to(device=X.device, dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64, device=X.device)
@@ -90,7 +97,7 @@ class LinearStats:
         return LinearStats(self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty, self.n + other.n)
 
 
-def linear_stats(X: torch.Tensor, y: torch.Tensor, chunk_rows: int = EVAL_CHUNK_ROWS) -> LinearStats:
+def linear_stats(X: torch.Tensor, y: torch.Tensor, chunk_rows: int | None = None) -> LinearStats:
     d = X.shape[1]
     xtx = torch.zeros(d, d, dtype=torch.float64, device=X.device)
     xty = torch.zeros(d, dtype=torch.float64, device=X.device)
@@ -134,7 +141,7 @@ class NewtonTerms:
 
 
 def logistic_newton_terms(
-    w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk_rows: int = EVAL_CHUNK_ROWS
+    w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk_rows: int | None = None
 ) -> NewtonTerms:
     d = X.shape[1]
     w = w.to(device=X.device, dtype=torch.float64)

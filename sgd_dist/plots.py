@@ -44,7 +44,9 @@ def _title(summary: dict, config) -> str:
     if summary.get("status") == "completed":
         rel = summary.get("relative_optimality_gap")
         rel_text = f" (relative {rel:.2e})" if rel is not None else ""
-        head += f"\nfinal optimality gap {summary['optimality_gap']:.3e}{rel_text}, {summary['train_time_s']:.2f} s"
+        gap = summary.get("optimality_gap")
+        gap_text = f"final optimality gap {gap:.3e}{rel_text}" if gap is not None else f"final loss {summary['final_loss']:.4g}"
+        head += f"\n{gap_text}, {summary['train_time_s']:.2f} s"
     elif summary.get("status") == "failed":
         head += f"\nFAILED after step {summary.get('steps_recorded')}: {summary.get('error')}"
     return head
@@ -86,7 +88,7 @@ def _fit_figure(path: Path, summary: dict, config) -> Path:
     ax.scatter(x, y, s=6, alpha=0.35, label=f"data ({len(x):,} of {config.data.n_samples:,} rows)")
     lines = [("fitted", summary["weights"], "C3", "-"), ("exact optimum", summary["optimal_weights"], "C2", ":"),
              ("true", summary["true_weights"], "k", "--")]
-    for name, w, color, style in lines:
+    for name, w, color, style in [line for line in lines if line[1] is not None]:
         w = torch.tensor(w, dtype=torch.float64)
         out = design @ w
         if logistic:

@@ -48,14 +48,24 @@ class DivergenceError(RuntimeError):
 class Reference:
     """The exact optimum of the objective SGD minimises (the loss plus the L2 term, if any)."""
 
-    weights: torch.Tensor
-    objective: float
-    loss: float
+    weights: torch.Tensor | None
+    objective: float | None
+    loss: float | None
     method: str
+
+
+MAX_REFERENCE_DIM = 8192  # the d x d float64 sums (512 MB) beyond which the exact optimum is not computed
 
 
 def compute_reference(config: Config, backend: Backend) -> Reference:
     wd = config.optim.weight_decay
+    d, n = config.data.dim, config.data.n_samples
+    if d > MAX_REFERENCE_DIM:
+        if config.data.kind == "linear" and wd == 0 and n <= d:
+            # n generic rows in d >= n dimensions have full row rank: least squares fits them exactly
+            return Reference(None, 0.0, 0.0, f"n={n} <= d={d}: least squares interpolates, f* = 0 (w* not computed)")
+        return Reference(None, None, None, f"not computed: the d x d statistics at d={d} would take "
+                                           f"{d * d * 8 / 1e9:.0f} GB (limit d={MAX_REFERENCE_DIM})")
     if config.data.kind == "linear":
         stats = backend.linear_stats()
         w = objectives.least_squares_optimum(stats, wd)
@@ -86,7 +96,7 @@ class Recorder:
     def record(self, rows: list[dict]) -> None:
         log_every, steps = self.config.train.log_every, self.config.train.steps
         for row in rows:
-            if "eval_loss" in row:
+            if "eval_loss" in row and self.reference.objective is not None:
                 penalty = objectives.penalty_from_norm(row["weight_norm"], self.config.optim.weight_decay)
                 row["optimality_gap"] = row["eval_loss"] + penalty - self.reference.objective
                 self.last_eval = row
@@ -113,7 +123,9 @@ class Recorder:
         if step:
             parts.append(f"loss {row['loss']:.6g}")
         if "eval_loss" in row:
-            parts += [f"eval {row['eval_loss']:.6g}", f"gap {row['optimality_gap']:.3e}"]
+            parts.append(f"eval {row['eval_loss']:.6g}")
+        if "optimality_gap" in row:
+            parts.append(f"gap {row['optimality_gap']:.3e}")
         if step:
             parts += [f"lr {row['lr']:.4g}", f"{1e3 * (t - prev_t) / (step - prev_step):.3f} ms/step"]
         return " | ".join(parts)
@@ -201,16 +213,16 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
              t_setup: float, t_reference: float, train_time: float, wall: float) -> dict:
     last, last_eval = recorder.last, recorder.last_eval
     assert last is not None and last_eval is not None and last_eval["step"] == config.train.steps
-    gap = last_eval["optimality_gap"]
+    gap = last_eval.get("optimality_gap")
     return {
         "status": "completed",
         "final_loss": last_eval["eval_loss"],
         "optimal_loss": reference.loss,
         "optimality_gap": gap,
-        "relative_optimality_gap": gap / reference.objective if reference.objective > 0 else None,
+        "relative_optimality_gap": gap / reference.objective if gap is not None and reference.objective else None,
         "final_minibatch_loss": last["loss"],
         "weights": weights.tolist(),
-        "optimal_weights": reference.weights.tolist(),
+        "optimal_weights": None if reference.weights is None else reference.weights.tolist(),
         "true_weights": true_weights(config.data).tolist(),
         "reference": reference.method,
         "objective": "mean squared error" if config.data.kind == "linear" else "mean logistic loss",
