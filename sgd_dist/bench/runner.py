@@ -10,24 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from sgd_dist.bench import peers, report
+from sgd_dist.bench.options import SYSTEMS, BenchOptions
 from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
 
-SYSTEMS = ("floor", "docs-ps", "ddp", "ray-train", "sgd-dist")
-DEFAULT_DIMS = (2, 1000, 100_000)
-DEFAULT_WORKERS = (1, 2, 4)
-DEFAULT_STEPS = 300
-DEFAULT_WARMUP = 30
 WIDE_DIM = 10_000  # from here on a step costs milliseconds: a tenth of the steps and of the warm-up
 SGD_TRANSPORTS = ("shm", "ray")
+GENERATION_LIMIT_BYTES = 2 << 30
 
 _PEERS: dict[str, tuple[str, Callable[[Problem, int], list[float]]]] = {
     "floor": (report.FLOOR, peers.run_floor),
@@ -35,22 +33,6 @@ _PEERS: dict[str, tuple[str, Callable[[Problem, int], list[float]]]] = {
     "ddp": (report.DDP, peers.run_ddp),
     "ray-train": (report.RAY_TRAIN, peers.run_ray_train),
 }
-
-
-@dataclass
-class BenchOptions:
-    dims: Sequence[int] = DEFAULT_DIMS
-    workers: Sequence[int] = DEFAULT_WORKERS
-    steps: int = DEFAULT_STEPS
-    """Measured steps per system and size, after the warm-up (a tenth of it at d >= 10,000)."""
-    warmup: int = DEFAULT_WARMUP
-    systems: Sequence[str] = SYSTEMS
-    repeats: int = 1
-    """Each system is measured this many times per size, interleaved with the others; the steps are pooled."""
-    batch_size: int = 256
-    startup_repeats: int = 3
-    """Runs of each start-up program; 0 skips the start-up measurement."""
-    startup_config: Path | None = None
 
 
 @dataclass
@@ -108,12 +90,13 @@ def record_overhead_ms(summary: dict) -> float | None:
 
 
 def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | None:
-    """None if ``sgd_dist.data.generate`` can make a row at this d within bounded memory, else why not.
+    """None if ``sgd_dist.data.generate`` can make one row at this d in bounded memory, else why not.
 
-    Tried in a child process under an address-space limit, so a generator that allocates a whole block
-    (65,536 rows x d before issue 11's point 3) fails there instead of swamping this machine.
+    Tried in a child process under an address-space limit (torch's own runtime is ~0.7 GB of it), so a
+    generator that draws a whole block at once (65,536 rows x d before issue 11's point 3: 26 GB at d = 1e5)
+    fails there, instead of in K processes at once on this machine.
     """
-    limit = limit_bytes or (6 << 30) + 8 * problem.rows_per_worker * (problem.dim + 1)
+    limit = limit_bytes or GENERATION_LIMIT_BYTES
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (%d, %d)); "
             "from sgd_dist.config import DataConfig; from sgd_dist.data import generate; "
             "generate(DataConfig.model_validate_json(sys.argv[1]), 0, 1)") % (limit, limit)
@@ -121,8 +104,10 @@ def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | N
                           capture_output=True, text=True, timeout=300)
     if proc.returncode == 0:
         return None
-    last = (proc.stderr.strip().splitlines() or ["killed"])[-1]
-    return f"data generation at d={problem.dim} does not fit in {limit / 2**30:.0f} GiB here: {last[:160]}"
+    asked = re.search(r"allocate (\d+) bytes", proc.stderr)
+    why = f"asks for {int(asked.group(1)) / 1e9:.1f} GB at once" if asked else (
+        proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:120]
+    return f"sgd_dist.data.generate cannot make a row at d={problem.dim} within {limit / 2**30:.1f} GiB: {why}"
 
 
 def _one_line(exc: BaseException) -> str:
