@@ -141,7 +141,7 @@ def test_the_benchmark_runs_and_its_table_is_well_formed(ray_session, tmp_path):
     assert [(r.system, r.workers) for r in result.rows] == [(s, k) for k in (1, 2) for s in labels]
     floors = {r.workers: r.median_ms for r in result.rows if r.system == report.FLOOR}
     for r in result.rows:
-        assert r.note == "" or r.note.startswith("transport"), r.note
+        assert r.note == "" or r.note.startswith(("transport", "recording")), r.note
         assert r.d == 2 and r.global_batch == 256 * r.workers and r.steps == 8
         for value in (r.median_ms, r.p90_ms, r.samples_per_s, r.vs_floor):
             assert value is not None and math.isfinite(value) and value > 0
@@ -169,3 +169,10 @@ def test_ray_train_absent_is_a_note_row_and_the_cli_writes_the_files(ray_session
     out = capsys.readouterr().out
     assert "| one torch process | 2 | 1 |" in out and f"results in {tmp_path}/" in out
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_targets_markdown_shows_shares_as_percentages():
+    rows = _rows()
+    text = report.targets_markdown(report.target_rows(rows, startup_ratio=None))
+    assert "| 2.8 % | < 5 % | met |" in text and "| 1.20x | <= 1.3x | met |" in text
+    assert text.splitlines()[-1].endswith("| - | <= 1.15x | not measured |")

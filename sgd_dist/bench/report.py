@@ -106,8 +106,8 @@ def target_rows(rows: list[Row], startup_ratio: float | None = None) -> list[dic
 def _target(what: str, d: int | None, system: str, baseline: str | None, ratio: float | None,
             bound: float) -> dict:
     verdict = "not measured" if ratio is None else ("met" if ratio <= bound else "missed")
-    return {"target": what, "d": d, "system": system, "vs": baseline or "its own step", "ratio": ratio,
-            "bound": bound, "verdict": verdict}
+    return {"target": what, "d": d, "system": system, "baseline": baseline, "vs": baseline or "its own step",
+            "ratio": ratio, "bound": bound, "verdict": verdict}
 
 
 # -- text ------------------------------------------------------------------------------------------------
@@ -142,8 +142,12 @@ def targets_markdown(targets: list[dict]) -> str:
     lines = ["| target (issue 11) | d | system | vs | ratio | bound | verdict |", "|---|---|---|---|---|---|---|"]
     for t in targets:
         d = "-" if t["d"] is None else fmt_d(t["d"])
-        lines.append(f"| {t['target']} | {d} | {t['system']} | {t['vs']} | {fmt_ratio(t['ratio'])} | "
-                     f"<= {t['bound']:g}x | {t['verdict']} |")
+        if t["baseline"] is None:  # a share of the system's own step
+            ratio = "-" if t["ratio"] is None else f"{100 * t['ratio']:.2g} %"
+            bound = f"< {100 * t['bound']:g} %"
+        else:
+            ratio, bound = fmt_ratio(t["ratio"]), f"<= {t['bound']:g}x"
+        lines.append(f"| {t['target']} | {d} | {t['system']} | {t['vs']} | {ratio} | {bound} | {t['verdict']} |")
     return "\n".join(lines)
 
 

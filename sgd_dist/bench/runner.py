@@ -240,8 +240,10 @@ def _rows(options: BenchOptions, plan: list[tuple[str, Runner]], measured: dict,
                 if key in measured:
                     med, p90 = step_stats(measured[key])
                     info = extra.get(key, {})
+                    record = info.get("record_ms_per_step")
                     note = "; ".join(filter(None, [
-                        f"transport {info['transport']}" if info.get("transport") else "", notes.get(key, "")]))
+                        f"transport {info['transport']}" if info.get("transport") else "",
+                        f"recording {record:.3g} ms/step" if record is not None else "", notes.get(key, "")]))
                     rows.append(report.measured_row(label, dim, k, problem.global_batch, med, p90, len(measured[key]),
                                                     record_ms_per_step=info.get("record_ms_per_step"), note=note))
                 else:
