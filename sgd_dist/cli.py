@@ -159,7 +159,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(options, out)
     except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted")
+        return _fail(EXIT_INTERRUPTED, f"interrupted; what was measured is in {out}/")
     print(results_markdown(result.rows))
     print()
     print(targets_markdown(result.targets))

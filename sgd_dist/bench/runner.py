@@ -26,6 +26,7 @@ from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
 WIDE_DIM = 10_000  # from here on a step costs milliseconds: a tenth of the steps and of the warm-up
 SGD_TRANSPORTS = ("shm", "ray")
 GENERATION_LIMIT_BYTES = 2 << 30
+RAY_CPUS = 8  # logical CPUs of the embedded Ray (at least): every worker gets one, on any machine
 
 _PEERS: dict[str, tuple[str, Callable[[Problem, int], list[float]]]] = {
     "floor": (report.FLOOR, peers.run_floor),
@@ -132,55 +133,78 @@ def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] |
 
         startup = measure_startup(options.startup_repeats, options.startup_config, log)
 
-    measured: dict[tuple[str, int, int], list[float]] = {}
-    notes: dict[tuple[str, int, int], str] = {}
-    extra: dict[tuple[str, int, int], dict] = {}
     plan = _plan(options)
-    started_ray = _start_ray(options)
+    m = _Measurements()
+    started_ray = _start_ray(plan, max(options.workers))
     t_bench = time.perf_counter()
+    interrupted = False
     try:
-        with tempfile.TemporaryDirectory(prefix="sgd-bench-") as workdir:
-            done = 0
-            for dim in options.dims:
-                gate = None
-                if dim >= WIDE_DIM:
-                    gate = generation_fits(Problem(dim, max(options.workers), options.batch_size))
-                for k in options.workers:
-                    problem = Problem(dim, k, options.batch_size)
-                    num_steps, warmup = steps_for(dim, options.steps, options.warmup)
-                    for rep in range(options.repeats):
-                        for label, run in plan:
-                            done += 1
-                            key = (label, dim, k)
-                            where = f"[{done}/{len(plan) * len(options.dims) * len(options.workers) * options.repeats}]"
-                            if gate or key in notes:
-                                notes.setdefault(key, gate or "")
-                                continue
-                            t0 = time.perf_counter()
-                            try:
-                                stamps, info = run(problem, warmup + num_steps, Path(workdir))
-                                if len(stamps) < warmup + 2:
-                                    raise RuntimeError(f"only {len(stamps)} step times came back")
-                                measured.setdefault(key, []).extend(measured_intervals(stamps, warmup))
-                                extra.setdefault(key, {}).update(info)
-                                med, p90 = step_stats(measured_intervals(stamps, warmup))
-                                log(f"bench {where} d={dim} workers={k} {label} (run {rep + 1}/{options.repeats}): "
-                                    f"median {med:.3f} ms, p90 {p90:.3f} ms over {num_steps} steps "
-                                    f"({time.perf_counter() - t0:.1f} s)")
-                            except Exception as exc:
-                                notes[key] = _one_line(exc)
-                                log(f"bench {where} d={dim} workers={k} {label}: no result: {notes[key]}")
+        _measure_all(options, plan, m, log)
+    except KeyboardInterrupt:
+        interrupted = True  # write what was measured, then stop as asked
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    log(f"bench: measured in {time.perf_counter() - t_bench:.0f} s")
+    log(f"bench: measured in {time.perf_counter() - t_bench:.0f} s" + (" (interrupted)" if interrupted else ""))
 
-    rows = _rows(options, plan, measured, notes, extra)
+    rows = _rows(options, plan, m)
     targets = report.target_rows(rows, startup.get("ratio") if startup else None)
     files = write_outputs(out, rows, targets, startup)
+    if interrupted:
+        raise KeyboardInterrupt
     return BenchResult(rows, targets, startup, files)
+
+
+Key = tuple[str, int, int]  # (row label, d, workers)
+
+
+@dataclass
+class _Measurements:
+    seconds: dict[Key, list[float]] = field(default_factory=dict)
+    notes: dict[Key, str] = field(default_factory=dict)
+    extra: dict[Key, dict] = field(default_factory=dict)
+
+
+def _measure_all(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Measurements,
+                 log: Callable[[str], None]) -> None:
+    """Every size, every repeat, every system in turn; a failure becomes the row's note."""
+    total = len(plan) * len(options.dims) * len(options.workers) * options.repeats
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="sgd-bench-") as workdir:
+        for dim in options.dims:
+            gate = None
+            if dim >= WIDE_DIM:
+                gate = generation_fits(Problem(dim, max(options.workers), options.batch_size))
+                if gate:
+                    log(f"bench: skipping d={dim}: {gate}")
+            num_steps, warmup = steps_for(dim, options.steps, options.warmup)
+            for k in options.workers:
+                problem = Problem(dim, k, options.batch_size)
+                for rep in range(options.repeats):
+                    for label, run in plan:
+                        done += 1
+                        key = (label, dim, k)
+                        if gate or key in m.notes:  # a system that failed once at a size is not retried
+                            m.notes.setdefault(key, gate or "")
+                            continue
+                        where = f"bench [{done}/{total}] d={dim} workers={k} {label}"
+                        t0 = time.perf_counter()
+                        try:
+                            stamps, info = run(problem, warmup + num_steps, Path(workdir))
+                            seconds = measured_intervals(stamps, warmup)
+                            if not seconds:
+                                raise RuntimeError(f"only {len(stamps)} step times came back")
+                        except Exception as exc:
+                            m.notes[key] = _one_line(exc)
+                            log(f"{where}: no result: {m.notes[key]}")
+                            continue
+                        m.seconds.setdefault(key, []).extend(seconds)
+                        m.extra.setdefault(key, {}).update(info)
+                        med, p90 = step_stats(seconds)
+                        log(f"{where} (run {rep + 1}/{options.repeats}): median {med:.3f} ms, p90 {p90:.3f} ms "
+                            f"over {len(seconds)} steps ({time.perf_counter() - t0:.1f} s)")
 
 
 Runner = Callable[[Problem, int, Path], tuple[list[float], dict]]
@@ -221,33 +245,33 @@ def _missing_ray_train(problem: Problem, num_steps: int, workdir: Path) -> tuple
     raise ModuleNotFoundError('ray.train is not installed (pip install "ray[train]==2.60.0", or ".[bench]")')
 
 
-def _start_ray(options: BenchOptions) -> bool:
-    if not set(options.systems) & {"docs-ps", "ray-train", "sgd-dist"}:
+def _start_ray(plan: list[tuple[str, Runner]], max_workers: int) -> bool:
+    """One embedded Ray for every system that uses one; none when Ray is already up or nothing needs it."""
+    if all(label == report.FLOOR or label == report.DDP or run is _missing_ray_train for label, run in plan):
         return False
     from sgd_dist.backends.ray_backend import init_ray
 
-    return init_ray(num_cpus=max(8, 2 * max(options.workers)))
+    return init_ray(num_cpus=max(RAY_CPUS, 2 * max_workers))
 
 
-def _rows(options: BenchOptions, plan: list[tuple[str, Runner]], measured: dict, notes: dict,
-          extra: dict) -> list[report.Row]:
+def _rows(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Measurements) -> list[report.Row]:
     rows = []
     for dim in options.dims:
         for k in options.workers:
             problem = Problem(dim, k, options.batch_size)
             for label, _ in plan:
                 key = (label, dim, k)
-                if key in measured:
-                    med, p90 = step_stats(measured[key])
-                    info = extra.get(key, {})
-                    record = info.get("record_ms_per_step")
-                    note = "; ".join(filter(None, [
-                        f"transport {info['transport']}" if info.get("transport") else "",
-                        f"recording {record:.3g} ms/step" if record is not None else "", notes.get(key, "")]))
-                    rows.append(report.measured_row(label, dim, k, problem.global_batch, med, p90, len(measured[key]),
-                                                    record_ms_per_step=info.get("record_ms_per_step"), note=note))
-                else:
-                    rows.append(report.Row(label, dim, k, problem.global_batch, note=notes.get(key, "not run")))
+                if key not in m.seconds:
+                    rows.append(report.Row(label, dim, k, problem.global_batch, note=m.notes.get(key) or "not run"))
+                    continue
+                med, p90 = step_stats(m.seconds[key])
+                info = m.extra.get(key, {})
+                record = info.get("record_ms_per_step")
+                note = "; ".join(filter(None, [
+                    f"transport {info['transport']}" if info.get("transport") else "",
+                    f"recording {record:.3g} ms/step" if record is not None else "", m.notes.get(key, "")]))
+                rows.append(report.measured_row(label, dim, k, problem.global_batch, med, p90, len(m.seconds[key]),
+                                                record_ms_per_step=record, note=note))
     return report.fill_vs_floor(rows)
 
 
