@@ -46,6 +46,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--config", help="YAML config file; default: the built-in defaults")
     p.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    _add_bench_parser(sub)
     return parser, sub.choices
 
 
@@ -64,6 +66,48 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.command = argv[0]
     return args
+
+
+def _add_bench_parser(sub) -> None:
+    from sgd_dist.bench.options import (DEFAULT_DIMS, DEFAULT_STARTUP_REPEATS, DEFAULT_STEPS, DEFAULT_WARMUP,
+                                        DEFAULT_WORKERS, SYSTEMS)
+
+    p = sub.add_parser("bench", help="time sgd_dist against its peers on one generated problem (table and figure)")
+    p.add_argument("--dims", type=_int_list, default=list(DEFAULT_DIMS), metavar="D,D,...",
+                   help="parameter counts (features plus the bias), e.g. 2,1000,1e5 (default)")
+    p.add_argument("--workers", type=_int_list, default=list(DEFAULT_WORKERS), metavar="K,K,...",
+                   help="worker counts, each with batch 256 per worker (default 1,2,4)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"measured steps per system and size (default {DEFAULT_STEPS}; a tenth at d >= 1e4)")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                   help=f"steps run before measuring (default {DEFAULT_WARMUP}; a tenth at d >= 1e4)")
+    p.add_argument("--systems", type=_name_list, default=list(SYSTEMS), metavar="NAME,...",
+                   help=f"which systems, from {','.join(SYSTEMS)} (default all)")
+    p.add_argument("--repeats", type=int, default=1, help="measure each system this many times per size, interleaved")
+    p.add_argument("--startup-repeats", type=int, default=DEFAULT_STARTUP_REPEATS,
+                   help="runs of each start-up program (1-step lesson2 run, bare torch + Ray program); 0 skips")
+    p.add_argument("--out", help="directory for results.csv, results.md and bench.png (default runs/bench-<timestamp>)")
+
+
+def _int_list(text: str) -> list[int]:
+    """'2,1000,1e5' -> [2, 1000, 100000]."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(v < 1 or not v.is_integer() for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list positive whole numbers")
+    return [int(v) for v in values]
+
+
+def _name_list(text: str) -> list[str]:
+    from sgd_dist.bench.options import SYSTEMS
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(SYSTEMS)}")
+    return names
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -127,10 +171,34 @@ def _config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from sgd_dist.bench import BenchOptions, run_benchmark
+    from sgd_dist.bench.report import results_markdown, startup_markdown, targets_markdown
+    from sgd_dist.recording import default_run_dir
+
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0 or args.startup_repeats < 0:
+        return _fail(EXIT_USAGE, "--steps and --repeats must be at least 1, --warmup and --startup-repeats at least 0")
+    out = Path(args.out) if args.out else default_run_dir("bench")
+    options = BenchOptions(dims=args.dims, workers=args.workers, steps=args.steps, warmup=args.warmup,
+                           systems=args.systems, repeats=args.repeats, startup_repeats=args.startup_repeats)
+    try:
+        result = run_benchmark(options, out)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, f"interrupted; what was measured is in {out}/")
+    print(results_markdown(result.rows))
+    print()
+    print(targets_markdown(result.targets))
+    if result.startup is not None:
+        print()
+        print(startup_markdown(result.startup))
+    print(f"results in {out}/")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        return {"train": _train, "plot": _plot, "config": _config}[args.command](args)
+        return {"train": _train, "plot": _plot, "config": _config, "bench": _bench}[args.command](args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except BrokenPipeError:

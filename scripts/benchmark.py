@@ -1,0 +1,11 @@
+"""The benchmark of issue 11 (point 4): the same as ``sgd-dist bench``, with the same options.
+
+    .venv/bin/python scripts/benchmark.py --dims 2,1000 --workers 2 --out bench-results
+"""
+
+import sys
+
+from sgd_dist.cli import main
+
+if __name__ == "__main__":  # the guard matters: torch.distributed's spawned processes re-import this file
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,293 @@
+"""``run_benchmark``: every selected system at every selected size, one after another in one invocation, on
+the same generated problem; then the table, the target ratios, results.csv / results.md and bench.png.
+
+One embedded Ray (loopback, dashboard off) serves the Ray-based systems, unless Ray is already initialised
+in this process, which is then used and left running. A system that fails at a size gets a note row with
+the error instead of numbers; the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sgd_dist.bench import peers, report
+from sgd_dist.bench.options import SYSTEMS, BenchOptions
+from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
+
+WIDE_DIM = 10_000  # from here on a step costs milliseconds: a tenth of the steps and of the warm-up
+SGD_TRANSPORTS = ("shm", "ray")
+GENERATION_LIMIT_BYTES = 2 << 30
+RAY_CPUS = 8  # logical CPUs of the embedded Ray (at least): every worker gets one, on any machine
+
+_PEERS: dict[str, tuple[str, Callable[[Problem, int], list[float]]]] = {
+    "floor": (report.FLOOR, peers.run_floor),
+    "docs-ps": (report.DOCS_PS, peers.run_docs_ps),
+    "ddp": (report.DDP, peers.run_ddp),
+    "ray-train": (report.RAY_TRAIN, peers.run_ray_train),
+}
+
+
+@dataclass
+class BenchResult:
+    rows: list[report.Row]
+    targets: list[dict]
+    startup: dict | None
+    files: list[Path] = field(default_factory=list)
+
+
+def sgd_dist_variants() -> list[tuple[str, str | None]]:
+    """(row label, cluster.transport) for each sgd_dist row: one per transport once the config has the key."""
+    from sgd_dist.config import ClusterConfig
+
+    if "transport" in ClusterConfig.model_fields:
+        return [(f"sgd_dist {t}", t) for t in SGD_TRANSPORTS]
+    return [(report.SGD_SYNC, None)]
+
+
+def steps_for(dim: int, steps: int, warmup: int) -> tuple[int, int]:
+    if dim >= WIDE_DIM:
+        return max(steps // 10, 5), max(warmup // 10, 2)
+    return steps, warmup
+
+
+def run_sgd_dist(problem: Problem, num_steps: int, transport: str | None, workdir: Path) -> tuple[list[float], dict]:
+    """One ``sgd_dist.trainer.train`` run on the Ray backend; the step ends from metrics.jsonl's
+    ``wall_time_s`` (the server's clock, one row per step) and the run's summary."""
+    from sgd_dist.config import build_config
+    from sgd_dist.recording import read_metrics
+    from sgd_dist.trainer import train
+
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    raw = {
+        "data": problem.data_config().model_dump(mode="json"),
+        "optim": {"lr": problem.lr, "schedule": "constant"},
+        "cluster": {"backend": "ray", "num_workers": problem.num_workers},
+        "train": {"mode": "sync", "steps": num_steps, "batch_size": problem.batch_size, "eval_every": 0,
+                  "log_every": 0, "seed": problem.seed},
+        "output": {"dir": str(run_dir), "plots": False},
+    }
+    config = build_config(raw, [f"cluster.transport={transport}"] if transport else [])
+    result = train(config, console=False, progress=False)
+    rows = sorted(read_metrics(result.run_dir), key=lambda row: row["step"])
+    return [row["wall_time_s"] for row in rows], result.summary
+
+
+def record_overhead_ms(summary: dict) -> float | None:
+    """The run's own per-step recording cost, if the summary reports one (e.g. ``record_ms_per_step``)."""
+    for key in sorted(summary):
+        value = summary[key]
+        if "record" in key and "ms" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | None:
+    """None if ``sgd_dist.data.generate`` can make one row at this d in bounded memory, else why not.
+
+    Tried in a child process under an address-space limit (torch's own runtime is ~0.7 GB of it), so a
+    generator that draws a whole block at once (65,536 rows x d before issue 11's point 3: 26 GB at d = 1e5)
+    fails there, instead of in K processes at once on this machine.
+    """
+    limit = limit_bytes or GENERATION_LIMIT_BYTES
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (%d, %d)); "
+            "from sgd_dist.config import DataConfig; from sgd_dist.data import generate; "
+            "generate(DataConfig.model_validate_json(sys.argv[1]), 0, 1)") % (limit, limit)
+    proc = subprocess.run([sys.executable, "-c", code, problem.data_config().model_dump_json()],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        return None
+    asked = re.search(r"allocate (\d+) bytes", proc.stderr)
+    why = f"asks for {int(asked.group(1)) / 1e9:.1f} GB at once" if asked else (
+        proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:120]
+    return f"sgd_dist.data.generate cannot make a row at d={problem.dim} within {limit / 2**30:.1f} GiB: {why}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] | None = None) -> BenchResult:
+    """Measure, write results.csv, results.md, targets.csv and bench.png under ``out``, return the rows."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    unknown = set(options.systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", peers.RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
+    peers._loopback_gloo()  # before Ray starts, so that Ray Train's workers inherit it
+
+    startup = None
+    if options.startup_repeats > 0:  # first, while no Ray of ours is running
+        from sgd_dist.bench.startup import measure_startup
+
+        startup = measure_startup(options.startup_repeats, options.startup_config, log)
+
+    plan = _plan(options)
+    m = _Measurements()
+    started_ray = _start_ray(plan, max(options.workers))
+    t_bench = time.perf_counter()
+    interrupted = False
+    try:
+        _measure_all(options, plan, m, log)
+    except KeyboardInterrupt:
+        interrupted = True  # write what was measured, then stop as asked
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    log(f"bench: measured in {time.perf_counter() - t_bench:.0f} s" + (" (interrupted)" if interrupted else ""))
+
+    rows = _rows(options, plan, m)
+    targets = report.target_rows(rows, startup.get("ratio") if startup else None)
+    files = write_outputs(out, rows, targets, startup)
+    if interrupted:
+        raise KeyboardInterrupt
+    return BenchResult(rows, targets, startup, files)
+
+
+Key = tuple[str, int, int]  # (row label, d, workers)
+
+
+@dataclass
+class _Measurements:
+    seconds: dict[Key, list[float]] = field(default_factory=dict)
+    notes: dict[Key, str] = field(default_factory=dict)
+    extra: dict[Key, dict] = field(default_factory=dict)
+
+
+def _measure_all(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Measurements,
+                 log: Callable[[str], None]) -> None:
+    """Every size, every repeat, every system in turn; a failure becomes the row's note."""
+    total = len(plan) * len(options.dims) * len(options.workers) * options.repeats
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="sgd-bench-") as workdir:
+        for dim in options.dims:
+            gate = None
+            if dim >= WIDE_DIM:
+                gate = generation_fits(Problem(dim, max(options.workers), options.batch_size))
+                if gate:
+                    log(f"bench: skipping d={dim}: {gate}")
+            num_steps, warmup = steps_for(dim, options.steps, options.warmup)
+            for k in options.workers:
+                problem = Problem(dim, k, options.batch_size)
+                for rep in range(options.repeats):
+                    for label, run in plan:
+                        done += 1
+                        key = (label, dim, k)
+                        if gate or key in m.notes:  # a system that failed once at a size is not retried
+                            m.notes.setdefault(key, gate or "")
+                            continue
+                        where = f"bench [{done}/{total}] d={dim} workers={k} {label}"
+                        t0 = time.perf_counter()
+                        try:
+                            stamps, info = run(problem, warmup + num_steps, Path(workdir))
+                            seconds = measured_intervals(stamps, warmup)
+                            if not seconds:
+                                raise RuntimeError(f"only {len(stamps)} step times came back")
+                        except Exception as exc:
+                            m.notes[key] = _one_line(exc)
+                            log(f"{where}: no result: {m.notes[key]}")
+                            continue
+                        m.seconds.setdefault(key, []).extend(seconds)
+                        m.extra.setdefault(key, {}).update(info)
+                        med, p90 = step_stats(seconds)
+                        log(f"{where} (run {rep + 1}/{options.repeats}): median {med:.3f} ms, p90 {p90:.3f} ms "
+                            f"over {len(seconds)} steps ({time.perf_counter() - t0:.1f} s)")
+
+
+Runner = Callable[[Problem, int, Path], tuple[list[float], dict]]
+
+
+def _plan(options: BenchOptions) -> list[tuple[str, Runner]]:
+    """(row label, runner) in the order of SYSTEMS; Ray Train becomes a note row when it is not installed."""
+    plan: list[tuple[str, Runner]] = []
+    for system in SYSTEMS:
+        if system not in options.systems:
+            continue
+        if system == "sgd-dist":
+            for label, transport in sgd_dist_variants():
+                plan.append((label, _sgd_runner(transport)))
+        elif system == "ray-train" and not peers.ray_train_available():
+            plan.append((report.RAY_TRAIN, _missing_ray_train))
+        else:
+            label, fn = _PEERS[system]
+            plan.append((label, _peer_runner(fn)))
+    return plan
+
+
+def _peer_runner(fn: Callable[[Problem, int], list[float]]) -> Runner:
+    return lambda problem, num_steps, workdir: (fn(problem, num_steps), {})
+
+
+def _sgd_runner(transport: str | None) -> Runner:
+    def run(problem: Problem, num_steps: int, workdir: Path) -> tuple[list[float], dict]:
+        stamps, summary = run_sgd_dist(problem, num_steps, transport, workdir)
+        info = {"record_ms_per_step": record_overhead_ms(summary)}
+        if summary.get("transport"):
+            info["transport"] = summary["transport"]
+        return stamps, info
+    return run
+
+
+def _missing_ray_train(problem: Problem, num_steps: int, workdir: Path) -> tuple[list[float], dict]:
+    raise ModuleNotFoundError('ray.train is not installed (pip install "ray[train]==2.60.0", or ".[bench]")')
+
+
+def _start_ray(plan: list[tuple[str, Runner]], max_workers: int) -> bool:
+    """One embedded Ray for every system that uses one; none when Ray is already up or nothing needs it."""
+    if all(label == report.FLOOR or label == report.DDP or run is _missing_ray_train for label, run in plan):
+        return False
+    from sgd_dist.backends.ray_backend import init_ray
+
+    return init_ray(num_cpus=max(RAY_CPUS, 2 * max_workers))
+
+
+def _rows(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Measurements) -> list[report.Row]:
+    rows = []
+    for dim in options.dims:
+        for k in options.workers:
+            problem = Problem(dim, k, options.batch_size)
+            for label, _ in plan:
+                key = (label, dim, k)
+                if key not in m.seconds:
+                    rows.append(report.Row(label, dim, k, problem.global_batch, note=m.notes.get(key) or "not run"))
+                    continue
+                med, p90 = step_stats(m.seconds[key])
+                info = m.extra.get(key, {})
+                record = info.get("record_ms_per_step")
+                note = "; ".join(filter(None, [
+                    f"transport {info['transport']}" if info.get("transport") else "",
+                    f"recording {record:.3g} ms/step" if record is not None else "", m.notes.get(key, "")]))
+                rows.append(report.measured_row(label, dim, k, problem.global_batch, med, p90, len(m.seconds[key]),
+                                                record_ms_per_step=record, note=note))
+    return report.fill_vs_floor(rows)
+
+
+def write_outputs(out: Path, rows: list[report.Row], targets: list[dict], startup: dict | None) -> list[Path]:
+    csv_path = report.write_csv(rows, out / "results.csv")
+    targets_path = report.write_targets_csv(targets, out / "targets.csv")
+    text = ["# sgd-dist bench", "", report.results_markdown(rows), "", "## Issue 11 targets (this run's medians, "
+            f"{report.TARGET_WORKERS} workers)", "", report.targets_markdown(targets), ""]
+    if startup is not None:
+        text += ["## Start-up", "", report.startup_markdown(startup), ""]
+    md_path = out / "results.md"
+    md_path.write_text("\n".join(text))
+    files = [csv_path, md_path, targets_path]
+    if startup is not None:
+        files.append(out / "startup.json")
+        files[-1].write_text(json.dumps(startup, indent=2) + "\n")
+    files.append(report.plot_results(csv_path, out / "bench.png"))
+    return files
+
