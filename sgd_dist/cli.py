@@ -151,7 +151,8 @@ def _jobs(args: argparse.Namespace) -> int:
             print(f"job {args.stop} " + ("stopping" if stopped else "had already ended"))
             return EXIT_OK
         for job in submit.list_jobs(args.address):
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1e3)) if job.start_time else "-"
+            start = job.start_time
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1e3)) if start else "-"
             print(f"{job.submission_id or job.job_id:<28} {str(job.status.value):<10} {started}  {job.entrypoint}")
         return EXIT_OK
     except KeyboardInterrupt:

@@ -83,28 +83,31 @@ def user_env(**extra: str) -> dict[str, str]:
 
 
 def start_group(cmd: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """Start ``cmd`` in a session of its own, so that stop_group ends it and everything it started."""
+    """Start ``cmd`` in a session of its own, so that stop_groups ends it and everything it started."""
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 3) -> None:
-    """SIGTERM to the whole group, then SIGKILL to what is left after ``grace`` seconds (Ray's processes do
+def stop_groups(*procs: subprocess.Popen, grace: float = 3) -> None:
+    """SIGTERM to each whole group, then SIGKILL to what is left after ``grace`` seconds (Ray's processes do
     not all exit on SIGTERM)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+        alive = [p for p in procs if _signal_group(p, sig)]
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                proc.poll()
-                return
-            proc.poll()
+        while alive and time.monotonic() < deadline:
             time.sleep(0.2)
+            alive = [p for p in alive if _signal_group(p, 0)]
+        if not alive:
+            return
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> bool:
+    proc.poll()  # reap the leader, so that a finished group reads as gone
+    try:
+        os.killpg(proc.pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def wait_for(check, what: str, timeout: float = 60, proc: subprocess.Popen | None = None, log: Path | None = None):

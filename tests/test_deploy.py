@@ -32,7 +32,7 @@ from deploy_support import (
     loopback_name,
     require,
     start_group,
-    stop_group,
+    stop_groups,
     user_env,
     wait_for,
 )
@@ -140,8 +140,7 @@ def compose_cluster():
             "groups": groups, "worker_check": worker_check, "env": base,
         }
     finally:
-        for proc in reversed(groups):
-            stop_group(proc)
+        stop_groups(*groups)
         shutil.rmtree(work, ignore_errors=True)
 
 

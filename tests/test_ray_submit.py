@@ -25,7 +25,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy_support import BIN, ROOT, free_port, listening, require, require_tools, start_group, stop_group, user_env, wait_for
+from deploy_support import (
+    BIN,
+    ROOT,
+    free_port,
+    listening,
+    require,
+    require_tools,
+    start_group,
+    stop_groups,
+    user_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -58,13 +69,14 @@ def private_sshd():
         "PermitRootLogin prohibit-password", f"SetEnv HOME={home}", "",
     ]))
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-    sshd = start_group(["unshare", "--pid", "--fork", "--mount-proc", SSHD, "-D", "-e", "-f", str(work / "sshd_config")],
-                       env=user_env(), cwd=work, log=work / "sshd.log")
+    sshd_cmd = [SSHD, "-D", "-e", "-f", str(work / "sshd_config")]
+    sshd = start_group(["unshare", "--pid", "--fork", "--mount-proc", *sshd_cmd], env=user_env(), cwd=work,
+                       log=work / "sshd.log")
     try:
         wait_for(lambda: listening(port), "the private sshd", timeout=20, proc=sshd, log=work / "sshd.log")
         yield {"work": work, "home": home, "client_home": client_home, "port": port, "ports": ports}
     finally:
-        stop_group(sshd)
+        stop_groups(sshd)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -96,7 +108,8 @@ def test_ray_up_submit_down_on_loopback(private_sshd):
         assert (home / ".ray" / "auth_token").read_text() == token
 
         submit = _ray("submit", str(launcher), "--no-config-cache", "scripts/ray_entry.py", "--",
-                      "--config", "configs/lesson2.yaml", "--out", "runs/lesson2", "train.steps=5", "train.eval_every=5",
+                      "--config", "configs/lesson2.yaml", "--out", "runs/lesson2", "train.steps=5",
+                      "train.eval_every=5",
                       env=env, log=work / "submit.log")
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
         run = home / "sgd_dist" / "runs" / "lesson2"  # on the head, in the project copy ray_entry.py runs from
