@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -73,26 +74,25 @@ def _client(address: str):
         return JobSubmissionClient(job_api_url(address))
 
 
-class _cluster_errors:
+@contextmanager
+def _cluster_errors(address: str) -> Iterator[None]:
     """Turn Ray's connection, authentication and request errors into one-line SubmitErrors."""
+    from ray.exceptions import AuthenticationError
 
-    def __init__(self, address: str) -> None:
-        self.address = address
+    try:
+        yield
+    except SubmitError:
+        raise
+    except AuthenticationError as exc:
+        raise SubmitError(f"the cluster at {address} refused the request: {_first_line(exc)}{AUTH_HINT}") from None
+    except ConnectionError as exc:
+        raise SubmitError(f"cannot reach a Ray job API at {address}: {_first_line(exc)}") from None
+    except Exception as exc:  # Ray's request errors (an unknown job id, ...) are RuntimeErrors with the reply
+        raise SubmitError(f"{type(exc).__name__}: {_first_line(exc)}") from None
 
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None or not isinstance(exc, Exception) or isinstance(exc, SubmitError):
-            return False
-        from ray.exceptions import AuthenticationError
-
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(exc, AuthenticationError):
-            raise SubmitError(f"the cluster at {self.address} refused the request: {first}{AUTH_HINT}") from None
-        if isinstance(exc, ConnectionError):
-            raise SubmitError(f"cannot reach a Ray job API at {self.address}: {first}") from None
-        raise SubmitError(f"{type(exc).__name__}: {first}") from None
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def stage_project(config: Config, into: Path) -> Path:
@@ -135,14 +135,14 @@ def submit(
     status = follow(address, job_id, echo=echo, client=client)
     with _cluster_errors(address):
         logs = client.get_job_logs(job_id)
-    archive = extract_archive(logs)
-    if archive is not None:
-        unpack_archive(archive, run_dir)
-    summary_path = run_dir / SUMMARY_FILE
-    summary = _read_json(summary_path) if archive is not None and summary_path.is_file() else None
-    if status != "SUCCEEDED":
-        where = f"; its run directory is in {run_dir}" if archive is not None else ""
-        raise SubmitError(f"job {job_id} {status.lower()}: {_job_error(client, job_id, logs)}{where}")
+        archive = extract_archive(logs)
+        if archive is not None:
+            unpack_archive(archive, run_dir)
+        summary_path = run_dir / SUMMARY_FILE
+        summary = _read_json(summary_path) if archive is not None and summary_path.is_file() else None
+        if status != "SUCCEEDED":
+            where = f"; its run directory is in {run_dir}" if archive is not None else ""
+            raise SubmitError(f"job {job_id} {status.lower()}: {_job_error(client, job_id, logs)}{where}")
     if archive is None:
         raise SubmitError(f"job {job_id} succeeded but its log holds no run directory")
     return SubmitResult(job_id, status, run_dir, summary)
@@ -237,8 +237,11 @@ def extract_archive(logs: str) -> bytes | None:
             end = line[len(ARCHIVE_END):].split()
     if end is None:
         return None
-    data = base64.b64decode("".join(chunks))
-    if len(data) != int(end[0]) or hashlib.sha256(data).hexdigest() != end[1]:
+    try:
+        data = base64.b64decode("".join(chunks), validate=True)
+    except ValueError:
+        data = b""
+    if len(end) != 2 or str(len(data)) != end[0] or hashlib.sha256(data).hexdigest() != end[1]:
         raise SubmitError("the run directory in the job's log is damaged (size or sha256 differ)")
     return data
 

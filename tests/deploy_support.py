@@ -60,16 +60,26 @@ def require_tools(*tools: str) -> None:
 
 
 def loopback_name() -> str:
-    """A name of 127.0.0.1 that Ray does not rewrite. Ray turns "127.0.0.1" and "localhost" in a worker's
-    --address into this machine's external address (where a loopback head does not listen), and a head on
-    loopback needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which `ray start` refuses for a worker node."""
-    name = socket.gethostname()
+    """A name of 127.0.0.1 that Ray does not rewrite: this host's name, or another alias of 127.0.0.1 in
+    /etc/hosts. Ray turns "127.0.0.1" and "localhost" in a worker's --address into this machine's external
+    address (where a loopback head does not listen), and a head on loopback needs
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which `ray start` refuses for a worker node."""
+    names = [socket.gethostname()]
     try:
-        ok = socket.gethostbyname(name) == "127.0.0.1"
+        for line in Path("/etc/hosts").read_text().splitlines():
+            fields = line.split("#")[0].split()
+            if fields and fields[0] == "127.0.0.1":
+                names += [name for name in fields[1:] if not name.startswith("localhost")]
     except OSError:
-        ok = False
-    require(ok, f"the host name {name!r} must resolve to 127.0.0.1 to join a loopback head")
-    return name
+        pass
+    for name in names:
+        try:
+            if socket.gethostbyname(name) == "127.0.0.1":
+                return name
+        except OSError:
+            continue
+    require(False, f"no name of 127.0.0.1 other than localhost (tried {names}) to join a loopback head")
+    raise AssertionError  # not reached: require skipped or failed
 
 
 def user_env(**extra: str) -> dict[str, str]:
