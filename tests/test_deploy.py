@@ -188,6 +188,19 @@ def test_sgd_dist_submit_trains_on_the_cluster_and_brings_the_run_back(compose_c
     assert "step 5/5" in followed.stdout and followed.stdout.strip().endswith(f"job {job_id} succeeded")
 
 
+def test_a_failed_job_is_one_line_and_exit_1_and_its_run_directory_still_comes_back(compose_cluster, tmp_path):
+    out = tmp_path / "run"
+    proc = _sgd_dist("submit", "--address", compose_cluster["url"], "--config", str(ROOT / "configs" / "lesson2.yaml"),
+                     "--out", str(out), "optim.lr=1e6", "output.plots=false", env=_with_token(compose_cluster))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"sgd-dist: error: job \S+ failed: run failed: DivergenceError: the mini-batch loss is "
+                        rf"\S+ at step \d+: .*; its run directory is in {re.escape(str(out))}", last), last
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("DivergenceError")
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+
+
 def test_the_readme_ray_job_submit_line_trains_on_the_cluster(compose_cluster):
     readme = (ROOT / "README.md").read_text()
     lines = [line.strip() for line in readme.splitlines() if line.strip().startswith(README_JOB_LINE)]
