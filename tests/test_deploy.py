@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,15 @@ def _service_env(service: dict, token_file: Path) -> dict[str, str]:
     return env
 
 
-def _ray_status_nodes(gcs: str, env: dict[str, str]) -> int:
-    proc = subprocess.run([str(BIN / "ray"), "status", f"--address={gcs}"], env=env, capture_output=True,
-                          text=True, timeout=60)
-    if proc.returncode != 0 or "Active:" not in proc.stdout:
+def _alive_nodes(url: str, token: str) -> int:
+    """Nodes the head reports alive, from the State API (a plain HTTP request with the token: no Ray import)."""
+    request = urllib.request.Request(f"{url}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            nodes = json.load(reply)["data"]["result"]["result"]
+    except (OSError, ValueError, KeyError):
         return 0
-    active = proc.stdout.split("Active:")[1].split("Pending:")[0]
-    return len(re.findall(r"^\s*\d+ node_", active, flags=re.M))
+    return sum(node["state"] == "ALIVE" for node in nodes)
 
 
 def _listen_addresses(pgids: set[int]) -> set[str]:
@@ -130,13 +133,11 @@ def compose_cluster():
         worker_cmd = shlex.split(interpolate(worker_service["command"], worker_knobs))
         worker = start_group(worker_cmd, env=base, cwd=home, log=work / "worker.log")
         groups.append(worker)
-        gcs = f"127.0.0.1:{gcs_port}"
-        status_env = {**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        wait_for(lambda: _ray_status_nodes(gcs, status_env) == 2, "the worker node joining", proc=worker,
-                 log=work / "worker.log")
+        url = f"http://127.0.0.1:{dashboard_port}"
+        wait_for(lambda: _alive_nodes(url, token) == 2, "the worker node joining", proc=worker, log=work / "worker.log")
         worker_check = [interpolate(part, worker_knobs) for part in worker_service["healthcheck"]["test"]][1:]
         yield {
-            "url": f"http://127.0.0.1:{dashboard_port}", "token_file": work / "token", "home": home,
+            "url": url, "token_file": work / "token", "home": home,
             "groups": groups, "worker_check": worker_check, "env": base,
         }
     finally:
