@@ -162,11 +162,11 @@ def follow(address: str, job_id: str, *, echo: Callable[[str], None] = print, cl
     with _cluster_errors(address):
         client.get_job_status(job_id)  # an unknown id fails here, in one line, not inside the stream
         asyncio.run(_tail(client, job_id, echo))
-        status = client.get_job_status(job_id)
-        while str(status.value if hasattr(status, "value") else status) not in TERMINAL:
+        status = client.get_job_status(job_id).value  # JobStatus, a str enum: "SUCCEEDED", ...
+        while status not in TERMINAL:
             time.sleep(0.2)  # the log stream can close a moment before the status turns final
-            status = client.get_job_status(job_id)
-    return str(status.value if hasattr(status, "value") else status)
+            status = client.get_job_status(job_id).value
+    return status
 
 
 def stop(address: str, job_id: str) -> bool:
@@ -188,13 +188,7 @@ async def _tail(client, job_id: str, echo: Callable[[str], None]) -> None:
 
 
 def _shown(lines: Sequence[str]) -> Iterator[str]:
-    for line in lines:
-        if line.startswith(ARCHIVE_MARK):
-            continue
-        if line.startswith(ARCHIVE_END):
-            yield "sgd-dist: (the run directory follows in the job's log)"
-            continue
-        yield line
+    return (line for line in lines if not line.startswith((ARCHIVE_MARK, ARCHIVE_END)))
 
 
 def _job_error(client, job_id: str, logs: str) -> str:

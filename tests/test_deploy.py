@@ -226,6 +226,9 @@ def test_sgd_dist_jobs_stops_a_running_job(compose_cluster):
     assert stopped.returncode == 0 and stopped.stdout.strip() == f"job {job_id} stopping", stopped.stderr
     followed = _sgd_dist("jobs", "--address", compose_cluster["url"], "--follow", job_id, env=env, timeout=60)
     assert followed.returncode == 1 and followed.stdout.strip().endswith(f"job {job_id} stopped")
+    unknown = _sgd_dist("jobs", "--address", compose_cluster["url"], "--follow", "raysubmit_none", env=env)
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert unknown.stderr.startswith("sgd-dist: error: ") and "raysubmit_none" in unknown.stderr
 
 
 def test_requests_without_the_token_are_refused_in_one_line(compose_cluster, tmp_path):
