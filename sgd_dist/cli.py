@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -48,6 +49,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
     _add_bench_parser(sub)
+    _add_cluster_parsers(sub)
     return parser, sub.choices
 
 
@@ -108,6 +110,21 @@ def _name_list(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(SYSTEMS)}")
     return names
+
+
+def _add_cluster_parsers(sub) -> None:
+    p = sub.add_parser("submit", help="run one training as a job on a Ray cluster and bring its run directory back")
+    p.add_argument("--address", required=True, help="the cluster's job API, http://HOST:PORT (dashboard port, 8265)")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--out", help="where the run directory comes back (new or empty); "
+                                 "default runs/<config name>-<timestamp>")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
+
+    p = sub.add_parser("jobs", help="list the jobs of a Ray cluster; follow or stop one")
+    p.add_argument("--address", required=True, help="the cluster's job API, http://HOST:PORT (dashboard port, 8265)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--follow", metavar="JOB_ID", help="stream the job's log until it ends")
+    action.add_argument("--stop", metavar="JOB_ID", help="stop the job")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -195,10 +212,52 @@ def _bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from sgd_dist.submit import SubmitError, submit
+
+    config = load_config(args.config, args.overrides)
+    try:
+        result = submit(args.address, config, out=args.out, config_name=Path(args.config).stem)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted; the job goes on on the cluster "
+                                       f"(sgd-dist jobs --address {args.address} --stop JOB_ID stops it)")
+    except SubmitError as exc:
+        return _fail(EXIT_RUN_FAILED, str(exc))
+    s = result.summary or {}
+    print(f"job {result.job_id} {result.status.lower()}: {s.get('steps')} steps, final loss "
+          f"{s.get('final_loss', float('nan')):.6g}, gap {s.get('optimality_gap', float('nan')):.3e}")
+    print(f"results in {result.run_dir}/")
+    return EXIT_OK
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from sgd_dist import submit
+
+    try:
+        if args.follow:
+            status = submit.follow(args.address, args.follow)
+            print(f"job {args.follow} {status.lower()}")
+            return EXIT_OK if status == "SUCCEEDED" else EXIT_RUN_FAILED
+        if args.stop:
+            stopped = submit.stop(args.address, args.stop)
+            print(f"job {args.stop} " + ("stopping" if stopped else "had already ended"))
+            return EXIT_OK
+        for job in submit.list_jobs(args.address):
+            start = job.start_time
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1e3)) if start else "-"
+            print(f"{job.submission_id or job.job_id:<28} {str(job.status.value):<10} {started}  {job.entrypoint}")
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted; the job goes on on the cluster")
+    except submit.SubmitError as exc:
+        return _fail(EXIT_RUN_FAILED, str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        return {"train": _train, "plot": _plot, "config": _config, "bench": _bench}[args.command](args)
+        return {"train": _train, "plot": _plot, "config": _config, "bench": _bench,
+                "submit": _submit, "jobs": _jobs}[args.command](args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except BrokenPipeError:
