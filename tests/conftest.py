@@ -51,3 +51,6 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+        from sgd_dist.transports.channel import sweep_stale_semaphores
+
+        sweep_stale_semaphores()  # Ray leaves its channels' semaphores behind its raylet

@@ -19,6 +19,7 @@ from sgd_dist.recording import read_metrics, read_summary
 from sgd_dist.server import ParameterServer, serve
 from sgd_dist.trainer import eval_steps, train
 from sgd_dist.transports import WorkerLost
+from sgd_dist.transports.channel import semaphores, sweep_stale_semaphores
 from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.transports.shm import PREFIX, SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker, sweep_stale_segments
 from sgd_dist.worker import ShardWorker
@@ -158,3 +159,21 @@ def test_a_killed_worker_fails_the_run_in_seconds_not_a_hang(ray_session, tmp_pa
     assert summary["status"] == "failed" and rows[-1]["step"] == summary["steps_recorded"] > 0
     assert [r["step"] for r in rows] == list(range(len(rows)))
     assert segments() == before
+
+
+def test_the_ray_transport_leaves_no_channel_semaphores(ray_session, tmp_path):
+    before = semaphores()
+    summary = train(make_config("cluster.transport=ray", f"output.dir={tmp_path / 'r'}"), console=False).summary
+    assert summary["transport"] == "ray"
+    assert semaphores() - before == set()
+
+
+def test_semaphores_of_dead_raylets_are_swept():
+    stale, live = SHM_DIR / "sem.hdr999999999-123", SHM_DIR / f"sem.obj{os.getpid()}-123"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    try:
+        assert stale.name in sweep_stale_semaphores() and not stale.exists() and live.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)

@@ -26,7 +26,8 @@ from sgd_dist.backends.base import Backend, server_args, worker_args, worker_thr
 from sgd_dist.config import Config
 from sgd_dist.consistency import make_policy
 from sgd_dist.server import ParameterServer, serve
-from sgd_dist.transports.actor import RayServerEnd
+from sgd_dist.transports import channel
+from sgd_dist.transports.channel import ChannelServerEnd
 from sgd_dist.transports.shm import SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker
 from sgd_dist.worker import ShardWorker
 
@@ -40,6 +41,13 @@ class _Worker(ShardWorker):
 
     def info(self) -> dict:
         return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def make_channel(self, reader: Any, reader_node: str, dim: int):
+        """This worker's answer channel, read by the server."""
+        return channel.make_channel(reader, reader_node, dim)
+
+    def serve_channels(self, go, answer) -> int:
+        return channel.serve_worker(self, go, answer)
 
     def attach(self, name: str, layout: Layout) -> None:
         self._shm = ShmWorkerEnd(name, layout, self.rank)
@@ -60,17 +68,23 @@ class _Server:
     def __init__(self, server_kwargs: dict, mode: str, num_workers: int, steps: int) -> None:
         self.server = ParameterServer(**server_kwargs)
         self.mode, self.num_workers, self.steps = mode, num_workers, steps
-        self.end: ShmServerEnd | RayServerEnd | None = None
+        self.end: ShmServerEnd | ChannelServerEnd | None = None
         self.outbox: deque[list[dict]] = deque()
 
-    def setup(self, transport: str, workers: Sequence[Any], layout: Layout | None) -> str | None:
-        """Create the transport's server end; for shm return the segment's name for the workers."""
-        if transport == "shm":
-            assert layout is not None
-            self.end = ShmServerEnd(layout)
-            return self.end.segment.name
-        self.end = RayServerEnd(workers)
-        return None
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def setup_shm(self, layout: Layout) -> str:
+        """Create the shared-memory segment; return its name for the workers."""
+        self.end = ShmServerEnd(layout)
+        return self.end.segment.name
+
+    def make_channels(self, workers: Sequence[Any], nodes: Sequence[str], dim: int) -> list:
+        """The workers' go channels, written by this actor."""
+        return [channel.make_channel(w, node, dim) for w, node in zip(workers, nodes)]
+
+    def setup_channels(self, go: Sequence, answers: Sequence) -> None:
+        self.end = ChannelServerEnd(go, answers)
 
     def run(self, eval_at: Collection[int]) -> dict:
         assert self.end is not None
@@ -215,6 +229,7 @@ class RayBackend(Backend):
         # The embedded Ray is a simulation: give it enough logical CPUs for every actor even on 2 cores.
         self._started = init_ray(cluster.address, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)))
         self._segment: str | None = None
+        self._semaphores: set[str] | None = None  # /dev/shm semaphores before this run made its channels
         try:
             self._create_actors(config, cpus_needed)
         except BaseException:
@@ -287,14 +302,20 @@ class RayBackend(Backend):
 
     def run(self, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
         config = self.config
-        watched = []  # the worker loops (shm): one that ends early has failed
         if self.transport == "shm":
             layout = Layout(config.cluster.num_workers, config.data.dim, config.data.dtype)
-            self._segment = ray.get(self.server.setup.remote("shm", None, layout))
+            self._segment = ray.get(self.server.setup_shm.remote(layout))
             ray.get([w.attach.remote(self._segment, layout) for w in self.workers])
             watched = [w.serve_shm.remote() for w in self.workers]
         else:
-            ray.get(self.server.setup.remote("ray", self.workers, None))
+            dim = config.data.dim
+            self._semaphores = channel.semaphores()
+            go = ray.get(self.server.make_channels.remote(self.workers, [i["node_id"] for i in self.info], dim))
+            server_node = ray.get(self.server.node_id.remote())
+            answers = ray.get([w.make_channel.remote(self.server, server_node, dim) for w in self.workers])
+            ray.get(self.server.setup_channels.remote(go, answers))
+            watched = [w.serve_channels.remote(g, a) for w, g, a in zip(self.workers, go, answers)]
+        # the worker loops: one that ends before the server's has failed (or was told to stop)
         run = self.server.run.remote(frozenset(eval_at))
         loops = list(watched)
         try:
@@ -332,9 +353,13 @@ class RayBackend(Backend):
             if self._segment is not None:  # the server may have died holding it (same node only: shm)
                 (SHM_DIR / self._segment).unlink(missing_ok=True)
                 self._segment = None
+            if self._semaphores is not None:  # the semaphores this run's channels left (this node only)
+                channel.remove_semaphores(channel.semaphores() - self._semaphores)
+                self._semaphores = None
             if self._group is not None:  # a pending group would take the CPUs the moment they free up
                 remove_placement_group(self._group)
                 self._group = None
             if self._started:
                 ray.shutdown()
                 self._started = False
+        channel.sweep_stale_semaphores()

@@ -8,7 +8,8 @@ them:
 - ``local``: everything in one process, the serial reference;
 - ``shm``: one node; weights, gradients and the control words live in one shared-memory segment, and each
   process polls a sequence counter: no actor task, no pickling, no copy on the step path;
-- ``ray``: across nodes; the server calls the worker actors and waits on their results with ``ray.wait``.
+- ``ray``: across nodes; a pair of Ray shared-memory channels per worker (go, answer), read and written by the
+  worker's loop and the server's: no actor task per step either.
 
 Every transport delivers the same values, so the same config gives bit-equal runs on each.
 """

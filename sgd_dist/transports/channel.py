@@ -1,0 +1,146 @@
+"""The Ray transport: works across nodes, on Ray's shared-memory channels.
+
+Each worker has two channels: ``go`` (written by the server, read by the worker: a command and the weights it
+must use) and ``answer`` (written by the worker, read by the server). Ray keeps a channel's value in its
+object store (in shared memory on the reader's node, pushed across nodes when the reader is elsewhere), so a
+step costs no actor task: the worker's loop blocks on ``go``, the server polls the answer channels of the
+workers it is waiting for. Measured on one 2-core machine this was about 4x faster than the server calling
+the worker actors per step.
+
+Two rules of Ray's channels shape the code: a writer waits until every reader has released the previous
+value, and a zero-copy numpy array read from a channel holds that value until it is dropped; so both sides
+copy what they read (d numbers) before they go on. Ray 2.60 leaves the channels' POSIX semaphores in
+/dev/shm after teardown: the driver removes those its run made, and sweeps those of raylets that are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Collection, Sequence
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayChannelError, RayChannelTimeoutError
+from ray.experimental.channel.shared_memory_channel import Channel
+
+from sgd_dist.transports import STOP, Arrival, Command, ServerEnd
+
+SPIN_S = 2e-3
+MAX_SLEEP_S = 1e-3
+
+
+def buffer_bytes(dim: int) -> int:
+    """A channel buffer for d float64 numbers and the message around them (Ray grows it if ever short)."""
+    return 8 * dim + (64 << 10)
+
+
+def make_channel(reader, reader_node: str, dim: int) -> Channel:
+    """A channel written by the calling actor and read by ``reader`` on ``reader_node``."""
+    me = ray.get_runtime_context().current_actor
+    return Channel(me, [(reader, reader_node)], buffer_bytes(dim))
+
+
+class ChannelServerEnd(ServerEnd):
+    name = "ray"
+
+    def __init__(self, go: Sequence[Channel], answers: Sequence[Channel]) -> None:
+        self.go, self.answers = list(go), list(answers)
+        self._weights: np.ndarray | None = None
+        self._sent: list[Command | None] = [None] * len(go)
+        self._next = 0
+
+    def publish(self, version: int, weights: torch.Tensor) -> None:
+        self._weights = weights.numpy().copy()  # the server goes on updating its tensor in place
+
+    def send(self, worker: int, command: Command) -> None:
+        self._sent[worker] = command
+        self.go[worker].write((command.kind, command.step, command.version, self._weights))
+
+    def receive(self) -> Arrival:
+        k = len(self.answers)
+        t0, sleep = time.perf_counter(), 0.0
+        while True:
+            for i in range(k):
+                r = (self._next + i) % k
+                if self._sent[r] is None:
+                    continue
+                try:
+                    message = self.answers[r].read(timeout=0)
+                except RayChannelTimeoutError:
+                    continue
+                self._next = r + 1
+                return self._take(r, message)
+            if time.perf_counter() - t0 < SPIN_S:
+                os.sched_yield()
+            else:
+                sleep = min(MAX_SLEEP_S, sleep * 2 or 2e-5)
+                time.sleep(sleep)
+
+    def _take(self, r: int, message: tuple) -> Arrival:
+        command, self._sent[r] = self._sent[r], None
+        grad, loss, count, seconds = message
+        grad = None if grad is None else torch.from_numpy(np.array(grad))  # a copy: releases the channel's value
+        return Arrival(r, command.kind, command.step, command.version, grad, loss, count, seconds)
+
+    def stop(self) -> None:
+        for r, channel in enumerate(self.go):
+            if self._sent[r] is None:
+                channel.write(None)
+
+    def close(self) -> None:
+        for channel in [*self.go, *self.answers]:
+            try:
+                channel.close()
+            except Exception:  # already closed, or its peer is gone
+                pass
+
+
+def serve_worker(worker, go: Channel, answer: Channel) -> int:
+    """The worker's loop on this transport: wait for go, compute on the sent weights, answer."""
+    served = 0
+    while True:
+        try:
+            message = go.read()
+        except RayChannelError:  # the server closed the channel
+            return served
+        if message is None:
+            return served
+        kind, step, version, weights = message
+        weights = torch.from_numpy(np.array(weights))  # a copy: the server's next write waits for this value's release
+        del message
+        if kind == STOP:
+            return served
+        arrival = worker.execute(Command(kind, step, version), weights)
+        grad = None if arrival.grad is None else arrival.grad.numpy()
+        answer.write((grad, arrival.loss, arrival.count, arrival.seconds))
+        served += 1
+
+
+SEMAPHORES = Path("/dev/shm")
+
+
+def semaphores() -> set[str]:
+    """The POSIX semaphores in /dev/shm now (Ray names its channels' ``sem.hdr<pid>-*``, ``sem.obj<pid>-*``,
+    after the raylet that made them)."""
+    return {p.name for p in SEMAPHORES.glob("sem.*")}
+
+
+def remove_semaphores(names: Collection[str]) -> None:
+    for name in names:
+        (SEMAPHORES / name).unlink(missing_ok=True)
+
+
+def sweep_stale_semaphores() -> list[str]:
+    """Remove Ray channel semaphores whose raylet is gone; return their names."""
+    stale = []
+    for name in semaphores():
+        head = name.split("-", 1)[0].removeprefix("sem.")
+        pid = head.removeprefix("hdr").removeprefix("obj")
+        if (head.startswith(("hdr", "obj")) and pid.isdigit() and "-" in name
+                and not Path(f"/proc/{pid}").exists()):
+            stale.append(name)
+    remove_semaphores(stale)
+    return stale
