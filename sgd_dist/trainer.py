@@ -10,6 +10,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,7 @@ def train(
         f"{config.data.n_samples:,} rows x {config.data.dim} parameters; generating the shards where they live")
     backend = make_backend(config)
     recorder: Recorder | None = None
+    summary: dict | None = None
     try:
         write_config(run_dir, config)
         t_setup = time.perf_counter() - t_start
@@ -201,12 +203,21 @@ def train(
     finally:
         if recorder is not None:
             recorder.close()
+        # the figures are drawn from the files alone: draw them while the cluster shuts down (about a second each)
+        figures = _draw_in_background(run_dir) if config.output.plots and summary is not None else None
         backend.close()
-    if config.output.plots:
-        from sgd_dist.plots import plot_run
-
-        plot_run(run_dir)
+    if figures is not None:
+        figures.result()
     return RunResult(run_dir, summary)
+
+
+def _draw_in_background(run_dir: Path) -> Future:
+    from sgd_dist.plots import plot_run
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    figures = pool.submit(plot_run, run_dir)
+    pool.shutdown(wait=False)  # the caller waits on the future
+    return figures
 
 
 def _summary(config: Config, backend: Backend, reference: Reference, recorder: Recorder, weights: torch.Tensor,

@@ -260,14 +260,20 @@ class RayBackend(Backend):
             ).remote(**args, device=self.device, num_threads=threads)
             for args, strategy in zip(worker_args(config), strategies)
         ]
+        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        if len(nodes) == 1:  # every actor shares the one node: start the server while the shards generate
+            self._start_server(nodes[0])
         self.info = self.worker_info()  # waits until every shard is generated; raises if a worker died
         self.transport = pick_transport(cluster.transport, {info["node_id"] for info in self.info})
-        # on shm the server shares the workers' node; on ray it may go anywhere
-        placement = (NodeAffinitySchedulingStrategy(self.info[0]["node_id"], soft=False)
-                     if self.transport == "shm" else "DEFAULT")
-        self.server = _ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
-            server_args(config), config.train.mode, cluster.num_workers, config.train.steps)
+        if self.server is None:  # on shm the server shares the workers' node; on ray it may go anywhere
+            self._start_server(self.info[0]["node_id"] if self.transport == "shm" else None)
         self.address = ray.get_runtime_context().gcs_address
+
+    def _start_server(self, node: str | None) -> None:
+        config = self.config
+        placement = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
+        self.server = _ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
+            server_args(config), config.train.mode, config.cluster.num_workers, config.train.steps)
 
     def _reserve(self, cluster, gpus_per_worker: float, cpus_needed: float, gpus_needed: float) -> list[Any]:
         """Reserve every worker's CPUs (and GPUs) at once, waiting at most cluster.placement_timeout_s.
