@@ -108,12 +108,13 @@ class _InFlight:
         self.steps: dict[int, int] = {}  # worker -> step of its command in flight
 
     def dispatch(self, worker: int, step: int, local_steps: int = 1) -> Dispatch:
-        assert worker not in self.steps, f"worker {worker} dispatched step {step} while step {self.steps[worker]} is in flight"
+        assert worker not in self.steps, f"worker {worker} sent step {step} while step {self.steps[worker]} is in flight"
         self.steps[worker] = step
         return Dispatch(worker, step, local_steps)
 
     def arrive(self, worker: int, step: int) -> None:
-        assert self.steps.get(worker) == step, f"worker {worker} answered step {step}, in flight: {self.steps.get(worker)}"
+        in_flight = self.steps.get(worker)
+        assert in_flight == step, f"worker {worker} answered step {step}, in flight: {in_flight}"
         del self.steps[worker]
 
     def idle(self, num_workers: int) -> list[int]:
