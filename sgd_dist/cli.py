@@ -40,6 +40,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--traceback", action="store_true", help="print the full traceback when a run fails")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
 
+    p = sub.add_parser("replay", help="re-execute a run's recorded schedule in one process; check it is bit-equal")
+    p.add_argument("run_dir", help="a completed run directory written by sgd-dist train")
+    p.add_argument("--out", help="directory for the replay's run (default RUN_DIR-replay-<time>)")
+
     p = sub.add_parser("plot", help="redraw a run directory's figures from its recorded files")
     p.add_argument("run_dir", help="a run directory written by sgd-dist train")
 
@@ -164,8 +168,36 @@ def _train(args: argparse.Namespace) -> int:
         print(f"final loss {s['final_loss']:.6g}, optimum {s['optimal_loss']:.6g}, gap {s['optimality_gap']:.3e}"
               + (f" (relative {rel:.2e})" if rel is not None else ""))
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
+    print(_mode_line(s))
     print(f"results in {result.run_dir}/")
     return EXIT_OK
+
+
+def _mode_line(s: dict) -> str:
+    """The mode, and what it measured: staleness for async and ssp, dropped answers for backup."""
+    line = f"mode {s['mode']}"
+    for key in ("staleness_bound", "backup_workers", "local_steps"):
+        if key in s:
+            line += f" ({key} {s[key]})"
+    stale = s.get("staleness") or {}
+    if s["mode"] in ("async", "ssp") and stale.get("max") is not None:
+        line += f"; staleness median {stale['median']:g}, max {stale['max']}, mean {stale['mean']:.2f}"
+    if s["mode"] == "backup":
+        line += f"; {s['num_dropped']} answers dropped (by worker: {s['dropped_per_worker']})"
+    return line + f"; transport {s['transport']}"
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from sgd_dist.replay import replay
+
+    report = replay(args.run_dir, args.out)
+    verdict = "bit-equal" if report.exact else "DIFFERENT"
+    print(f"replayed {report.updates} updates of {report.run_dir} in one process into {report.replay_dir}/")
+    print(f"final weights {'bit-equal' if report.weights_equal else 'DIFFERENT'}; losses "
+          f"{report.losses_equal} of {report.losses_compared} bit-equal"
+          + ("" if report.first_mismatch is None else f" (first difference at step {report.first_mismatch})"))
+    print(f"replay: {verdict}")
+    return EXIT_OK if report.exact else EXIT_RUN_FAILED
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -256,7 +288,7 @@ def _jobs(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        return {"train": _train, "plot": _plot, "config": _config, "bench": _bench,
+        return {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
                 "submit": _submit, "jobs": _jobs}[args.command](args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))

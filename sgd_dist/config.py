@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from sgd_dist.consistency import make_policy
+
 
 class ConfigError(ValueError):
     """A config or usage error, with a one-line message naming the field."""
@@ -131,6 +133,8 @@ class OptimConfig(_Section):
     """linear: multiply lr by global batch / base_batch_size (Goyal et al.'s linear scaling rule)."""
     base_batch_size: Count = Field(256, ge=1)
     """lr_scaling=linear: the global batch size that optim.lr was tuned for."""
+    staleness_lr: bool = False
+    """async and ssp: divide each gradient's step by its staleness (updates applied since its weights), as Zhang et al. 2016."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
@@ -159,20 +163,33 @@ class ClusterConfig(_Section):
 
 
 class TrainConfig(_Section):
-    mode: Literal["sync"] = "sync"
-    """Consistency mode. sync: every step averages all workers' gradients, then one update."""
+    mode: Literal["sync", "async", "ssp", "backup", "local_sgd"] = "sync"
+    """Consistency mode. sync: each update averages all workers' gradients of one step; async: each gradient is applied as it arrives; ssp: sync averaging, but a worker may run up to staleness_bound steps ahead; backup: each update averages the first num_workers - backup_workers gradients; local_sgd: workers take local_steps steps on their own copies, then the server averages the models."""
     steps: Count = Field(100, ge=1)
-    """Number of parameter updates."""
-    batch_size: Count | Literal["full"] = 32
-    """Rows per worker per step, drawn without replacement per local epoch; 'full' uses each worker's whole shard."""
+    """Number of parameter updates the server applies (rounds for local_sgd)."""
+    batch_size: Count | Literal["full"] | tuple[Count, ...] = 32
+    """Rows per worker per step, drawn without replacement per local epoch; 'full' uses each worker's whole shard; a list gives each worker its own (uneven hardware), averaged by rows."""
+    staleness_bound: Count = Field(0, ge=0)
+    """mode=ssp: how many steps a worker may run ahead of the slowest (0 is sync)."""
+    backup_workers: Count = Field(0, ge=0)
+    """mode=backup: gradients of the slowest this many workers are dropped each step (0 is sync)."""
+    local_steps: Count = Field(1, ge=1)
+    """mode=local_sgd: SGD steps each worker takes on its own copy between two averagings."""
 
     @field_validator("batch_size", mode="before")
     @classmethod
     def _count_or_full(cls, value: Any) -> Any:
-        value = _count(value)
-        if value == "full" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        def one(v: Any) -> Any:
+            v = _count(v)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+                return v
+            raise ValueError(f"must be a positive integer, 'full' or a list of positive integers (got {value!r})")
+
+        if value == "full":
             return value
-        raise ValueError(f"must be a positive integer or 'full' (got {value!r})")
+        if isinstance(value, (list, tuple)):
+            return tuple(one(v) for v in value)
+        return one(value)
     eval_every: Count = Field(100, ge=0)
     """Evaluate the full-data loss and the optimality gap every this many steps (and at step 0 and the last); 0: only those two."""
     log_every: Count = Field(100, ge=0)
@@ -211,24 +228,48 @@ class Config(_Section):
                 "every worker needs at least one row"
             )
         smallest_shard = data.n_samples // cluster.num_workers
-        if train.batch_size != "full" and train.batch_size > smallest_shard:
+        if isinstance(train.batch_size, tuple):
+            if len(train.batch_size) != cluster.num_workers:
+                raise ValueError(f"train.batch_size lists {len(train.batch_size)} sizes; it needs one per worker "
+                                 f"(cluster.num_workers={cluster.num_workers})")
+            base, extra = divmod(data.n_samples, cluster.num_workers)  # data.shard_bounds' sizes
+            for rank, size in enumerate(train.batch_size):
+                rows = base + (rank < extra)
+                if size > rows:
+                    raise ValueError(f"train.batch_size[{rank}]={size} is larger than worker {rank}'s shard "
+                                     f"({rows} rows)")
+        elif train.batch_size != "full" and train.batch_size > smallest_shard:
             raise ValueError(
                 f"train.batch_size={train.batch_size} is larger than the smallest shard ({smallest_shard} rows "
                 f"= data.n_samples/cluster.num_workers); use at most {smallest_shard} or 'full'"
             )
         if cluster.backend == "serial" and cluster.address is not None:
             raise ValueError("cluster.address applies only to cluster.backend=ray (the serial backend uses no cluster)")
+        try:
+            make_policy(train.mode, cluster.num_workers, train.steps, staleness_bound=train.staleness_bound,
+                        backup_workers=train.backup_workers, local_steps=train.local_steps)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        if train.mode == "local_sgd" and (self.optim.momentum or self.optim.nesterov):
+            raise ValueError("train.mode=local_sgd takes plain SGD steps on the workers: set optim.momentum=0")
+        if self.optim.staleness_lr and train.mode not in ("async", "ssp"):
+            raise ValueError(f"optim.staleness_lr applies to train.mode=async or ssp, not {train.mode!r}")
         if self.optim.warmup_steps > train.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}"
             )
         return self
 
+    def worker_batch_sizes(self) -> list[int | Literal["full"]]:
+        """Each worker's rows per step."""
+        size = self.train.batch_size
+        return list(size) if isinstance(size, tuple) else [size] * self.cluster.num_workers
+
     def global_batch_size(self) -> int:
-        """Rows per update summed over the workers."""
+        """Rows per update summed over the workers (per round of one local step each, for local_sgd)."""
         if self.train.batch_size == "full":
             return self.data.n_samples
-        return self.train.batch_size * self.cluster.num_workers
+        return sum(self.worker_batch_sizes())
 
 
 def format_validation_error(error: ValidationError) -> str:

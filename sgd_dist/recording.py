@@ -15,6 +15,7 @@ from sgd_dist.config import Config, ConfigError, dump_config
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+SCHEDULE_FILE = "schedule.jsonl"
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
@@ -81,6 +82,23 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             if line.strip():
                 rows.append(json.loads(line))
     return rows
+
+
+def last_recorded_step(path: Path) -> int:
+    """The step of the last whole row in a metrics file (0 if none): what is on disk, whatever was interrupted."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue  # a half-written last line
+    return 0
 
 
 def read_summary(run_dir: str | Path) -> dict:

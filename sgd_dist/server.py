@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Callable, Collection, Sequence
 
 import torch
 
 from sgd_dist.config import OptimConfig
-from sgd_dist.consistency import Apply, Dispatch
+from sgd_dist.consistency import Apply, Dispatch, Drop
 from sgd_dist.objectives import weighted_mean
 from sgd_dist.optim import learning_rate, sgd_update_
-from sgd_dist.transports import EVALUATE, GRADIENT, Arrival, Command, ServerEnd
+from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd
 
 EMIT_EVERY_S = 0.2  # hand rows to the driver this often (and at the end)
 
@@ -47,19 +48,27 @@ class ParameterServer:
                "lr": None, "grad_norm": None, "weight_norm": self.weights.norm().item()}
         return self.weights.clone(), row
 
-    def update(self, results: Sequence) -> dict:
-        """Average the gradients (weighted by rows, in the given order), update in place; return the row.
+    def update(self, results: Sequence, *, deltas: bool = False, scales: Sequence[float] | None = None) -> dict:
+        """Average the answers (weighted by rows, in the given order), update in place; return the row.
 
-        ``results`` have ``grad``, ``loss`` (mean over their rows) and ``count``.
+        ``results`` have ``grad``, ``loss`` (mean over their rows) and ``count``. Gradients go through the
+        optimiser's rule at this update's learning rate; model deltas (local SGD: each worker's own steps
+        already applied its learning rate) are subtracted as they are. ``scales`` multiply each gradient
+        (the staleness-aware learning rate).
         """
         counts = [r.count for r in results]
         total = sum(counts)
-        grad = weighted_mean([r.grad for r in results], counts)
+        grads = [r.grad for r in results] if scales is None else [r.grad * c for r, c in zip(results, scales)]
+        grad = weighted_mean(grads, counts)
         lr = learning_rate(self.optim, self.step, self.total_steps, self.global_batch_size)
-        sgd_update_(
-            self.weights, grad, self.optimizer_state, lr=lr, momentum=self.optim.momentum,
-            nesterov=self.optim.nesterov, weight_decay=self.optim.weight_decay,
-        )
+        if deltas:
+            with torch.no_grad():
+                self.weights.sub_(grad)
+        else:
+            sgd_update_(
+                self.weights, grad, self.optimizer_state, lr=lr, momentum=self.optim.momentum,
+                nesterov=self.optim.nesterov, weight_decay=self.optim.weight_decay,
+            )
         self.step += 1
         self.samples_seen += total
         t0 = time.perf_counter()
@@ -103,56 +112,127 @@ def serve(
     num_workers: int,
     eval_at: Collection[int],
     emit: Callable[[list[dict]], None],
-) -> None:
+    *,
+    staleness_lr: bool = False,
+) -> dict:
     """Run ``policy`` to completion on ``end``: the whole training loop, driven by the server.
 
-    Rows reach ``emit`` every EMIT_EVERY_S and at the end, also when the loop fails (every row computed is
-    handed over before the error propagates).
+    Every command is computed on the weights current when the policy issued it, and each applied answer's
+    (worker, local step, weights version) goes into its update's row (``applied``): the schedule that
+    ``sgd-dist replay`` re-executes. An evaluation at version v runs on a snapshot of v, on each worker as soon
+    as it is idle (at once in sync mode; between two of its gradients otherwise), and v's row waits for it.
+    Rows reach ``emit`` every EMIT_EVERY_S and at the end, also when the loop fails (every finished row is handed
+    over before the error propagates). Returns the loop's statistics: staleness counts, dropped answers, the
+    policy's own summary.
     """
     rows: list[dict] = []
-    held: dict[tuple[int, int], Arrival] = {}
-    busy: set[int] = set()
+    held: dict[tuple[int, int], Arrival] = {}  # answers waiting for their Apply (or Drop)
+    in_slot: set[tuple[int, int]] = set()  # held answers whose gradient is still a view of the worker's slot
+    busy: dict[int, Command] = {}  # each worker's command in flight
+    owed: dict[int, deque[int]] = {r: deque() for r in range(num_workers)}  # evaluations each worker owes
+    deferred: dict[int, tuple[Command, torch.Tensor | None]] = {}  # a dispatch waiting for the worker's evaluation
+    snapshots: dict[int, torch.Tensor] = {}  # weights of versions still to be evaluated
+    evals: dict[int, list[Arrival]] = {}
+    staleness: dict[int, int] = {}
+    dropped: list[list[int]] = []
+    kind = LOCAL if policy.model_deltas else GRADIENT
 
-    def evaluate(row: dict) -> None:
-        assert not busy, f"workers {sorted(busy)} are busy at an evaluation"
+    def send(worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
+        for key in [key for key in in_slot if key[0] == worker]:  # its next answer overwrites its slot
+            held[key] = replace(held[key], grad=held[key].grad.clone())
+            in_slot.discard(key)
+        busy[worker] = command
+        end.send(worker, command, weights)
+
+    def next_for(worker: int) -> None:
+        """Give an idle worker what it owes: an evaluation first, then a dispatch that waited for it."""
+        if owed[worker]:
+            v = owed[worker].popleft()
+            send(worker, Command(EVALUATE, version=v), None if v == server.step else snapshots[v])
+        elif worker in deferred:
+            command, weights = deferred.pop(worker)
+            send(worker, command, weights if command.version != server.step else None)
+
+    def start_evaluation(version: int) -> None:
+        snapshots[version], evals[version] = server.weights.clone(), []
         for r in range(num_workers):
-            end.send(r, Command(EVALUATE, version=server.step))
-        parts = sorted((end.receive() for _ in range(num_workers)), key=lambda a: a.worker)
-        assert all(a.kind == EVALUATE for a in parts)
-        row["eval_loss"] = sum(a.loss for a in parts) / sum(a.count for a in parts)  # worker order: same rounding
+            owed[r].append(version)
+            if r not in busy:
+                next_for(r)
+
+    def flush(force: bool = False) -> None:
+        nonlocal rows, last_emit, emit_failed
+        now = time.perf_counter()
+        if not force and now - last_emit < EMIT_EVERY_S:
+            return
+        waiting = min(evals, default=None)  # rows from the oldest unfinished evaluation on wait for it
+        cut = len(rows) if waiting is None else next((i for i, r in enumerate(rows) if r["step"] >= waiting), len(rows))
+        batch, rows, last_emit = rows[:cut], rows[cut:], now
+        emit_failed = True  # until emit returns: if it fails part-way, later rows must not follow (a gap)
+        emit(batch)
+        emit_failed = False
 
     _, row = server.start()
     end.publish(server.step, server.weights)
-    if 0 in eval_at:
-        evaluate(row)
     rows.append(row)
-    last_emit = time.perf_counter()
+    last_emit, emit_failed = time.perf_counter(), False
+    if 0 in eval_at:
+        start_evaluation(0)
     actions = deque(policy.start())
     try:
         while True:
             while actions:
                 action = actions.popleft()
                 if isinstance(action, Dispatch):
-                    busy.add(action.worker)
-                    end.send(action.worker, Command(GRADIENT, action.step, server.step))
-                    continue
-                assert isinstance(action, Apply)
-                row = server.update([held.pop(key) for key in action.gradients])
-                end.publish(server.step, server.weights)
-                if server.step in eval_at:
-                    evaluate(row)
-                rows.append(row)
-                now = time.perf_counter()
-                if now - last_emit >= EMIT_EVERY_S:
-                    batch, rows, last_emit = rows, [], now
-                    emit(batch)
-            if policy.done:
+                    command = Command(kind, action.step, server.step, action.local_steps)
+                    if action.worker in busy or owed[action.worker]:  # evaluating: dispatch after
+                        deferred[action.worker] = (command, server.weights.clone())
+                        if action.worker not in busy:
+                            next_for(action.worker)
+                    else:
+                        send(action.worker, command)
+                elif isinstance(action, Apply):
+                    arrivals = [held.pop(key) for key in action.gradients]
+                    in_slot.difference_update(action.gradients)
+                    ages = [server.step - a.version for a in arrivals]
+                    for age in ages:
+                        staleness[age] = staleness.get(age, 0) + 1
+                    scales = [1 / max(1, age) for age in ages] if staleness_lr else None
+                    row = server.update(arrivals, deltas=policy.model_deltas, scales=scales)
+                    row["applied"] = [[a.worker, a.step, a.version] for a in arrivals]
+                    row["staleness"] = max(ages)
+                    end.publish(server.step, server.weights)
+                    rows.append(row)
+                    if server.step in eval_at:
+                        start_evaluation(server.step)
+                    flush()
+                else:
+                    assert isinstance(action, Drop)
+                    for key in action.gradients:
+                        arrival = held.pop(key)
+                        in_slot.discard(key)
+                        dropped.append([arrival.worker, arrival.step, arrival.version, server.step])
+            if policy.done and not busy:
                 break
             arrival = end.receive()
-            assert arrival.kind == GRADIENT, arrival
-            busy.discard(arrival.worker)
-            held[(arrival.worker, arrival.step)] = arrival
-            actions.extend(policy.on_gradient(arrival.worker, arrival.step))
+            busy.pop(arrival.worker)
+            if arrival.kind == EVALUATE:
+                parts = evals[arrival.version]
+                parts.append(arrival)
+                if len(parts) == num_workers:  # worker order: the same rounding on every transport
+                    parts.sort(key=lambda a: a.worker)
+                    loss = sum(a.loss for a in parts) / sum(a.count for a in parts)
+                    next(r for r in rows if r["step"] == arrival.version)["eval_loss"] = loss
+                    del evals[arrival.version], snapshots[arrival.version]
+            else:
+                held[(arrival.worker, arrival.step)] = arrival
+                if end.views:
+                    in_slot.add((arrival.worker, arrival.step))
+                actions.extend(policy.on_gradient(arrival.worker, arrival.step))
+            next_for(arrival.worker)
     finally:
-        batch, rows = rows, []
-        emit(batch)
+        if not emit_failed:
+            flush(force=True)
+    assert not held and not deferred, (held, deferred)
+    return {"record_seconds": server.record_seconds, "staleness": staleness, "dropped": dropped,
+            "policy": policy.summary()}

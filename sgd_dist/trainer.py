@@ -20,14 +20,17 @@ from tqdm import tqdm
 import sgd_dist
 from sgd_dist import objectives
 from sgd_dist.backends import Backend, make_backend
+from sgd_dist.backends.base import policy_for
 from sgd_dist.config import Config
 from sgd_dist.data import true_weights
 from sgd_dist.recording import (
     METRICS_FILE,
+    SCHEDULE_FILE,
     SUMMARY_FILE,
     MetricsWriter,
     check_run_dir,
     default_run_dir,
+    last_recorded_step,
     write_config,
     write_json_atomic,
 )
@@ -87,6 +90,7 @@ class Recorder:
         self.reference = reference
         self.console = console
         self.writer = MetricsWriter(run_dir / METRICS_FILE)
+        self.schedule = MetricsWriter(run_dir / SCHEDULE_FILE)  # which answers each update averaged: the replay
         self.bar = tqdm(total=config.train.steps, unit="step", disable=None if progress is None else not progress,
                         file=sys.stderr, dynamic_ncols=True, leave=False)
         self.times: list[float] = []
@@ -97,9 +101,13 @@ class Recorder:
     def record(self, rows: list[dict]) -> None:
         log_every, steps = self.config.train.log_every, self.config.train.steps
         for row in rows:
-            if "eval_loss" in row and self.reference.objective is not None:
-                penalty = objectives.penalty_from_norm(row["weight_norm"], self.config.optim.weight_decay)
-                row["optimality_gap"] = row["eval_loss"] + penalty - self.reference.objective
+            applied = row.pop("applied", None)
+            if applied is not None:
+                self.schedule.write({"update": row["step"], "applied": applied})
+            if "eval_loss" in row:
+                if self.reference.objective is not None:
+                    penalty = objectives.penalty_from_norm(row["weight_norm"], self.config.optim.weight_decay)
+                    row["optimality_gap"] = row["eval_loss"] + penalty - self.reference.objective
                 self.last_eval = row
             self.writer.write(row)
             self.times.append(row["wall_time_s"])
@@ -138,6 +146,7 @@ class Recorder:
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
+        self.schedule.close()
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,7 @@ def train(
     config_path: str | Path | None = None,
     progress: bool | None = None,
     console: bool = True,
+    policy=None,
 ) -> RunResult:
     """Run one training as configured; return the run directory and its summary.
 
@@ -184,7 +194,8 @@ def train(
         t_reference = time.perf_counter() - t_start - t_setup
         recorder = Recorder(run_dir, config, reference, console, progress)
         t0 = time.perf_counter()
-        backend.run(eval_steps(config.train.steps, config.train.eval_every), recorder.record)
+        backend.run(policy or policy_for(config), eval_steps(config.train.steps, config.train.eval_every),
+                    recorder.record)
         train_time = time.perf_counter() - t0
         weights = backend.final_weights()
         backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
@@ -193,7 +204,7 @@ def train(
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
     except BaseException as exc:
         if run_dir.exists():
-            last = recorder.last["step"] if recorder and recorder.last else 0
+            last = last_recorded_step(run_dir / METRICS_FILE)
             write_json_atomic(run_dir / SUMMARY_FILE, {
                 "status": "failed", "error": one_line(exc),
                 "steps_recorded": last, "steps": config.train.steps, "backend": config.cluster.backend,
@@ -245,6 +256,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "backend": backend.name,
         "transport": backend.transport,
         "mode": config.train.mode,
+        **_mode_summary(config, backend.loop_stats),
         "device": backend.device,
         "ray_address": backend.address,
         "wall_time_s": wall,
@@ -258,6 +270,26 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "workers": backend.info,
         "versions": {"sgd_dist": sgd_dist.__version__, "torch": torch.__version__, "python": platform.python_version(),
                      **_ray_version(backend)},
+    }
+
+
+def _mode_summary(config: Config, stats: dict) -> dict:
+    """The mode's parameters and what the loop measured: every applied gradient's staleness, dropped answers."""
+    train = config.train
+    params = {"ssp": {"staleness_bound": train.staleness_bound}, "backup": {"backup_workers": train.backup_workers},
+              "local_sgd": {"local_steps": train.local_steps}}.get(train.mode, {})
+    counts = {int(age): n for age, n in sorted(stats.get("staleness", {}).items())}
+    ages = [age for age, n in counts.items() for _ in range(n)]
+    dropped = stats.get("dropped", [])
+    per_worker = {r: sum(1 for d in dropped if d[0] == r) for r in range(config.cluster.num_workers)}
+    return {
+        **params,
+        "staleness": {"median": statistics.median(ages) if ages else None, "max": max(ages, default=None),
+                      "mean": statistics.fmean(ages) if ages else None, "counts": counts},
+        "num_dropped": len(dropped),
+        "dropped_per_worker": per_worker,
+        "dropped": dropped,
+        "policy": stats.get("policy", {}),
     }
 
 

@@ -16,9 +16,10 @@ from typing import Literal
 import torch
 
 from sgd_dist import objectives
-from sgd_dist.config import DataConfig
+from sgd_dist.config import DataConfig, OptimConfig
 from sgd_dist.data import MiniBatchSampler, generate
-from sgd_dist.transports import EVALUATE, GRADIENT, Arrival, Command
+from sgd_dist.optim import learning_rate, sgd_update_
+from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,14 @@ class ShardWorker:
         seed: int,
         device: str = "cpu",
         num_threads: int | None = None,
+        optim: OptimConfig | None = None,
+        total_steps: int = 1,
+        global_batch_size: int = 1,
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
+        # local SGD's own steps follow the run's learning-rate schedule over every local step
+        self.optim, self.total_steps, self.global_batch_size = optim, total_steps, global_batch_size
         self.rank, self.start, self.stop = rank, start, stop
         self.kind = data.kind
         self.device = torch.device(device)
@@ -70,11 +76,27 @@ class ShardWorker:
         if command.kind == GRADIENT:
             result = self.gradient(weights, command.step)
             grad, loss, count = result.grad, result.loss, result.count
+        elif command.kind == LOCAL:
+            grad, loss, count = self.local_steps(weights, command.step, command.local_steps)
         else:
             assert command.kind == EVALUATE, command
             grad, (loss, count) = None, self.evaluate(weights)
         return Arrival(self.rank, command.kind, command.step, command.version, grad, loss, count,
                        time.perf_counter() - t0)
+
+    def local_steps(self, weights: torch.Tensor, step: int, num_steps: int) -> tuple[torch.Tensor, float, int]:
+        """Local SGD: ``num_steps`` plain SGD steps on a copy of ``weights`` from local step ``step``; returns the
+        model delta (weights - own copy), the mean loss and the rows used."""
+        assert self.optim is not None, "local SGD needs the optimiser's config"
+        w = weights.to(self.device).detach().clone()
+        loss_sum, rows = 0.0, 0
+        for t in range(step, step + num_steps):
+            X, y = self.batch(t)
+            loss, grad = objectives.loss_and_grad(self.kind, w, X, y)
+            lr = learning_rate(self.optim, t, self.total_steps, self.global_batch_size)
+            sgd_update_(w, grad, {}, lr=lr, weight_decay=self.optim.weight_decay)
+            loss_sum, rows = loss_sum + loss * X.shape[0], rows + X.shape[0]
+        return (weights.to(self.device) - w).cpu(), loss_sum / rows, rows
 
     def evaluate(self, weights: torch.Tensor) -> tuple[float, int]:
         """(sum of the per-row loss over the shard, rows), in float64."""

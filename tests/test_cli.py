@@ -47,7 +47,7 @@ def test_train_on_an_embedded_ray_end_to_end(tiny, tmp_path):
     assert [line.split("|")[0].strip() for line in lines if line.startswith("step")] == [
         "step  0/30", "step 10/30", "step 20/30", "step 30/30"]  # one console line per logged step
     assert any(line.startswith("done: 30 steps") for line in lines) and f"results in {out}/" in proc.stdout
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "loss.png", "fit.png"}
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "schedule.jsonl", "summary.json", "loss.png", "fit.png"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "ray" and summary["steps"] == 30
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30

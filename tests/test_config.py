@@ -63,10 +63,14 @@ def test_the_names_scripts_rely_on():
         ("optim.lr=.nan", r"^optim\.lr: Input should be a finite number"),
         ("cluster.num_workers=0", r"^cluster\.num_workers: Input should be greater than or equal to 1 \(got 0\)$"),
         ("train.steps=ten", r"^train\.steps: Input should be a valid integer"),
-        ("train.mode=async", r"^train\.mode: Input should be 'sync' \(got 'async'\)$"),
+        ("train.mode=hogwild", r"^train\.mode: Input should be 'sync', 'async', 'ssp', 'backup' or 'local_sgd' \(got 'hogwild'\)$"),
+        ("train.backup_workers=1", r"train\.backup_workers=1 only applies to train\.mode='backup', not 'sync'"),
+        ("train.batch_size=[16, 16, 16]", r"train\.batch_size lists 3 sizes; it needs one per worker \(cluster\.num_workers=2\)"),
+        ("train.batch_size=[16, 300]", r"train\.batch_size\[1\]=300 is larger than worker 1's shard \(256 rows\)"),
+        ("optim.staleness_lr=true", r"optim\.staleness_lr applies to train\.mode=async or ssp, not 'sync'"),
         ("cluster.device=tpu", r"^cluster\.device: Input should be 'cpu', 'cuda' or 'auto'"),
-        ("train.batch_size=0", r"^train\.batch_size: must be a positive integer or 'full' \(got 0\)$"),
-        ("train.batch_size=fulll", r"^train\.batch_size: must be a positive integer or 'full'"),
+        ("train.batch_size=0", r"^train\.batch_size: must be a positive integer, 'full' or a list of positive integers \(got 0\)$"),
+        ("train.batch_size=fulll", r"^train\.batch_size: must be a positive integer, 'full' or a list"),
         ("train.batch_size=300", r"train\.batch_size=300 is larger than the smallest shard \(256 rows"),
         ("cluster.num_workers=600", r"cluster\.num_workers=600 is more than data\.n_samples=512"),
         ("model.init=[1, 2]", r"model\.init has 2 entries; it needs 4"),
@@ -82,6 +86,17 @@ def test_bad_values_give_one_line_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         make_config(override)
     assert "\n" not in str(info.value)
+
+
+def test_mode_parameters():
+    c = make_config("train.mode=backup", "train.backup_workers=1")
+    assert (c.train.mode, c.train.backup_workers) == ("backup", 1)
+    with pytest.raises(ConfigError, match=r"train\.backup_workers=2 must be less than cluster\.num_workers=2"):
+        make_config("train.mode=backup", "train.backup_workers=2")
+    with pytest.raises(ConfigError, match=r"train\.mode=local_sgd takes plain SGD steps on the workers"):
+        make_config("train.mode=local_sgd", "optim.momentum=0.9")
+    c = make_config("train.batch_size=[8, 24]")
+    assert c.worker_batch_sizes() == [8, 24] and c.global_batch_size() == 32
 
 
 def test_an_address_needs_the_ray_backend():

@@ -100,7 +100,7 @@ def test_the_lr_column_follows_the_schedule(tmp_path, overrides):
 def test_run_directory_holds_config_metrics_summary_and_figures(default_run):
     config, result = default_run
     run_dir = result.run_dir
-    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "loss.png"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "schedule.jsonl", "summary.json", "loss.png"}
     assert load_config(run_dir / "config.yaml") == config
     rows = read_metrics(run_dir)
     steps = config.train.steps
@@ -178,10 +178,10 @@ def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
 
     original = ParameterServer.update
 
-    def failing(self, results):
+    def failing(self, results, **kwargs):
         if self.step == 7:
             raise RuntimeError("injected failure at step 8")
-        return original(self, results)
+        return original(self, results, **kwargs)
 
     monkeypatch.setattr(ParameterServer, "update", failing)
     config = make_config("cluster.backend=serial", f"output.dir={tmp_path / 'f'}")
@@ -205,10 +205,10 @@ def test_a_failed_ray_run_keeps_every_row_its_server_computed(ray_session, tmp_p
     from sgd_dist.server import ParameterServer
 
     class FailingParameterServer(ParameterServer):  # defined here, so Ray pickles it by value into the actor
-        def update(self, results):
+        def update(self, results, **kwargs):
             if self.step == fail_at:
                 raise RuntimeError(f"injected failure at update {fail_at + 1}")
-            return super().update(results)
+            return super().update(results, **kwargs)
 
     class FailingServer(ray_backend._Server):
         def __init__(self, server_kwargs, *args):

@@ -106,10 +106,10 @@ def test_a_failed_run_leaves_no_segment_and_keeps_its_rows(ray_session, tmp_path
     import sgd_dist.backends.ray_backend as ray_backend
 
     class FailingParameterServer(ParameterServer):
-        def update(self, results):
+        def update(self, results, **kwargs):
             if self.step == 12:
                 raise RuntimeError("injected failure at update 13")
-            return super().update(results)
+            return super().update(results, **kwargs)
 
     class FailingServer(ray_backend._Server):
         def __init__(self, server_kwargs, *args):
@@ -136,14 +136,14 @@ def test_a_killed_worker_fails_the_run_in_seconds_not_a_hang(ray_session, tmp_pa
     killed: dict = {}
     original = ray_backend.RayBackend.run
 
-    def run_then_kill(self, eval_at, on_rows):
+    def run_then_kill(self, policy, eval_at, on_rows):
         def on_rows_then_kill(rows):  # once steps are being recorded, kill worker 1's process
             on_rows(rows)
             if rows and rows[-1]["step"] > 0 and not killed:
                 killed["pid"], killed["at"] = self.info[1]["pid"], time.monotonic()
                 os.kill(killed["pid"], signal.SIGKILL)
 
-        return original(self, eval_at, on_rows_then_kill)
+        return original(self, policy, eval_at, on_rows_then_kill)
 
     ray_backend.RayBackend.run = run_then_kill
     try:

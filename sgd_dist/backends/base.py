@@ -14,6 +14,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 
 from sgd_dist.config import Config
+from sgd_dist.consistency import make_policy
 from sgd_dist.data import shard_bounds, torch_dtype
 from sgd_dist.objectives import LinearStats, NewtonTerms
 
@@ -58,9 +59,10 @@ class Backend(ABC):
 
     # -- the training loop ----------------------------------------------------------------------
     @abstractmethod
-    def run(self, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+    def run(self, policy, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
         """Train to the end: the server runs the consistency policy over the transport; every metrics row
-        reaches ``on_rows`` (in batches, in step order), also those computed before a failure."""
+        reaches ``on_rows`` (in batches, in step order), also those computed before a failure; the loop's
+        statistics end up in ``loop_stats``."""
 
     @abstractmethod
     def final_weights(self) -> torch.Tensor:
@@ -69,16 +71,25 @@ class Backend(ABC):
 
 def worker_args(config: Config) -> list[dict]:
     """Constructor arguments of each shard worker (the device and threads are the backend's to add)."""
+    bounds = shard_bounds(config.data.n_samples, config.cluster.num_workers)
     return [
-        dict(data=config.data, rank=rank, start=start, stop=stop, batch_size=config.train.batch_size,
-             seed=config.train.seed)
-        for rank, (start, stop) in enumerate(shard_bounds(config.data.n_samples, config.cluster.num_workers))
+        dict(data=config.data, rank=rank, start=start, stop=stop, batch_size=size, seed=config.train.seed,
+             optim=config.optim, total_steps=config.train.steps * config.train.local_steps,
+             global_batch_size=config.global_batch_size())
+        for rank, ((start, stop), size) in enumerate(zip(bounds, config.worker_batch_sizes()))
     ]
 
 
 def worker_threads(config: Config) -> int:
     """torch threads of each worker: its reserved CPUs, at least one (the serial reference uses the same)."""
     return max(1, int(config.cluster.cpus_per_worker))
+
+
+def policy_for(config: Config):
+    """The consistency policy of the config's mode."""
+    train = config.train
+    return make_policy(train.mode, config.cluster.num_workers, train.steps, staleness_bound=train.staleness_bound,
+                       backup_workers=train.backup_workers, local_steps=train.local_steps)
 
 
 def server_args(config: Config) -> dict:

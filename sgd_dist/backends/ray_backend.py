@@ -24,7 +24,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sgd_dist.backends.base import Backend, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
-from sgd_dist.consistency import make_policy
 from sgd_dist.server import ParameterServer, serve
 from sgd_dist.transports import channel
 from sgd_dist.transports.channel import ChannelServerEnd
@@ -65,9 +64,9 @@ class _Server:
     """The parameter server as a Ray actor: runs ``server.serve`` on its transport; the driver drains the
     rows concurrently (the actor has two threads: the loop and the drain)."""
 
-    def __init__(self, server_kwargs: dict, mode: str, num_workers: int, steps: int) -> None:
+    def __init__(self, server_kwargs: dict, num_workers: int, staleness_lr: bool) -> None:
         self.server = ParameterServer(**server_kwargs)
-        self.mode, self.num_workers, self.steps = mode, num_workers, steps
+        self.num_workers, self.staleness_lr = num_workers, staleness_lr
         self.end: ShmServerEnd | ChannelServerEnd | None = None
         self.outbox: deque[list[dict]] = deque()
 
@@ -86,16 +85,15 @@ class _Server:
     def setup_channels(self, go: Sequence, answers: Sequence) -> None:
         self.end = ChannelServerEnd(go, answers)
 
-    def run(self, eval_at: Collection[int]) -> dict:
+    def run(self, policy, eval_at: Collection[int]) -> dict:
         assert self.end is not None
         if isinstance(self.end, ShmServerEnd):
             self.end.wait_attached()
-        policy = make_policy(self.mode, self.num_workers, self.steps)
         try:
-            serve(self.server, self.end, policy, self.num_workers, eval_at, self.outbox.append)
+            return serve(self.server, self.end, policy, self.num_workers, eval_at, self.outbox.append,
+                         staleness_lr=self.staleness_lr)
         finally:
             self.end.stop()
-        return {"record_seconds": self.server.record_seconds}
 
     def drain(self) -> list[dict]:
         rows = []
@@ -273,7 +271,7 @@ class RayBackend(Backend):
         config = self.config
         placement = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
         self.server = _ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
-            server_args(config), config.train.mode, config.cluster.num_workers, config.train.steps)
+            server_args(config), config.cluster.num_workers, config.optim.staleness_lr)
 
     def _reserve(self, cluster, gpus_per_worker: float, cpus_needed: float, gpus_needed: float) -> list[Any]:
         """Reserve every worker's CPUs (and GPUs) at once, waiting at most cluster.placement_timeout_s.
@@ -306,7 +304,7 @@ class RayBackend(Backend):
     def _get(self, handles: Sequence[Any]) -> list[Any]:
         return ray.get(list(handles))
 
-    def run(self, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+    def run(self, policy, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
         config = self.config
         if self.transport == "shm":
             layout = Layout(config.cluster.num_workers, config.data.dim, config.data.dtype)
@@ -322,7 +320,7 @@ class RayBackend(Backend):
             ray.get(self.server.setup_channels.remote(go, answers))
             watched = [w.serve_channels.remote(g, a) for w, g, a in zip(self.workers, go, answers)]
         # the worker loops: one that ends before the server's has failed (or was told to stop)
-        run = self.server.run.remote(frozenset(eval_at))
+        run = self.server.run.remote(policy, frozenset(eval_at))
         loops = list(watched)
         try:
             while True:

@@ -8,7 +8,6 @@ import torch
 
 from sgd_dist.backends.base import Backend, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
-from sgd_dist.consistency import make_policy
 from sgd_dist.server import ParameterServer, serve
 from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.worker import ShardWorker
@@ -46,11 +45,9 @@ class SerialBackend(Backend):
     def _get(self, handles: Sequence[Any]) -> list[Any]:
         return list(handles)
 
-    def run(self, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
-        train = self.config.train
-        policy = make_policy(train.mode, self.config.cluster.num_workers, train.steps)
-        serve(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers, eval_at, on_rows)
-        self.loop_stats = {"record_seconds": self.server.record_seconds}
+    def run(self, policy, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+        self.loop_stats = serve(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers,
+                                eval_at, on_rows, staleness_lr=self.config.optim.staleness_lr)
 
     def final_weights(self) -> torch.Tensor:
         return self.server.weights.clone()

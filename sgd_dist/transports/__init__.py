@@ -22,24 +22,27 @@ from dataclasses import dataclass
 import torch
 
 # Command kinds.
-STOP, GRADIENT, EVALUATE = 0, 1, 2
+STOP, GRADIENT, EVALUATE, LOCAL = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class Command:
-    """What the server asks of a worker: the gradient of its local step ``step``, or the full-shard loss,
-    on weights version ``version`` (the newest the server has published)."""
+    """What the server asks of a worker, on weights version ``version``: the gradient of its local step
+    ``step`` (GRADIENT), ``local_steps`` SGD steps on its own copy from local step ``step`` answered with the
+    model delta (LOCAL), or the full-shard loss (EVALUATE)."""
 
     kind: int
     step: int = 0
     version: int = 0
+    local_steps: int = 1
 
 
 @dataclass(frozen=True)
 class Arrival:
     """A worker's answer to a command.
 
-    GRADIENT: ``grad`` is the mean gradient over ``count`` rows and ``loss`` their mean loss. EVALUATE:
+    GRADIENT: ``grad`` is the mean gradient over ``count`` rows and ``loss`` their mean loss. LOCAL: ``grad`` is
+    the model delta (weights sent minus weights after the local steps), ``loss`` the mean loss. EVALUATE:
     ``loss`` is the float64 sum of the per-row loss over the worker's ``count`` rows and ``grad`` is None.
     ``seconds`` is the worker's compute time. On the shm transport ``grad`` is a view of the worker's slot,
     valid until that worker is sent its next command (the server clones what it keeps longer).
@@ -63,14 +66,16 @@ class ServerEnd(ABC):
     """The server's side of a transport."""
 
     name: str
+    views = False  # whether an arrival's gradient is a view of the worker's slot, valid until its next command
 
     @abstractmethod
     def publish(self, version: int, weights: torch.Tensor) -> None:
         """Make ``weights`` the newest version; commands sent from now on use it."""
 
     @abstractmethod
-    def send(self, worker: int, command: Command) -> None:
-        """Hand ``command`` to ``worker`` (which is idle: it has answered its previous command)."""
+    def send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
+        """Hand ``command`` to ``worker`` (which is idle: it has answered its previous command), on the newest
+        published weights, or on ``weights`` when given (an evaluation of an earlier version)."""
 
     @abstractmethod
     def receive(self) -> Arrival:

@@ -55,9 +55,10 @@ class ChannelServerEnd(ServerEnd):
     def publish(self, version: int, weights: torch.Tensor) -> None:
         self._weights = weights.numpy().copy()  # the server goes on updating its tensor in place
 
-    def send(self, worker: int, command: Command) -> None:
+    def send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
         self._sent[worker] = command
-        self.go[worker].write((command.kind, command.step, command.version, self._weights))
+        array = self._weights if weights is None else weights.numpy()
+        self.go[worker].write((command.kind, command.step, command.version, command.local_steps, array))
 
     def receive(self) -> Arrival:
         k = len(self.answers)
@@ -108,12 +109,12 @@ def serve_worker(worker, go: Channel, answer: Channel) -> int:
             return served
         if message is None:
             return served
-        kind, step, version, weights = message
+        kind, step, version, local_steps, weights = message
         weights = torch.from_numpy(np.array(weights))  # a copy: the server's next write waits for this value's release
         del message
         if kind == STOP:
             return served
-        arrival = worker.execute(Command(kind, step, version), weights)
+        arrival = worker.execute(Command(kind, step, version, local_steps), weights)
         grad = None if arrival.grad is None else arrival.grad.numpy()
         answer.write((grad, arrival.loss, arrival.count, arrival.seconds))
         served += 1

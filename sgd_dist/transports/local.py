@@ -27,9 +27,9 @@ class LocalServerEnd(ServerEnd):
         # a copy: the server updates its weights in place, and a command uses the version it was sent with
         self.version, self.weights = version, weights.clone()
 
-    def send(self, worker: int, command: Command) -> None:
-        assert command.version == self.version, (command, self.version)
-        self._answers.append(self.workers[worker].execute(command, self.weights))
+    def send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
+        assert weights is not None or command.version == self.version, (command, self.version)
+        self._answers.append(self.workers[worker].execute(command, self.weights if weights is None else weights))
 
     def receive(self) -> Arrival:
         return self._answers.popleft()

@@ -2,8 +2,8 @@
 
 One segment in /dev/shm holds, for K workers and d parameters:
 
-- ``ctrl``, int64 [K, 8]: per worker, the command (sequence number, kind, step, version, weight slot), the
-  sequence number of its latest answer, its row count, and the worker's pid;
+- ``ctrl``, int64 [K, 9]: per worker, the command (sequence number, kind, step, version, weight slot, local
+  steps), the sequence number of its latest answer, its row count, and the worker's pid;
 - ``vals``, float64 [K, 2]: the answer's loss and compute seconds;
 - ``weights``, [K + 2, d]: weight slots; a command names the slot of the version it must use, and a slot is
   rewritten only when no command in flight reads it (K in flight + the newest + the one being written);
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sgd_dist.transports import GRADIENT, STOP, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.transports import GRADIENT, LOCAL, STOP, Arrival, Command, ServerEnd, WorkerLost
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "sgd_dist-"
@@ -40,7 +40,7 @@ MAX_SLEEP_S = 1e-3
 LIVENESS_EVERY_S = 0.5
 
 # ctrl columns
-_CMD_SEQ, _CMD_KIND, _CMD_STEP, _CMD_VERSION, _CMD_SLOT, _ANS_SEQ, _ANS_COUNT, _PID = range(8)
+_CMD_SEQ, _CMD_KIND, _CMD_STEP, _CMD_VERSION, _CMD_SLOT, _ANS_SEQ, _ANS_COUNT, _PID, _CMD_LOCAL = range(9)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Layout:
 
     def sizes(self) -> list[tuple[str, tuple[int, ...], str]]:
         k, d = self.num_workers, self.dim
-        return [("ctrl", (k, 8), "int64"), ("vals", (k, 2), "float64"), ("server", (1,), "int64"),
+        return [("ctrl", (k, 9), "int64"), ("vals", (k, 2), "float64"), ("server", (1,), "int64"),
                 ("weights", (self.num_slots, d), self.dtype), ("grads", (k, d), self.dtype)]
 
     def nbytes(self) -> int:
@@ -167,18 +167,24 @@ class ShmServerEnd(ServerEnd):
     def name_in_shm(self) -> str:
         return self.segment.name
 
+    def _free_slot(self) -> int:
+        return next(s for s in range(self.layout.num_slots) if s != self._current and self._refs[s] == 0)
+
     def publish(self, version: int, weights: torch.Tensor) -> None:
-        slot = next(s for s in range(self.layout.num_slots) if s != self._current and self._refs[s] == 0)
+        slot = self._free_slot()
         self._weights[slot].copy_(weights)
         self._current = slot
 
-    def send(self, worker: int, command: Command) -> None:
+    def send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
         ctrl = self.segment.ctrl[worker]
         slot = self._current
+        if weights is not None:  # K in flight at most, the newest, and this one: K + 2 slots are enough
+            slot = self._free_slot()
+            self._weights[slot].copy_(weights)
         self._refs[slot] += 1
         self._slot_of[worker], self._sent[worker] = slot, command
-        ctrl[_CMD_KIND], ctrl[_CMD_STEP], ctrl[_CMD_VERSION], ctrl[_CMD_SLOT] = (
-            command.kind, command.step, command.version, slot)
+        ctrl[_CMD_KIND], ctrl[_CMD_STEP], ctrl[_CMD_VERSION], ctrl[_CMD_SLOT], ctrl[_CMD_LOCAL] = (
+            command.kind, command.step, command.version, slot, command.local_steps)
         self._seq[worker] += 1
         ctrl[_CMD_SEQ] = self._seq[worker]  # last: the worker starts when it sees this
 
@@ -200,7 +206,7 @@ class ShmServerEnd(ServerEnd):
         command, self._sent[r] = self._sent[r], None
         self._refs[self._slot_of[r]] -= 1
         loss, seconds = self.segment.vals[r]
-        grad = self._grads[r] if command.kind == GRADIENT else None
+        grad = self._grads[r] if command.kind in (GRADIENT, LOCAL) else None
         return Arrival(r, command.kind, command.step, command.version, grad, float(loss),
                        int(self.segment.ctrl[r, _ANS_COUNT]), float(seconds))
 
@@ -248,7 +254,7 @@ class ShmWorkerEnd:
             if waiter.due(now) and not _alive(server_pid):
                 return Command(STOP), self._weights[0]
         self._seen = int(ctrl[_CMD_SEQ])
-        command = Command(int(ctrl[_CMD_KIND]), int(ctrl[_CMD_STEP]), int(ctrl[_CMD_VERSION]))
+        command = Command(int(ctrl[_CMD_KIND]), int(ctrl[_CMD_STEP]), int(ctrl[_CMD_VERSION]), int(ctrl[_CMD_LOCAL]))
         return command, self._weights[int(ctrl[_CMD_SLOT])]
 
     def answer(self, arrival: Arrival) -> None:
