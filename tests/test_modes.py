@@ -1,0 +1,153 @@
+"""The consistency modes on the step engine: each reduction to sync, exact replay, staleness and drops
+recorded, per-worker batch sizes, and convergence on the Ray backend over both transports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgd_dist.config import load_config
+from sgd_dist.recording import read_metrics
+from sgd_dist.replay import read_schedule, replay
+from sgd_dist.server import ParameterServer
+from sgd_dist.backends.base import server_args
+from sgd_dist.trainer import train
+from sgd_dist.worker import GradientResult
+
+from conftest import make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRANSPORTS = ["shm", "ray"]
+
+
+def run(tmp_path, name, *overrides):
+    config = make_config(*overrides, f"output.dir={tmp_path / name}")
+    result = train(config, console=False, progress=False)
+    return result.summary, read_metrics(result.run_dir)
+
+
+def losses(rows):
+    return [(r["step"], r["loss"], r.get("eval_loss")) for r in rows]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("mode", [("train.mode=ssp", "train.staleness_bound=0"),
+                                  ("train.mode=backup", "train.backup_workers=0")], ids=["ssp-s0", "backup-b0"])
+def test_s0_and_b0_are_sync_bit_for_bit(ray_session, tmp_path, transport, mode):
+    base = ("cluster.num_workers=3", "data.n_samples=600", "optim.momentum=0.9", f"cluster.transport={transport}")
+    sync, sync_rows = run(tmp_path, "sync", *base)
+    other, other_rows = run(tmp_path, "other", *base, *mode)
+    assert other["mode"] != "sync" and other["transport"] == transport
+    assert losses(other_rows) == losses(sync_rows) and other["weights"] == sync["weights"]
+
+
+@pytest.mark.parametrize("backend", ["serial", "ray"])
+def test_local_sgd_with_one_local_step_is_sync_to_round_off(ray_session, tmp_path, backend):
+    base = ("cluster.num_workers=2", "optim.schedule=cosine", "optim.weight_decay=0.01", f"cluster.backend={backend}")
+    _, sync_rows = run(tmp_path, "sync", *base)
+    local, local_rows = run(tmp_path, "local", *base, "train.mode=local_sgd", "train.local_steps=1")
+    assert local["mode"] == "local_sgd"
+    a = torch.tensor([r["loss"] for r in sync_rows[1:]])
+    b = torch.tensor([r["loss"] for r in local_rows[1:]])
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+@pytest.mark.parametrize("mode", [("train.mode=async",), ("train.mode=ssp", "train.staleness_bound=2"),
+                                  ("train.mode=backup", "train.backup_workers=1")], ids=["async", "ssp", "backup"])
+def test_an_asynchronous_run_replays_bit_for_bit(ray_session, tmp_path, workers, mode):
+    summary, rows = run(tmp_path, "run", *mode, f"cluster.num_workers={workers}", "data.n_samples=2000",
+                        "train.steps=150", "train.eval_every=40", "train.batch_size=[8, 16]" if workers == 2 else
+                        "train.batch_size=8")
+    schedule = read_schedule(tmp_path / "run")
+    assert len(schedule) == 150 and [r["step"] for r in rows] == list(range(151))
+    assert {r["step"] for r in rows if "eval_loss" in r} == {0, 40, 80, 120, 150}
+    report = replay(tmp_path / "run", tmp_path / "replayed")
+    assert report.exact, report
+    assert report.losses_compared == 150 + 5 and report.updates == 150
+
+
+def test_a_changed_schedule_is_caught_by_the_replay(ray_session, tmp_path):
+    run(tmp_path, "run", "train.mode=async", "train.steps=60")
+    path = tmp_path / "run" / "schedule.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    lines[30]["applied"], lines[31]["applied"] = lines[31]["applied"], lines[30]["applied"]  # two updates swapped
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = replay(tmp_path / "run", tmp_path / "replayed")
+    assert not report.exact and report.first_mismatch == 31
+
+
+def test_async_records_every_gradients_staleness(ray_session, tmp_path):
+    summary, rows = run(tmp_path, "a", "train.mode=async", "cluster.num_workers=4", "train.steps=200")
+    counts = {int(k): v for k, v in summary["staleness"]["counts"].items()}
+    assert sum(counts.values()) == 200  # one gradient an update
+    schedule = read_schedule(tmp_path / "a")
+    ages = [u - 1 - v for u, applied in enumerate(schedule, 1) for _, _, v in applied]
+    assert sorted(ages) == sorted(a for a, n in counts.items() for _ in range(n))
+    assert summary["staleness"]["max"] == max(ages) and max(ages) >= 1  # 4 workers: someone is always stale
+    assert [r["staleness"] for r in rows[1:]] == ages
+
+
+def test_backup_counts_whose_answers_it_dropped(ray_session, tmp_path):
+    summary, _ = run(tmp_path, "b", "train.mode=backup", "train.backup_workers=1", "cluster.num_workers=3",
+                     "data.n_samples=600", "train.steps=100")
+    schedule = read_schedule(tmp_path / "b")
+    assert all(len(applied) == 2 for applied in schedule)  # K - b answers each update
+    assert summary["num_dropped"] == len(summary["dropped"]) == sum(summary["dropped_per_worker"].values()) > 0
+    assert summary["policy"]["num_dropped"] == summary["num_dropped"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_per_worker_batch_sizes_are_averaged_by_rows(ray_session, tmp_path, transport):
+    summary, rows = run(tmp_path, "r", "train.batch_size=[8, 24]", f"cluster.transport={transport}")
+    serial, serial_rows = run(tmp_path, "s", "train.batch_size=[8, 24]", "cluster.backend=serial")
+    assert [r["samples_seen"] for r in rows] == [32 * t for t in range(21)]
+    assert losses(rows) == losses(serial_rows) and summary["weights"] == serial["weights"]
+
+
+def test_the_staleness_aware_rate_divides_each_gradient_by_its_staleness():
+    config = make_config("optim.lr=0.5")
+    server = ParameterServer(**server_args(config))
+    a = GradientResult(torch.tensor([1.0, 0, 0, 0]), 1.0, 10, 0, 0)
+    b = GradientResult(torch.tensor([0.0, 4, 0, 0]), 1.0, 30, 1, 0)
+    server.update([a, b], scales=[1.0, 1 / 4])  # b is 4 updates stale
+    expected = -0.5 * (0.25 * torch.tensor([1.0, 0, 0, 0]) + 0.75 * torch.tensor([0.0, 1, 0, 0]))
+    torch.testing.assert_close(server.weights, expected)
+
+
+def test_staleness_lr_run_converges_and_replays(ray_session, tmp_path):
+    summary, _ = run(tmp_path, "s", "train.mode=async", "optim.staleness_lr=true", "cluster.num_workers=4")
+    assert summary["status"] == "completed"
+    assert replay(tmp_path / "s", tmp_path / "replayed").exact
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("mode", [(), ("train.mode=async",), ("train.mode=ssp", "train.staleness_bound=2"),
+                                  ("train.mode=backup", "train.backup_workers=1", "cluster.num_workers=3"),
+                                  ("train.mode=local_sgd", "train.local_steps=4", "train.steps=250")],
+                         ids=["sync", "async", "ssp", "backup", "local_sgd"])
+def test_every_mode_trains_the_default_job_to_within_2_percent(ray_session, tmp_path, transport, mode):
+    """configs/default.yaml scaled down (1e5 rows, 1,000 updates), on the Ray backend."""
+    config = load_config(ROOT / "configs" / "default.yaml", [
+        "data.n_samples=1e5", "train.steps=1000", "train.eval_every=0", f"cluster.transport={transport}",
+        *mode, f"output.dir={tmp_path / 'd'}", "output.plots=false"])
+    s = train(config, console=False, progress=False).summary
+    assert s["mode"] == config.train.mode and s["transport"] == transport
+    assert 0 <= s["relative_optimality_gap"] < 0.02, s["relative_optimality_gap"]
+
+
+def test_the_command_prints_the_mode_and_its_staleness(tmp_path):
+    proc = subprocess.run([str(Path(sys.executable).with_name("sgd-dist")), "train", "--config",
+                           str(ROOT / "configs" / "lesson2.yaml"), "--out", str(tmp_path / "a"), "--backend", "serial",
+                           "train.mode=async", "train.batch_size=10", "output.plots=false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "mode async; staleness median 1, max 1" in proc.stdout
+    replayed = subprocess.run([str(Path(sys.executable).with_name("sgd-dist")), "replay", str(tmp_path / "a"),
+                               "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0 and replayed.stdout.splitlines()[-1] == "replay: bit-equal", replayed.stdout
