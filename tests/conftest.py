@@ -54,3 +54,22 @@ def ray_session():
         from sgd_dist.transports.channel import sweep_stale_semaphores
 
         sweep_stale_semaphores()  # Ray leaves its channels' semaphores behind its raylet
+
+
+def inject_server_failure(ray, monkeypatch, fail_at: int) -> None:
+    """Make the Ray backend's server actor fail at update ``fail_at + 1`` (a RuntimeError naming it)."""
+    import sgd_dist.backends.ray_backend as ray_backend
+    from sgd_dist.server import ParameterServer
+
+    class FailingParameterServer(ParameterServer):  # defined in a function: Ray pickles it by value into the actor
+        def update(self, results, **kwargs):
+            if self.step == fail_at:
+                raise RuntimeError(f"injected failure at update {fail_at + 1}")
+            return super().update(results, **kwargs)
+
+    class FailingServer(ray_backend._Server):
+        def __init__(self, server_kwargs, *args):
+            super().__init__(server_kwargs, *args)
+            self.server = FailingParameterServer(**server_kwargs)
+
+    monkeypatch.setattr(ray_backend, "_ServerActor", ray.remote(FailingServer))

@@ -14,7 +14,7 @@ from sgd_dist.plots import plot_run
 from sgd_dist.recording import read_metrics, read_summary
 from sgd_dist.trainer import eval_steps, train
 
-from conftest import assert_png, make_config
+from conftest import assert_png, inject_server_failure, make_config
 from plain_sgd import PlainRun, plain_sgd
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -200,22 +200,8 @@ def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fail_at", [1, 150])
 def test_a_failed_ray_run_keeps_every_row_its_server_computed(ray_session, tmp_path, monkeypatch, fail_at):
-    """On Ray, rows come back one chunk behind the newest step; a failure must not take the finished ones along."""
-    import sgd_dist.backends.ray_backend as ray_backend
-    from sgd_dist.server import ParameterServer
-
-    class FailingParameterServer(ParameterServer):  # defined here, so Ray pickles it by value into the actor
-        def update(self, results, **kwargs):
-            if self.step == fail_at:
-                raise RuntimeError(f"injected failure at update {fail_at + 1}")
-            return super().update(results, **kwargs)
-
-    class FailingServer(ray_backend._Server):
-        def __init__(self, server_kwargs, *args):
-            super().__init__(server_kwargs, *args)
-            self.server = FailingParameterServer(**server_kwargs)
-
-    monkeypatch.setattr(ray_backend, "_ServerActor", ray_session.remote(FailingServer))
+    """On Ray, rows come back in batches behind the newest step; a failure must not take the finished ones along."""
+    inject_server_failure(ray_session, monkeypatch, fail_at)
     config = make_config("train.steps=400", "train.eval_every=50", f"output.dir={tmp_path / 'f'}")
     with pytest.raises(Exception, match="injected failure"):
         train(config, console=False, progress=False)

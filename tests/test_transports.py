@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +17,12 @@ from sgd_dist.consistency import make_policy
 from sgd_dist.recording import read_metrics, read_summary
 from sgd_dist.server import ParameterServer, serve
 from sgd_dist.trainer import eval_steps, train
-from sgd_dist.transports import WorkerLost
 from sgd_dist.transports.channel import semaphores, sweep_stale_semaphores
 from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.transports.shm import PREFIX, SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker, sweep_stale_segments
 from sgd_dist.worker import ShardWorker
 
-from conftest import make_config
+from conftest import inject_server_failure, make_config
 
 
 def segments() -> set[str]:
@@ -103,20 +101,7 @@ def test_transport_choice():
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
 def test_a_failed_run_leaves_no_segment_and_keeps_its_rows(ray_session, tmp_path, monkeypatch, transport):
-    import sgd_dist.backends.ray_backend as ray_backend
-
-    class FailingParameterServer(ParameterServer):
-        def update(self, results, **kwargs):
-            if self.step == 12:
-                raise RuntimeError("injected failure at update 13")
-            return super().update(results, **kwargs)
-
-    class FailingServer(ray_backend._Server):
-        def __init__(self, server_kwargs, *args):
-            super().__init__(server_kwargs, *args)
-            self.server = FailingParameterServer(**server_kwargs)
-
-    monkeypatch.setattr(ray_backend, "_ServerActor", ray_session.remote(FailingServer))
+    inject_server_failure(ray_session, monkeypatch, 12)
     before = segments()
     with pytest.raises(Exception, match="injected failure"):
         train(make_config(f"cluster.transport={transport}", f"output.dir={tmp_path / 'f'}"), console=False)

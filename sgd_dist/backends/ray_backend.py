@@ -13,7 +13,6 @@ import math
 import os
 import socket
 from collections import deque
-from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
 import ray
