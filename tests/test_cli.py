@@ -237,13 +237,18 @@ def test_traceback_prints_where_a_run_failed(tiny, tmp_path):
     assert re.fullmatch(rf"sgd-dist: error: {DIVERGED}", last), last  # no "--traceback shows where" now
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
-    # its own session: a process started from a non-interactive shell ignores SIGINT (see NOTES.md)
+    # Ctrl-C as a terminal sends it: to the process's own group, with SIGINT's default disposition (a test run
+    # started in the background, as CI may be, ignores SIGINT, and children inherit that: see NOTES.md)
     run = tmp_path / "interrupted"
     proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), "--backend", "serial",
                              "train.steps=1e7", "train.log_every=0", "train.eval_every=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_user_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     try:
         _wait_for_rows(run, 20, proc)
         proc.send_signal(signal.SIGINT)
