@@ -4,6 +4,7 @@ Runs ``sgd-dist train``'s function once per mode (one after another, on one embe
 figure from the runs' metrics files. The README's modes figure is made with the defaults:
 
     .venv/bin/python scripts/modes_figure.py --out docs/modes.png
+    .venv/bin/python scripts/modes_figure.py --slowdown 1:4 --out docs/modes_straggler.png   # worker 1 4x slower
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ def main() -> None:
     parser.add_argument("--out", default="docs/modes.png")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--slowdown", help="WORKER:FACTOR, a straggler (stragglers.slowdown)")
     args = parser.parse_args()
+    straggler = []
+    if args.slowdown:
+        worker, factor = args.slowdown.split(":")
+        straggler = [f"stragglers.slowdown={{{int(worker)}: {float(factor)}}}"]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(MODES.items()):
             config = load_config(ROOT / "configs" / "default.yaml", [
                 "data.n_samples=1e5", f"train.steps={args.steps}", "train.eval_every=25", "train.log_every=0",
-                f"cluster.num_workers={args.workers}", "optim.warmup_steps=0", *overrides,
+                f"cluster.num_workers={args.workers}", "optim.warmup_steps=0", *overrides, *straggler,
                 f"output.dir={tmp}/{i}", "output.plots=false"])
             summary = train(config, console=False, progress=False).summary
             runs[name] = (read_metrics(Path(tmp) / str(i)), summary)
@@ -57,8 +63,9 @@ def main() -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("optimality gap f(w) - f(w*)")
     axes[0].legend()
-    fig.suptitle(f"consistency modes: 1e5 rows x 11 parameters, {args.workers} workers x 256, cosine lr 0.2 "
-                 f"(one 2-core machine, shm transport)")
+    slow = f"; worker {args.slowdown.split(':')[0]} {args.slowdown.split(':')[1]}x slower" if args.slowdown else ""
+    fig.suptitle(f"consistency modes: 1e5 rows x 11 parameters, {args.workers} workers x 256, cosine lr 0.2"
+                 f"{slow} (one 2-core machine, shm transport)")
     FigureCanvasAgg(fig)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=90)

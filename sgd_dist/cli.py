@@ -169,6 +169,10 @@ def _train(args: argparse.Namespace) -> int:
               + (f" (relative {rel:.2e})" if rel is not None else ""))
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
     print(_mode_line(s))
+    from sgd_dist.stragglers import describe
+
+    for line in describe(s.get("stragglers", [])):
+        print(f"straggler: {line}")
     print(f"results in {result.run_dir}/")
     return EXIT_OK
 

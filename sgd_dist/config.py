@@ -198,6 +198,27 @@ class TrainConfig(_Section):
     """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
 
 
+class StragglersConfig(_Section):
+    slowdown: dict[int, float] = {}
+    """Worker index -> factor: that worker's answers take factor x its compute time ({1: 4.0}: worker 1 is 4x slower)."""
+    delay: Literal["none", "uniform", "exponential"] = "none"
+    """A random extra delay per answer: uniform on [0, 2 x delay_ms] or exponential with mean delay_ms."""
+    delay_ms: float = Field(0.0, ge=0)
+    """Mean of the random delay, in milliseconds."""
+    delay_workers: tuple[int, ...] | None = None
+    """Workers the random delay applies to; null: every worker."""
+    seed: int = Field(0, ge=0)
+    """Seeds the delays: worker r's delay at step t is a pure function of (seed, r, t)."""
+
+    @field_validator("slowdown")
+    @classmethod
+    def _factors(cls, value: dict[int, float]) -> dict[int, float]:
+        for worker, factor in value.items():
+            if worker < 0 or not factor >= 1:
+                raise ValueError(f"needs worker index >= 0 -> factor >= 1 (got {worker}: {factor})")
+        return value
+
+
 class OutputConfig(_Section):
     dir: str | None = None
     """Run directory; null makes runs/<name>-<timestamp>. It must not exist yet or be empty."""
@@ -213,6 +234,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     cluster: ClusterConfig = ClusterConfig()
     train: TrainConfig = TrainConfig()
+    stragglers: StragglersConfig = StragglersConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -254,6 +276,12 @@ class Config(_Section):
             raise ValueError("train.mode=local_sgd takes plain SGD steps on the workers: set optim.momentum=0")
         if self.optim.staleness_lr and train.mode not in ("async", "ssp"):
             raise ValueError(f"optim.staleness_lr applies to train.mode=async or ssp, not {train.mode!r}")
+        for name, workers in [("slowdown", list(self.stragglers.slowdown)),
+                              ("delay_workers", list(self.stragglers.delay_workers or []))]:
+            if any(r >= cluster.num_workers for r in workers):
+                raise ValueError(f"stragglers.{name} names worker {max(workers)}; workers are 0..{cluster.num_workers - 1}")
+        if self.stragglers.delay != "none" and self.stragglers.delay_ms == 0:
+            raise ValueError(f"stragglers.delay={self.stragglers.delay} needs stragglers.delay_ms > 0")
         if self.optim.warmup_steps > train.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}"

@@ -11,6 +11,7 @@ the metrics rows to ``emit`` in batches. Nothing in it waits on the driver.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -135,6 +136,7 @@ def serve(
     evals: dict[int, list[Arrival]] = {}
     staleness: dict[int, int] = {}
     dropped: list[list[int]] = []
+    answer_s: dict[int, list[float]] = {r: [] for r in range(num_workers)}  # each worker's answer times
     kind = LOCAL if policy.model_deltas else GRADIENT
 
     def send(worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
@@ -225,6 +227,7 @@ def serve(
                     next(r for r in rows if r["step"] == arrival.version)["eval_loss"] = loss
                     del evals[arrival.version], snapshots[arrival.version]
             else:
+                answer_s[arrival.worker].append(arrival.seconds)
                 held[(arrival.worker, arrival.step)] = arrival
                 if end.views:
                     in_slot.add((arrival.worker, arrival.step))
@@ -235,4 +238,5 @@ def serve(
             flush(force=True)
     assert not held and not deferred, (held, deferred)
     return {"record_seconds": server.record_seconds, "staleness": staleness, "dropped": dropped,
-            "policy": policy.summary()}
+            "policy": policy.summary(),
+            "answer_ms": {r: 1e3 * statistics.median(t) for r, t in answer_s.items() if t}}

@@ -23,6 +23,7 @@ from sgd_dist.backends import Backend, make_backend
 from sgd_dist.backends.base import policy_for
 from sgd_dist.config import Config
 from sgd_dist.data import true_weights
+from sgd_dist.stragglers import find_stragglers
 from sgd_dist.recording import (
     METRICS_FILE,
     SCHEDULE_FILE,
@@ -286,6 +287,8 @@ def _mode_summary(config: Config, stats: dict) -> dict:
         **params,
         "staleness": {"median": statistics.median(ages) if ages else None, "max": max(ages, default=None),
                       "mean": statistics.fmean(ages) if ages else None, "counts": counts},
+        "answer_ms": {int(r): ms for r, ms in stats.get("answer_ms", {}).items()},
+        "stragglers": find_stragglers({int(r): ms for r, ms in stats.get("answer_ms", {}).items()}),
         "num_dropped": len(dropped),
         "dropped_per_worker": per_worker,
         "dropped": dropped,
