@@ -356,13 +356,13 @@ class RayBackend(Backend):
             if self._segment is not None:  # the server may have died holding it (same node only: shm)
                 (SHM_DIR / self._segment).unlink(missing_ok=True)
                 self._segment = None
-            if self._semaphores is not None:  # the semaphores this run's channels left (this node only)
-                channel.remove_semaphores(channel.semaphores() - self._semaphores)
-                self._semaphores = None
             if self._group is not None:  # a pending group would take the CPUs the moment they free up
                 remove_placement_group(self._group)
                 self._group = None
             if self._started:
                 ray.shutdown()
                 self._started = False
+                if self._semaphores is not None:  # the ones this run's channels made go with its raylet
+                    channel.sweep_stale_semaphores(channel.semaphores() - self._semaphores, wait_s=3.0)
+        self._semaphores = None
         channel.sweep_stale_semaphores()

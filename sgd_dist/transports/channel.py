@@ -10,7 +10,8 @@ the worker actors per step.
 Two rules of Ray's channels shape the code: a writer waits until every reader has released the previous
 value, and a zero-copy numpy array read from a channel holds that value until it is dropped; so both sides
 copy what they read (d numbers) before they go on. Ray 2.60 leaves the channels' POSIX semaphores in
-/dev/shm after teardown: the driver removes those its run made, and sweeps those of raylets that are gone.
+/dev/shm after teardown, named after the raylet: once that raylet is gone (an embedded Ray at the end of its
+run, a cluster when it stops) they are removed; a live raylet's are never touched.
 """
 
 from __future__ import annotations
@@ -129,19 +130,25 @@ def semaphores() -> set[str]:
     return {p.name for p in SEMAPHORES.glob("sem.*")}
 
 
-def remove_semaphores(names: Collection[str]) -> None:
-    for name in names:
+def _raylet_pid(name: str) -> int | None:
+    head = name.split("-", 1)[0].removeprefix("sem.")
+    pid = head.removeprefix("hdr").removeprefix("obj")
+    return int(pid) if head.startswith(("hdr", "obj")) and pid.isdigit() and "-" in name else None
+
+
+def sweep_stale_semaphores(names: Collection[str] | None = None, wait_s: float = 0.0) -> list[str]:
+    """Remove Ray channel semaphores whose raylet is gone (of ``names``, or all); return their names.
+
+    Only a dead raylet's are touched: a live raylet may open its semaphores again by name. ``wait_s`` gives
+    raylets that are shutting down that long to exit.
+    """
+    from sgd_dist.transports.shm import _alive
+
+    candidates = [n for n in (semaphores() if names is None else names) if _raylet_pid(n) is not None]
+    deadline = time.monotonic() + wait_s
+    while any(_alive(_raylet_pid(n)) for n in candidates) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stale = [n for n in candidates if not _alive(_raylet_pid(n))]
+    for name in stale:
         (SEMAPHORES / name).unlink(missing_ok=True)
-
-
-def sweep_stale_semaphores() -> list[str]:
-    """Remove Ray channel semaphores whose raylet is gone; return their names."""
-    stale = []
-    for name in semaphores():
-        head = name.split("-", 1)[0].removeprefix("sem.")
-        pid = head.removeprefix("hdr").removeprefix("obj")
-        if (head.startswith(("hdr", "obj")) and pid.isdigit() and "-" in name
-                and not Path(f"/proc/{pid}").exists()):
-            stale.append(name)
-    remove_semaphores(stale)
     return stale
