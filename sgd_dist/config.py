@@ -151,7 +151,7 @@ class ClusterConfig(_Section):
     num_workers: Count = Field(2, ge=1)
     """Worker actors, each holding one shard of the data."""
     transport: Literal["auto", "shm", "ray"] = "auto"
-    """How weights and gradients travel on the ray backend: shm (shared memory, every actor on one node), ray (Ray actor calls, across nodes), auto (shm when the workers share a node)."""
+    """How weights and gradients travel on the ray backend: shm (shared memory, every actor on one node), ray (Ray channels, across nodes), auto (shm when the workers share a node)."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where each worker keeps its shard and computes: cpu, cuda (one GPU per worker from Ray), or auto (cuda if the cluster has GPUs)."""
     cpus_per_worker: float = Field(1.0, ge=0)
