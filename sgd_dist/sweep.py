@@ -135,7 +135,8 @@ class RunPlan:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+=,-]+", "_", text).strip("_") or "empty"
+    """A value as a file name's part: characters other than letters, digits and ._+- become _."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "empty"
 
 
 def resolve_base(base: str, experiment_path: Path) -> Path:
@@ -216,8 +217,8 @@ def plan_runs(experiment: Experiment, base_raw: dict, where: str = "experiment")
                     config = validated[cache_key]
                     parts = ([scaling] if with_scaling else []) + (
                         [f"global_batch={global_batch}"] if global_batch is not None else []) + [
-                        f"{k}={value_text(v)}" for k, v in point]
-                    stem = _slug(",".join(parts)) if parts else "base"
+                        f"{k}={_slug(value_text(v))}" for k, v in point]
+                    stem = ",".join(parts) if parts else "base"
                     name, n = f"{stem}-r{repeat}", 2
                     while name in names:  # two values that slug alike
                         name, n = f"{stem}~{n}-r{repeat}", n + 1
