@@ -102,6 +102,9 @@ def _scaling(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str
             ax_sp.plot(ks, sp, "o-", color=color, label=f"{_label(key)} ({', '.join(basis)})")
             top = max(top, *ks)
     ax_sp.plot([1, top], [1, top], "k--", lw=1, label="ideal (speedup = workers)")
+    ticks = sorted({r["num_workers"] for r in rows})
+    ax_tp.set_xticks(ticks)
+    ax_sp.set_xticks(ticks)
     ax_tp.set(xlabel="workers", ylabel="samples/s", title="throughput (dotted: ideal from 1 worker)")
     ax_sp.set(xlabel="workers", ylabel="speedup over 1 worker", title="speedup")
     for ax in (ax_tp, ax_sp):
@@ -122,6 +125,7 @@ def _time_to_target(path: Path, rows: list[dict], keys: list[str], target, _dir)
     for key, group in _by(reached, lambda r: (r["mode"], series(r, keys, (WORKERS, "train.mode")))).items():
         ks, times = _mean_by_workers(group, "target_time_s")
         ax.plot(ks, times, "o-", label=f"mode {key[0]}: {_label(key[1])}")
+    ax.set_xticks(sorted({r["num_workers"] for r in rows}))
     ax.set(xlabel="workers", ylabel="seconds to the target gap", yscale="log",
            title=f"time to relative gap {target} (mean over repeats; runs that never reached it left out)")
     ax.grid(True, which="both", alpha=0.3)
@@ -181,8 +185,17 @@ def _crossover(path: Path, rows: list[dict], keys: list[str], target, _dir) -> s
     return None
 
 
+def update_batch(row: dict) -> int | None:
+    """Rows behind one update: the global batch, but one worker's batch in async (each update is one gradient)."""
+    if row["mode"] != "async":
+        return row["global_batch"]
+    text = str(row["worker_batch"])
+    return int(text) if text.isdigit() else None
+
+
 def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
-    reached = [r for r in rows if r["target_step"] is not None]
+    reached = [{**r, "global_batch": update_batch(r)} for r in rows if r["target_step"] is not None]
+    reached = [r for r in reached if r["global_batch"] is not None]
     if len({r["global_batch"] for r in reached}) < 2:
         return "needs runs reaching the target at 2 or more global batch sizes"
     fig = Figure(figsize=(8, 5), layout="constrained")
@@ -195,7 +208,8 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
         label = ", ".join([f"mode {mode}"] + [f"{k.split('.')[-1]}={v}" for k, v in values])
         line, = ax.plot(bs, steps, "o-", label=label)
         ax.plot(bs, [steps[0] * bs[0] / b for b in bs], ":", color=line.get_color(), lw=1)
-    ax.set(xscale="log", yscale="log", xlabel="global batch size", ylabel="steps to the target gap",
+    ax.set(xscale="log", yscale="log", xlabel="global batch size (rows per update; async: one worker's batch)",
+           ylabel="steps to the target gap",
            title=f"steps to relative gap {target} (dotted: perfect scaling, steps x batch constant)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
