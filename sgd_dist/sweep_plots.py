@@ -100,13 +100,18 @@ def _scaling(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str
         if ks:
             basis = sorted({r["speedup_basis"] for r in group if r["speedup_basis"]})
             ax_sp.plot(ks, sp, "o-", color=color, label=f"{_label(key)} ({', '.join(basis)})")
+            if len(basis) > 1:  # ring the points whose speedup is a throughput ratio (target not reached)
+                by_k = _by(group, lambda r: r["num_workers"])
+                mixed = [k for k in ks if any(r["speedup_basis"] == "samples_per_s" for r in by_k[k])]
+                ax_sp.plot(mixed, [sp[ks.index(k)] for k in mixed], "o", ms=11, mfc="none", color=color)
             top = max(top, *ks)
     ax_sp.plot([1, top], [1, top], "k--", lw=1, label="ideal (speedup = workers)")
     ticks = sorted({r["num_workers"] for r in rows})
     ax_tp.set_xticks(ticks)
     ax_sp.set_xticks(ticks)
     ax_tp.set(xlabel="workers", ylabel="samples/s", title="throughput (dotted: ideal from 1 worker)")
-    ax_sp.set(xlabel="workers", ylabel="speedup over 1 worker", title="speedup")
+    ax_sp.set(xlabel="workers", ylabel="speedup over 1 worker",
+              title="speedup (ringed: a samples/s ratio, target not reached)")
     for ax in (ax_tp, ax_sp):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
