@@ -245,3 +245,16 @@ def test_plot_draws_the_sweeps_figures_and_reports_the_rest(smoke, capsys):
         assert_png(path)
     assert "skipped crossover.png: needs 2 or more problem sizes (grid data.n_features)" in skipped
     assert len(drawn) + len(skipped) == 5
+
+
+def test_a_failing_run_is_a_row_and_exit_1_and_is_tried_again_on_resume(ray_session, tmp_path, capsys):
+    """9 workers on the session's 8 CPUs: the run fails at once (nothing started), the sweep goes on."""
+    path = experiment(tmp_path, grid={"cluster.num_workers": [9], "train.batch_size": [16]})
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 1
+    captured = capsys.readouterr()
+    assert "sweep [1/1] cluster.num_workers=9 train.batch_size=16 r0: FAILED: ClusterError: cluster.num_workers=9 needs 9 CPUs" in captured.err
+    assert "1 runs: 1 run now, 0 kept from before, 1 failed" in captured.out
+    [row] = read_results(out / RESULTS_FILE)
+    assert row["status"] == "failed" and "needs 9 CPUs" in row["error"] and row["speedup"] is None
+    assert run_sweep(load_experiment(path), out, plots=False).ran == 1  # not kept: tried again
