@@ -44,8 +44,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("run_dir", help="a completed run directory written by sgd-dist train")
     p.add_argument("--out", help="directory for the replay's run (default RUN_DIR-replay-<time>)")
 
-    p = sub.add_parser("plot", help="redraw a run directory's figures from its recorded files")
-    p.add_argument("run_dir", help="a run directory written by sgd-dist train")
+    p = sub.add_parser("plot", help="redraw a run directory's (or a sweep directory's) figures from its recorded files")
+    p.add_argument("run_dir", help="a run directory written by sgd-dist train, or a sweep directory (with results.csv)")
+
+    p = sub.add_parser("sweep", help="run a grid of timed runs one at a time; results.csv and figures; resumes")
+    p.add_argument("--config", required=True, help="experiment file (see configs/experiments/)")
+    p.add_argument("--out", help="sweep directory (default runs/sweep-<experiment name>); an existing one resumes")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the sweep's figures at the end (default on)")
 
     p = sub.add_parser("config", help="print the validated config (all defaults filled in) as YAML")
     p.add_argument("--config", help="YAML config file; default: the built-in defaults")
@@ -208,11 +214,39 @@ def _plot(args: argparse.Namespace) -> int:
     from sgd_dist.plots import plot_run
 
     run_dir = Path(args.run_dir)
+    if (run_dir / "results.csv").is_file():
+        from sgd_dist.sweep_plots import plot_sweep
+
+        _print_figures(plot_sweep(run_dir))
+        return EXIT_OK
     if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
         return _fail(EXIT_USAGE, f"{str(run_dir)!r} is not a run directory (it needs config.yaml and metrics.jsonl)")
     for path in plot_run(run_dir):
         print(path)
     return EXIT_OK
+
+
+def _print_figures(figures) -> None:
+    for path in figures.drawn:
+        print(path)
+    for name, why in figures.skipped:
+        print(f"skipped {name}: {why}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from sgd_dist.sweep import load_experiment, run_sweep
+
+    sweep = load_experiment(args.config)  # every run's config validated here: a bad grid runs nothing
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.config).stem}"
+    try:
+        result = run_sweep(sweep, out, plots=args.plots)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, f"interrupted; run the same command again (--out {out}) to resume")
+    print(f"{len(result.rows)} runs: {result.ran} run now, {result.kept} kept from before, {result.failed} failed")
+    if result.figures is not None:
+        _print_figures(result.figures)
+    print(f"results in {out}/results.csv")
+    return EXIT_RUN_FAILED if result.failed else EXIT_OK
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -293,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         return {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
-                "submit": _submit, "jobs": _jobs}[args.command](args)
+                "submit": _submit, "jobs": _jobs, "sweep": _sweep}[args.command](args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except BrokenPipeError:

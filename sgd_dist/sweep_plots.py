@@ -1,0 +1,222 @@
+"""A sweep's figures, drawn from its results.csv and its runs' metrics.jsonl alone: ``sgd-dist plot SWEEP_DIR``.
+
+Each figure is drawn only when the grid has what it needs; otherwise it is listed in ``skipped`` with why.
+Like plots.py: matplotlib's object API, no pyplot, no Ray, no trainer.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sgd_dist.recording import read_metrics
+from sgd_dist.sweep import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, read_results, series
+
+WORKERS = "cluster.num_workers"
+FEATURES = "data.n_features"
+
+
+@dataclass
+class Figures:
+    drawn: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, why)
+
+
+def grid_keys(results: Path) -> list[str]:
+    """The grid's keys: results.csv's columns between scaling and repeat."""
+    with open(results, newline="") as f:
+        header = next(csv.reader(f))
+    return header[header.index("scaling") + 1:header.index("repeat")]
+
+
+def plot_sweep(sweep_dir: str | Path) -> Figures:
+    sweep_dir = Path(sweep_dir)
+    keys = grid_keys(sweep_dir / RESULTS_FILE)
+    rows = [r for r in read_results(sweep_dir / RESULTS_FILE) if r["status"] == "completed"]
+    saved = sweep_dir / EXPERIMENT_FILE
+    target = (yaml.safe_load(saved.read_text()) or {}).get("experiment", {}).get("target_gap") if saved.is_file() else None
+    figures = Figures()
+    for name, draw in [("scaling.png", _scaling), ("time_to_target.png", _time_to_target),
+                       ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch)]:
+        why = draw(sweep_dir / name, rows, keys, target, sweep_dir)
+        if why is None:
+            figures.drawn.append(sweep_dir / name)
+        else:
+            figures.skipped.append((name, why))
+    return figures
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110)
+
+
+def _label(key: tuple) -> str:
+    scaling, batch, values = key
+    parts = [scaling] + ([f"global batch {batch}"] if batch is not None else [])
+    return ", ".join(parts + [f"{k.split('.')[-1]}={v}" for k, v in values])
+
+
+def _by(rows: list[dict], key) -> dict:
+    groups: dict = defaultdict(list)
+    for row in rows:
+        groups[key(row)].append(row)
+    return dict(sorted(groups.items(), key=lambda item: str(item[0])))
+
+
+def _mean_by_workers(rows: list[dict], column: str) -> tuple[list[int], list[float]]:
+    per_k = _by([r for r in rows if r[column] is not None], lambda r: r["num_workers"])
+    ks = sorted(per_k)
+    return ks, [statistics.fmean(r[column] for r in per_k[k]) for k in ks]
+
+
+def _need_workers(rows: list[dict]) -> str | None:
+    if len({r["num_workers"] for r in rows}) < 2:
+        return "needs completed runs at 2 or more worker counts (grid cluster.num_workers)"
+    return None
+
+
+def _scaling(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    if (why := _need_workers(rows)) is not None:
+        return why
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    ax_tp, ax_sp = fig.subplots(1, 2)
+    top = 1
+    for i, (key, group) in enumerate(_by(rows, lambda r: series(r, keys)).items()):
+        color = f"C{i % 10}"
+        ks, tp = _mean_by_workers(group, "samples_per_s")
+        ax_tp.plot(ks, tp, "o-", color=color, label=_label(key))
+        ax_tp.plot([r["num_workers"] for r in group], [r["samples_per_s"] for r in group], ".", color=color, alpha=0.4)
+        if ks[0] == 1:
+            ax_tp.plot(ks, [tp[0] * k for k in ks], ":", color=color, lw=1)
+        ks, sp = _mean_by_workers(group, "speedup")
+        if ks:
+            basis = sorted({r["speedup_basis"] for r in group if r["speedup_basis"]})
+            ax_sp.plot(ks, sp, "o-", color=color, label=f"{_label(key)} ({', '.join(basis)})")
+            if len(basis) > 1:  # ring the points whose speedup is a throughput ratio (target not reached)
+                by_k = _by(group, lambda r: r["num_workers"])
+                mixed = [k for k in ks if any(r["speedup_basis"] == "samples_per_s" for r in by_k[k])]
+                ax_sp.plot(mixed, [sp[ks.index(k)] for k in mixed], "o", ms=11, mfc="none", color=color)
+            top = max(top, *ks)
+    ax_sp.plot([1, top], [1, top], "k--", lw=1, label="ideal (speedup = workers)")
+    ticks = sorted({r["num_workers"] for r in rows})
+    ax_tp.set_xticks(ticks)
+    ax_sp.set_xticks(ticks)
+    ax_tp.set(xlabel="workers", ylabel="samples/s", title="throughput (dotted: ideal from 1 worker)")
+    ax_sp.set(xlabel="workers", ylabel="speedup over 1 worker",
+              title="speedup (ringed: a samples/s ratio, target not reached)")
+    for ax in (ax_tp, ax_sp):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return None
+
+
+def _time_to_target(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    if (why := _need_workers(rows)) is not None:
+        return why
+    reached = [r for r in rows if r["target_time_s"] is not None]
+    if not reached:
+        return f"no run reached the target gap {target}"
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for key, group in _by(reached, lambda r: (r["mode"], series(r, keys, (WORKERS, "train.mode")))).items():
+        ks, times = _mean_by_workers(group, "target_time_s")
+        ax.plot(ks, times, "o-", label=f"mode {key[0]}: {_label(key[1])}")
+    ax.set_xticks(sorted({r["num_workers"] for r in rows}))
+    ax.set(xlabel="workers", ylabel="seconds to the target gap", yscale="log",
+           title=f"time to relative gap {target} (mean over repeats; runs that never reached it left out)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return None
+
+
+def _loss_time(path: Path, rows: list[dict], keys: list[str], target, sweep_dir: Path) -> str | None:
+    runs = [r for r in rows if r["repeat"] == 0 and r["optimal_loss"]
+            and (sweep_dir / RUNS_DIR / r["run"] / "metrics.jsonl").is_file()]
+    if not runs:
+        return "no completed run with an optimality gap and its metrics.jsonl"
+    scalings = sorted({r["scaling"] for r in runs})
+    fig = Figure(figsize=(7 * len(scalings), 5), layout="constrained")
+    axes = fig.subplots(1, len(scalings), squeeze=False)[0]
+    for ax, scaling in zip(axes, scalings):
+        for row in [r for r in runs if r["scaling"] == scaling]:
+            evals = [m for m in read_metrics(sweep_dir / RUNS_DIR / row["run"])
+                     if m.get("optimality_gap") is not None and m["optimality_gap"] > 0]
+            label = f"{row['num_workers']} workers, " + ", ".join(
+                f"{k.split('.')[-1]}={row[k]}" for k in keys if k != WORKERS)
+            ax.plot([m["wall_time_s"] for m in evals], [m["optimality_gap"] / row["optimal_loss"] for m in evals],
+                    lw=1.2, label=label.rstrip(", "))
+        if target is not None:
+            ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}")
+        ax.set(xlabel="wall time (s)", ylabel="relative optimality gap", yscale="log", title=f"{scaling} scaling, repeat 0")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return None
+
+
+def _crossover(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    if len({r["n_features"] for r in rows}) < 2:
+        return "needs 2 or more problem sizes (grid data.n_features)"
+    rated = [r for r in rows if r["num_workers"] > 1 and r["speedup"] is not None]
+    if not rated:
+        return "needs 1-worker runs and runs with more workers (grid cluster.num_workers with 1)"
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for key, group in _by(rated, lambda r: series(r, keys, (WORKERS, FEATURES))).items():
+        points = []
+        for d, at_d in sorted(_by(group, lambda r: r["n_features"]).items()):
+            ks, sp = _mean_by_workers(at_d, "speedup")
+            best = max(range(len(ks)), key=sp.__getitem__)
+            points.append((d, sp[best], ks[best]))
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=_label(key))
+        for d, s, k in points:
+            ax.annotate(f"K={k}", (d, s), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+    ax.axhline(1, color="k", ls="--", lw=1, label="break-even (1 worker as fast)")
+    ax.set(xscale="log", xlabel="features d", ylabel="best speedup of K > 1 workers over 1",
+           title="where distributing pays on this machine (above the line)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return None
+
+
+def update_batch(row: dict) -> int | None:
+    """Rows behind one update: the global batch, but one worker's batch in async (each update is one gradient)."""
+    if row["mode"] != "async":
+        return row["global_batch"]
+    text = str(row["worker_batch"])
+    return int(text) if text.isdigit() else None
+
+
+def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    reached = [{**r, "global_batch": update_batch(r)} for r in rows if r["target_step"] is not None]
+    reached = [r for r in reached if r["global_batch"] is not None]
+    if len({r["global_batch"] for r in reached}) < 2:
+        return "needs runs reaching the target at 2 or more global batch sizes"
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    skip = (WORKERS, "train.batch_size", "train.mode")
+    for (mode, values), group in _by(reached, lambda r: (r["mode"], series(r, keys, skip)[2])).items():
+        per_b = _by(group, lambda r: r["global_batch"])
+        bs = sorted(per_b)
+        steps = [statistics.fmean(r["target_step"] for r in per_b[b]) for b in bs]
+        label = ", ".join([f"mode {mode}"] + [f"{k.split('.')[-1]}={v}" for k, v in values])
+        line, = ax.plot(bs, steps, "o-", label=label)
+        ax.plot(bs, [steps[0] * bs[0] / b for b in bs], ":", color=line.get_color(), lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="global batch size (rows per update; async: one worker's batch)",
+           ylabel="steps to the target gap",
+           title=f"steps to relative gap {target} (dotted: perfect scaling, steps x batch constant)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return None

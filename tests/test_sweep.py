@@ -1,0 +1,260 @@
+"""sgd-dist sweep: the grid, target detection and speedup arithmetic without Ray; the smoke sweep on the
+session's Ray (rows, resume, refusals, figures). No timing in any assert."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import assert_png
+from sgd_dist.cli import main
+from sgd_dist.config import ConfigError
+from sgd_dist.recording import read_metrics
+from sgd_dist.sweep import (
+    RESULTS_FILE,
+    add_speedups,
+    first_below,
+    load_experiment,
+    read_results,
+    run_sweep,
+)
+from sgd_dist.sweep_plots import plot_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "experiments" / "smoke.yaml"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def experiment(tmp_path: Path, name: str = "exp.yaml", **fields) -> Path:
+    raw = {"base": str(REPO / "configs" / "default.yaml"), "overrides": ["data.n_samples=1024", "train.steps=10", "optim.warmup_steps=0"],
+           "grid": {"cluster.num_workers": [1, 2]}, **fields}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# --- pure functions, no Ray ---------------------------------------------------------------------------------
+
+def test_the_grid_expands_in_a_deterministic_order_with_each_runs_batch(tmp_path):
+    sweep = load_experiment(experiment(tmp_path, grid={"cluster.num_workers": [1, 2, 4], "train.mode": ["sync", "async"]},
+                                       scaling=["strong", "weak"], global_batch=[64, 128], repeats=2))
+    runs = sweep.runs
+    assert len(runs) == 2 * (2 * 3 * 2 + 3 * 2)  # repeats x (strong: batches x workers x modes + weak)
+    assert [r.repeat for r in runs] == [0] * 18 + [1] * 18  # repeats outermost
+    assert [(r.scaling, r.global_batch, dict(r.point)["cluster.num_workers"], dict(r.point)["train.mode"])
+            for r in runs[:4]] == [("strong", 64, 1, "sync"), ("strong", 64, 1, "async"), ("strong", 64, 2, "sync"),
+                                   ("strong", 64, 2, "async")]
+    for run in runs:
+        k = run.config.cluster.num_workers
+        if run.scaling == "strong":
+            assert run.config.train.batch_size * k == run.global_batch
+        else:
+            assert run.config.train.batch_size == 256  # the default job's per-worker batch
+    assert len({r.name for r in runs}) == len(runs)
+    assert runs[0].name == "strong,global_batch=64,cluster.num_workers=1,train.mode=sync-r0"
+    assert load_experiment(experiment(tmp_path)).runs == load_experiment(experiment(tmp_path)).runs
+
+
+def test_grid_values_of_any_shape_get_distinct_directory_names(tmp_path):
+    sweep = load_experiment(experiment(tmp_path, grid={"cluster.num_workers": [2], "stragglers.slowdown": [{}, {1: 4.0}]}))
+    assert [r.name for r in sweep.runs] == ["cluster.num_workers=2,stragglers.slowdown=empty-r0",
+                                            "cluster.num_workers=2,stragglers.slowdown=1_4.0-r0"]
+    assert sweep.runs[1].config.stragglers.slowdown == {1: 4.0}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"grid": {"cluster.num_wrkers": [1, 2]}}, r"grid point cluster.num_wrkers=1: cluster.num_wrkers: unknown key"),
+    ({"grid": {"cluster.num_workers": [1, 0]}}, r"grid point cluster.num_workers=0: cluster.num_workers: .*greater than or equal to 1"),
+    ({"grid": {"train.mode": ["sync", "fast"]}}, r"grid point train.mode=fast: train.mode: Input should be"),
+    ({"grid": {"cluster.num_workers": []}}, r"grid: .*lists no values"),
+    ({"grid": {"output.dir": ["x"]}}, r"grid output.dir: the sweep sets output"),
+    ({"scaling": "strong"}, r"scaling: strong needs global_batch"),
+    ({"scaling": "strong", "global_batch": 3}, r"global_batch=3 does not split evenly over cluster.num_workers=2"),
+    ({"scaling": "sideways"}, r"scaling.0: Input should be 'strong' or 'weak'"),
+    ({"repeat": 2}, r"repeat: unknown key"),
+    ({"base": "nowhere.yaml"}, r"base config 'nowhere.yaml' not found"),
+])
+def test_a_bad_experiment_is_one_line_naming_the_field(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_experiment(experiment(tmp_path, **fields))
+    assert "\n" not in str(info.value)
+
+
+def test_the_target_is_the_first_evaluated_row_below_the_relative_gap():
+    rows = [{"step": 0, "optimality_gap": 1.0}, {"step": 1, "loss": 2.0},
+            {"step": 5, "optimality_gap": 0.02}, {"step": 10, "optimality_gap": 0.004},
+            {"step": 15, "optimality_gap": 0.0001}]
+    assert first_below(rows, 4.0, 1e-2)["step"] == 5  # 0.02 / 4 = 0.005
+    assert first_below(rows, 2.0, 1e-2)["step"] == 10  # 0.02 / 2 = 0.01 is not below 1e-2
+    assert first_below(list(reversed(rows)), 1.0, 1e-2)["step"] == 10
+    assert first_below(rows, 1.0, 1e-5) is None
+    assert first_below(rows, None, 1e-2) is None and first_below(rows, 0.0, 1e-2) is None
+
+
+def _row(scaling, k, repeat, sps, t, gb, mode="sync"):
+    return {"scaling": scaling, "cluster.num_workers": str(k), "train.mode": mode, "num_workers": k, "repeat": repeat,
+            "status": "completed", "samples_per_s": sps, "target_time_s": t, "global_batch": gb}
+
+
+def test_speedup_and_efficiency_against_the_mean_of_the_one_worker_repeats():
+    keys = ["cluster.num_workers", "train.mode"]
+    rows = add_speedups([
+        _row("strong", 1, 0, 100.0, 4.0, 64), _row("strong", 1, 1, 120.0, 6.0, 64),
+        _row("strong", 2, 0, 150.0, 2.5, 64), _row("strong", 4, 0, 300.0, None, 64),
+        _row("weak", 1, 0, 100.0, 1.0, 32), _row("weak", 4, 0, 320.0, 9.0, 128),
+        _row("weak", 2, 0, 999.0, 1.0, 64, mode="async"),  # no 1-worker async run: no speedup
+    ], keys)
+    assert rows[2]["speedup"] == pytest.approx(5.0 / 2.5) and rows[2]["speedup_basis"] == "time_to_target"
+    assert rows[2]["efficiency"] == pytest.approx(1.0)
+    assert rows[3]["speedup"] == pytest.approx(300 / 110) and rows[3]["speedup_basis"] == "samples_per_s"
+    assert rows[5]["speedup"] == pytest.approx(3.2) and rows[5]["efficiency"] == pytest.approx(0.8)
+    assert rows[5]["speedup_basis"] == "samples_per_s"
+    assert rows[6]["speedup"] is None and rows[6]["efficiency"] is None
+
+
+def test_figures_from_a_hand_written_sweep_directory(tmp_path):
+    """Every figure from results.csv and metrics.jsonl alone, no Ray: a crossover over two problem sizes."""
+    grid = ["cluster.num_workers", "data.n_features"]
+    rows = []
+    for d in (10, 1000):
+        for k in (1, 2, 4):
+            name = f"cluster.num_workers={k},data.n_features={d}-r0"
+            run = tmp_path / "runs" / name
+            run.mkdir(parents=True)
+            with open(run / "metrics.jsonl", "w") as f:
+                for step in range(0, 101, 10):
+                    f.write(json.dumps({"step": step, "wall_time_s": step * 0.01 / k, "optimality_gap": 2.0 / (1 + step)}) + "\n")
+            rows.append({"run": name, "scaling": "weak", "cluster.num_workers": k, "data.n_features": d, "repeat": 0,
+                         "num_workers": k, "mode": "sync", "n_features": d, "worker_batch": 32, "global_batch": 32 * k,
+                         "status": "completed", "samples_per_s": 1000.0 * (k if d == 1000 else 1 / k),
+                         "optimal_loss": 1.0, "target_step": 100 // k, "target_time_s": 1.0 / k})
+    add_speedups(rows, grid)
+    with open(tmp_path / RESULTS_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", "scaling", *grid, "repeat", "num_workers", "mode", "n_features",
+                                               "worker_batch", "global_batch", "status", "samples_per_s", "optimal_loss",
+                                               "target_step", "target_time_s", "speedup", "efficiency", "speedup_basis"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    figures = plot_sweep(tmp_path)
+    assert figures.skipped == []
+    assert {p.name for p in figures.drawn} == {"scaling.png", "time_to_target.png", "loss_time.png", "crossover.png", "batch.png"}
+    for path in figures.drawn:
+        assert_png(path)
+
+
+# --- the smoke sweep on the session's Ray -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke(ray_session, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "smoke"
+    result = run_sweep(load_experiment(SMOKE), out, plots=False)
+    assert (result.ran, result.kept, result.failed) == (4, 0, 0)
+    return out
+
+
+def test_the_smoke_sweep_writes_one_well_formed_row_per_run(smoke):
+    rows = read_results(smoke / RESULTS_FILE)
+    sweep = load_experiment(SMOKE)
+    assert [r["run"] for r in rows] == [p.name for p in sweep.runs]
+    assert [(r["scaling"], r["num_workers"], r["global_batch"]) for r in rows] == [
+        ("strong", 1, 32), ("strong", 2, 32), ("weak", 1, 16), ("weak", 2, 32)]
+    assert (smoke / "experiment.yaml").is_file()
+    for row in rows:
+        assert row["status"] == "completed" and row["error"] is None
+        assert row["samples_per_s"] > 0 and row["median_step_ms"] > 0 and row["steps"] == 60
+        assert json.loads((smoke / "runs" / row["run"] / "summary.json").read_text())["num_workers"] == row["num_workers"]
+    for scaling in ("strong", "weak"):
+        base = [r for r in rows if r["scaling"] == scaling and r["num_workers"] == 1]
+        for row in (r for r in rows if r["scaling"] == scaling):
+            if scaling == "strong" and row["target_time_s"] is not None and all(b["target_time_s"] for b in base):
+                assert row["speedup_basis"] == "time_to_target"
+                expected = statistics.fmean(b["target_time_s"] for b in base) / row["target_time_s"]
+            else:
+                assert row["speedup_basis"] == "samples_per_s"
+                expected = row["samples_per_s"] / statistics.fmean(b["samples_per_s"] for b in base)
+            assert row["speedup"] == pytest.approx(expected, rel=1e-12)
+            assert row["efficiency"] == pytest.approx(expected / row["num_workers"], rel=1e-12)
+
+
+def test_steps_to_target_match_the_metrics_rows(smoke):
+    for row in read_results(smoke / RESULTS_FILE):
+        metrics = read_metrics(smoke / "runs" / row["run"])
+        below = [m for m in metrics if m.get("optimality_gap") is not None
+                 and m["optimality_gap"] / row["optimal_loss"] < 1e-2]
+        first = min(below, key=lambda m: m["step"]) if below else None
+        assert row["target_step"] == (first and first["step"])
+        assert row["target_time_s"] == (first and first["wall_time_s"])
+        last = max((m for m in metrics if m.get("optimality_gap") is not None), key=lambda m: m["step"])
+        assert row["final_relative_gap"] == pytest.approx(last["optimality_gap"] / row["optimal_loss"])
+
+
+def test_resume_keeps_finished_runs_and_redoes_half_written_ones(smoke, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(smoke, out)
+    runs = sorted((out / "runs").iterdir())
+    shutil.rmtree(runs[1])  # never started
+    (runs[3] / "summary.json").unlink()  # killed mid-run: metrics but no summary
+    kept = {p.name: (p / "summary.json").read_bytes() for p in (runs[0], runs[2])}
+    mtimes = {p.name: (p / "summary.json").stat().st_mtime_ns for p in (runs[0], runs[2])}
+    result = run_sweep(load_experiment(SMOKE), out, plots=False)
+    assert (result.ran, result.kept, result.failed) == (2, 2, 0)
+    for name, data in kept.items():
+        assert (out / "runs" / name / "summary.json").read_bytes() == data
+        assert (out / "runs" / name / "summary.json").stat().st_mtime_ns == mtimes[name]
+    assert json.loads((runs[3] / "summary.json").read_text())["status"] == "completed"
+    rows = read_results(out / RESULTS_FILE)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+
+
+def test_a_different_experiment_in_the_same_out_is_refused(smoke, tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    raw = yaml.safe_load(SMOKE.read_text())
+    other.write_text(yaml.safe_dump({**raw, "base": str(REPO / "configs" / "default.yaml"), "repeats": 2}))
+    before = {p: p.stat().st_mtime_ns for p in smoke.rglob("*")}
+    assert main(["sweep", "--config", str(other), "--out", str(smoke)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sgd-dist: error: --out") and "different experiment (base, repeats differ)" in err
+    assert "\n" not in err
+    assert {p: p.stat().st_mtime_ns for p in smoke.rglob("*")} == before
+
+
+def test_a_bad_grid_exits_2_in_one_line_before_any_run(tmp_path, capsys):
+    path = experiment(tmp_path, grid={"cluster.num_workers": [1, 2], "train.batch_size": [16, -1]})
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "grid point cluster.num_workers=1 train.batch_size=-1: train.batch_size" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_plot_draws_the_sweeps_figures_and_reports_the_rest(smoke, capsys):
+    assert main(["plot", str(smoke)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    drawn = [Path(line) for line in lines if not line.startswith("skipped ")]
+    skipped = [line for line in lines if line.startswith("skipped ")]
+    assert {p.name for p in drawn} >= {"scaling.png", "loss_time.png"}
+    for path in drawn:
+        assert path.read_bytes()[:8] == PNG
+        assert_png(path)
+    assert "skipped crossover.png: needs 2 or more problem sizes (grid data.n_features)" in skipped
+    assert len(drawn) + len(skipped) == 5
+
+
+def test_a_failing_run_is_a_row_and_exit_1_and_is_tried_again_on_resume(ray_session, tmp_path, capsys):
+    """9 workers on the session's 8 CPUs: the run fails at once (nothing started), the sweep goes on."""
+    path = experiment(tmp_path, grid={"cluster.num_workers": [9], "train.batch_size": [16]})
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 1
+    captured = capsys.readouterr()
+    assert "sweep [1/1] cluster.num_workers=9 train.batch_size=16 r0: FAILED: ClusterError: cluster.num_workers=9 needs 9 CPUs" in captured.err
+    assert "1 runs: 1 run now, 0 kept from before, 1 failed" in captured.out
+    [row] = read_results(out / RESULTS_FILE)
+    assert row["status"] == "failed" and "needs 9 CPUs" in row["error"] and row["speedup"] is None
+    assert run_sweep(load_experiment(path), out, plots=False).ran == 1  # not kept: tried again
