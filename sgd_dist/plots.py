@@ -40,7 +40,8 @@ def _save(fig: Figure, path: Path) -> Path:
 def _title(summary: dict, config) -> str:
     batch = config.train.batch_size
     head = (f"{config.data.kind} regression, {config.data.n_samples:,} rows x {config.data.dim} params, "
-            f"{config.cluster.num_workers} workers x batch {batch}, {config.cluster.backend} backend")
+            f"{config.cluster.num_workers} workers x batch {batch}, {config.cluster.backend} backend"
+            + (f" ({summary['transport']}), {summary['mode']}" if summary.get("transport") else ""))
     if summary.get("status") == "completed":
         rel = summary.get("relative_optimality_gap")
         rel_text = f" (relative {rel:.2e})" if rel is not None else ""
