@@ -359,10 +359,10 @@ class RayBackend(Backend):
             if self._group is not None:  # a pending group would take the CPUs the moment they free up
                 remove_placement_group(self._group)
                 self._group = None
-            if self._started:
+            if self._started:  # only a Ray this run started: a joined cluster's /dev/shm is not ours to tidy
                 ray.shutdown()
                 self._started = False
                 if self._semaphores is not None:  # the ones this run's channels made go with its raylet
                     channel.sweep_stale_semaphores(channel.semaphores() - self._semaphores, wait_s=3.0)
+                channel.sweep_stale_semaphores()
         self._semaphores = None
-        channel.sweep_stale_semaphores()
