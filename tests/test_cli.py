@@ -261,6 +261,35 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
     assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 19
 
 
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, transport):
+    """An interrupted run on an embedded Ray: its rows kept, its shm segment and its channels' semaphores gone."""
+    from sgd_dist.transports.shm import PREFIX, SHM_DIR, _alive
+
+    def leaked(before: set[str]) -> set[str]:  # new entries whose creating process (or raylet) is gone
+        new = {p.name for p in SHM_DIR.iterdir()} - before
+        pids = {name: name.split("-")[0 if name.startswith("sem.") else 1].removeprefix("sem.hdr").removeprefix("sem.obj")
+                for name in new if name.startswith(("sem.hdr", "sem.obj", PREFIX))}
+        return {name for name, pid in pids.items() if pid.isdigit() and not _alive(int(pid))}
+
+    before = {p.name for p in SHM_DIR.iterdir()}
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), f"cluster.transport={transport}",
+                             "train.steps=1e7", "train.log_every=0", "train.eval_every=0", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_user_env(),
+                            start_new_session=True, preexec_fn=_default_sigint)
+    try:
+        _wait_for_rows(run, 200, proc, timeout=120)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    summary = _assert_rows_up_to_the_summary(run)
+    assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 199
+    assert leaked(before) == set()
+
+
 def test_plot_redraws_a_killed_run(tiny, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), "--backend", "serial",
