@@ -163,10 +163,6 @@ class ShmServerEnd(ServerEnd):
         self._seq = [0] * k
         self._next = 0
 
-    @property
-    def name_in_shm(self) -> str:
-        return self.segment.name
-
     def _free_slot(self) -> int:
         return next(s for s in range(self.layout.num_slots) if s != self._current and self._refs[s] == 0)
 
