@@ -31,7 +31,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="run one training and record it in a run directory")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file (see configs/); required unless --resume")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="go on with a killed run from its latest checkpoint, with its own config.yaml")
     p.add_argument("--out", help="run directory (new or empty); default runs/<config name>-<timestamp>")
     p.add_argument("--backend", choices=["ray", "serial"], help="ray (default) or serial: the one-process reference")
     p.add_argument("--address", help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a local one")
@@ -150,9 +152,23 @@ def _fail(code: int, message: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     from sgd_dist.trainer import one_line, train  # torch and tqdm only once the arguments are good
 
-    config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+    from sgd_dist.checkpoint import CheckpointError
+
+    if args.resume is not None:
+        if args.config or args.overrides or _flag_overrides(args):
+            return _fail(EXIT_USAGE, "--resume RUN_DIR goes on with the run's own config.yaml: drop --config, --out, "
+                                     "--backend, --address and the key=value overrides")
+        if not (Path(args.resume) / "config.yaml").is_file():
+            return _fail(EXIT_RUN_FAILED, f"{args.resume}/config.yaml: not found; --resume needs a run directory")
+        config = load_config(Path(args.resume) / "config.yaml")
+    elif args.config is None:
+        return _fail(EXIT_USAGE, "train needs --config FILE (or --resume RUN_DIR)")
+    else:
+        config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     try:
-        result = train(config, config_path=args.config, progress=args.progress)
+        result = train(config, config_path=args.config, progress=args.progress, resume=args.resume)
+    except CheckpointError as exc:
+        return _fail(EXIT_RUN_FAILED, f"cannot resume: {exc}")
     except ConfigError:
         raise
     except KeyboardInterrupt:
@@ -175,6 +191,11 @@ def _train(args: argparse.Namespace) -> int:
               + (f" (relative {rel:.2e})" if rel is not None else ""))
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
     print(_mode_line(s))
+    if s.get("faults"):
+        from sgd_dist.trainer import describe_fault
+
+        for entry in s["faults"]:
+            print(f"fault: {describe_fault(entry)}")
     from sgd_dist.stragglers import describe
 
     for line in describe(s.get("stragglers", [])):

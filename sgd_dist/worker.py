@@ -48,12 +48,14 @@ class ShardWorker:
         total_steps: int = 1,
         global_batch_size: int = 1,
         stragglers: StragglersConfig | None = None,
+        delays: dict[int, float] | None = None,
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         # local SGD's own steps follow the run's learning-rate schedule over every local step
         self.optim, self.total_steps, self.global_batch_size = optim, total_steps, global_batch_size
         self.stragglers = stragglers
+        self.delays = dict(delays or {})  # injected one-off delays: local step -> seconds
         self.rank, self.start, self.stop = rank, start, stop
         self.kind = data.kind
         self.device = torch.device(device)
@@ -85,6 +87,8 @@ class ShardWorker:
             grad, (loss, count) = None, self.evaluate(weights)
         if self.stragglers is not None and command.kind != EVALUATE:  # wall time only: the numbers stay the same
             time.sleep(stragglers.extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0))
+        if command.kind != EVALUATE and command.step in self.delays:  # a fault: once
+            time.sleep(self.delays.pop(command.step))
         return Arrival(self.rank, command.kind, command.step, command.version, grad, loss, count,
                        time.perf_counter() - t0)
 
