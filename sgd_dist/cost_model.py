@@ -699,9 +699,29 @@ def error_lines(observations: Sequence[Observation], predictions: dict[str, dict
             f"{_fmt(p['seconds_to_target_error_pct'], '+6.0f'):>6}")
     names = {"step_ms_error_pct": "step time", "samples_per_s_error_pct": "samples/s",
              "seconds_to_target_error_pct": "time to target"}
+    spread = repeat_spread(observations)
     for column, (median, worst, n) in error_summary(predictions.values()).items():
-        lines.append(f"{names[column]}: median |error| {median:.1f} %, worst {worst:.1f} % over {n} runs")
+        noise = f"; repeats of one point differ from their mean by median {spread[column]:.1f} %" if column in spread else ""
+        lines.append(f"{names[column]}: median |error| {median:.1f} %, worst {worst:.1f} % over {n} runs{noise}")
     return lines
+
+
+def repeat_spread(observations: Sequence[Observation]) -> dict[str, float]:
+    """The measurement's own noise: median over runs of |run - mean of its point's repeats| / that mean, in %,
+    for points run more than once (what no model of the mean can predict)."""
+    measured = {"step_ms_error_pct": lambda o: o.step_s, "samples_per_s_error_pct": lambda o: o.samples_per_s,
+                "seconds_to_target_error_pct": lambda o: o.target_time_s}
+    out = {}
+    for column, value in measured.items():
+        deviations = []
+        for point in dict.fromkeys(o.point for o in observations):
+            values = [value(o) for o in observations if o.point == point and value(o) is not None]
+            if len(values) > 1:
+                mean = statistics.fmean(values)
+                deviations += [100 * abs(v - mean) / mean for v in values]
+        if deviations:
+            out[column] = statistics.median(deviations)
+    return out
 
 
 def curve_lines(found: Sequence[Curve], table: bool = False) -> list[str]:

@@ -171,3 +171,12 @@ def test_leave_one_out_predicts_each_point_without_its_own_runs():
     for name, p in predictions.items():
         measured = next(o for o in runs if o.run == name)
         assert p["step_ms_error_pct"] == pytest.approx(100 * (p["predicted_step_ms"] / 1e3 - measured.step_s) / measured.step_s)
+
+
+def test_the_repeat_spread_is_the_median_deviation_from_each_points_mean():
+    from sgd_dist.cost_model import repeat_spread
+
+    one = grid(TRUE, dims=(11,), workers=(1,), batches=(64,))[0]
+    runs = [replace(one, run="a", step_s=0.9e-3), replace(one, run="b", step_s=1.1e-3),
+            replace(one, run="c", point=("other",), step_s=5e-3)]  # a point run once adds nothing
+    assert repeat_spread(runs)["step_ms_error_pct"] == pytest.approx(10.0)
