@@ -36,8 +36,8 @@ What is measured and what is modelled:
     the server's work for one answer and by the server link carrying one answer and one command.
 
 - **Time to target** = steps to the target x the predicted step, plus the evaluations before it. The steps
-  to the target (statistical efficiency) are measured: the mean over the runs of the same mode with the same
-  rows per update, else ``steps = S_min + S_min x B_noise / B`` fitted over that mode's runs (the empirical
+  to the target (statistical efficiency) are measured: the mean over the runs of the same mode and problem
+  (the grid values other than the workers, mode and batch) with the same rows per update, else ``steps = S_min + S_min x B_noise / B`` fitted over that mode's runs (the empirical
   steps/batch trade-off of McCandlish et al. 2018); async's extra staleness at many workers is not modelled.
 
 Everything here is plain arithmetic on dataclasses; ``load_observations`` is the one function that reads files.
@@ -45,6 +45,9 @@ Everything here is plain arithmetic on dataclasses; ``load_observations`` is the
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import os
 import statistics
@@ -126,6 +129,7 @@ class Observation:
     samples_per_s: float
     target_step: int | None
     target_time_s: float | None
+    problem: tuple = ()  # the grid values that change what is solved (not the workers, mode or batch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,34 +391,34 @@ def _elems(s: Scenario, rows: int) -> int:
 
 @dataclass(frozen=True)
 class StepsToTarget:
-    """Steps to the target per mode: measured means by rows per update, and S_min (1 + B_noise / B) fits."""
+    """Steps to the target per mode and problem: measured means by rows per update, and S_min (1 + B_noise / B) fits."""
 
-    measured: dict[tuple[str, int], float]  # (mode, rows per update) -> mean steps
-    fitted: dict[str, tuple[float, float]]  # mode -> (S_min, S_min x B_noise)
+    measured: dict[tuple[str, tuple, int], float]  # (mode, problem, rows per update) -> mean steps
+    fitted: dict[tuple[str, tuple], tuple[float, float]]  # (mode, problem) -> (S_min, S_min x B_noise)
 
-    def steps(self, mode: str, rows: int) -> float | None:
-        if (mode, rows) in self.measured:
-            return self.measured[(mode, rows)]
-        if mode in self.fitted:
-            a, c = self.fitted[mode]
+    def steps(self, mode: str, rows: int, problem: tuple = ()) -> float | None:
+        if (mode, problem, rows) in self.measured:
+            return self.measured[(mode, problem, rows)]
+        if (mode, problem) in self.fitted:
+            a, c = self.fitted[(mode, problem)]
             return a + c / rows
         return None
 
 
 def steps_to_target(observations: Iterable[Observation]) -> StepsToTarget:
-    by: dict[tuple[str, int], list[int]] = {}
+    by: dict[tuple[str, tuple, int], list[int]] = {}
     for o in observations:
         if o.target_step is not None:
-            by.setdefault((o.scenario.mode, o.scenario.rows_per_update()), []).append(o.target_step)
+            by.setdefault((o.scenario.mode, o.problem, o.scenario.rows_per_update()), []).append(o.target_step)
     measured = {key: statistics.fmean(v) for key, v in by.items()}
     fitted = {}
-    for mode in {m for m, _ in measured}:
-        pairs = [(b, s) for (m, b), s in measured.items() if m == mode]
+    for mode, problem in {(m, p) for m, p, _ in measured}:
+        pairs = [(b, s) for (m, p, b), s in measured.items() if (m, p) == (mode, problem)]
         if len(pairs) < 2:
             continue
         coef, _ = _nonneg_lstsq({"a": np.ones(len(pairs)), "c": np.array([1 / b for b, _ in pairs])},
                                 np.array([s for _, s in pairs], float), ["a", "c"])
-        fitted[mode] = (coef["a"], coef["c"])
+        fitted[(mode, problem)] = (coef["a"], coef["c"])
     return StepsToTarget(measured, fitted)
 
 
@@ -451,7 +455,7 @@ def leave_one_out(observations: Sequence[Observation], cores: int | None) -> dic
 def prediction_row(model: CostModel, efficiency: StepsToTarget, o: Observation, cores: int | None, how: str) -> dict:
     s = replace(o.scenario, cores=cores)
     p = predict(model, s)
-    steps = efficiency.steps(s.mode, s.rows_per_update())
+    steps = efficiency.steps(s.mode, s.rows_per_update(), o.problem)
     target = p.seconds_to(math.ceil(steps), s) if steps is not None else None
     return {
         "predicted_step_ms": 1e3 * p.step_s, "step_ms_error_pct": error_pct(p.step_s, o.step_s),
@@ -542,7 +546,7 @@ def curve(model: CostModel, efficiency: StepsToTarget, template: Observation, wo
         if s is None:
             continue
         p = predict(model, s)
-        n = efficiency.steps(s.mode, s.rows_per_update())
+        n = efficiency.steps(s.mode, s.rows_per_update(), template.problem)
         ks.append(k)
         steps.append(1e3 * p.step_s)
         sps.append(p.samples_per_s(s))
@@ -623,7 +627,8 @@ def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str],
         scenario=s, answer_s=tuple(answers[r] / 1e3 for r in range(s.num_workers)),
         step_s=summary["median_step_ms"] / 1e3, train_time_s=summary["train_time_s"],
         samples_per_s=summary["samples_per_s"], target_step=row.get("target_step"),
-        target_time_s=row.get("target_time_s"))
+        target_time_s=row.get("target_time_s"),
+        problem=tuple((k, v) for k, v in grid if k not in ("cluster.num_workers", "train.mode", "train.batch_size")))
 
 
 def load_observations(sweep_dir: str | Path, cores: int | None = None) -> list[Observation]:
@@ -633,8 +638,6 @@ def load_observations(sweep_dir: str | Path, cores: int | None = None) -> list[O
     from sgd_dist.sweep import RESULTS_FILE, RUNS_DIR, read_results
 
     sweep_dir = Path(sweep_dir)
-    import csv
-
     with open(sweep_dir / RESULTS_FILE, newline="") as f:
         header = next(csv.reader(f))
     keys = header[header.index("scaling") + 1:header.index("repeat")]
@@ -674,8 +677,6 @@ CLUSTER_NETWORK = (50e-6, 1e9, "1 Gbit/s, 50 us latency")  # the second curve of
 
 def saved_cores(sweep_dir: str | Path) -> int | None:
     """The cores recorded in cost_model.json by the sweep (the machine the runs were measured on), if any."""
-    import json
-
     path = Path(sweep_dir) / MODEL_FILE
     if path.is_file():
         return json.loads(path.read_text()).get("model", {}).get("cores")
@@ -744,10 +745,6 @@ def curve_lines(found: Sequence[Curve], table: bool = False) -> list[str]:
 def write_sweep_model(sweep_dir: str | Path, cores: int | None = None, workers_max: int = 1024) -> tuple[SweepModel, list[Curve]]:
     """Fit the sweep's model, write cost_model.json and predicted.csv (1 to workers_max workers, a core per
     process, as measured and over CLUSTER_NETWORK), and return the model and the curves."""
-    import csv
-    import io
-    import json
-
     from sgd_dist.recording import write_text_atomic
 
     sweep_dir = Path(sweep_dir)

@@ -180,3 +180,13 @@ def test_the_repeat_spread_is_the_median_deviation_from_each_points_mean():
     runs = [replace(one, run="a", step_s=0.9e-3), replace(one, run="b", step_s=1.1e-3),
             replace(one, run="c", point=("other",), step_s=5e-3)]  # a point run once adds nothing
     assert repeat_spread(runs)["step_ms_error_pct"] == pytest.approx(10.0)
+
+
+def test_steps_to_target_are_kept_apart_per_problem():
+    model = replace(TRUE, cores=None)
+    s = Scenario("sync", 1, (128,), 11, 10**5)
+    small = synthetic(model, s, "small", target_step=100)
+    wide = replace(synthetic(model, replace(s, dim=1001), "wide", target_step=300), problem=(("data.n_features", 1000),))
+    eff = steps_to_target([small, wide])
+    assert eff.steps("sync", 128) == 100
+    assert eff.steps("sync", 128, (("data.n_features", 1000),)) == 300
