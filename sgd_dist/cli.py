@@ -270,7 +270,7 @@ def _model(args: argparse.Namespace) -> int:
     cores = args.cores or cost_model.saved_cores(sweep_dir) or cost_model.machine_cores()
     try:
         result = cost_model.model_sweep(sweep_dir, cores)
-    except ValueError as exc:
+    except (ValueError, OSError, KeyError) as exc:
         return _fail(EXIT_RUN_FAILED, f"cost model: {exc}")
     ks = cost_model.worker_counts(args.workers_max)
     found = cost_model.curves(result.observations, result.model, ks, None, network="as measured (no network)")

@@ -489,8 +489,8 @@ def add_predictions(out: Path, experiment: Experiment, rows: list[dict]) -> list
 
     try:
         result, found = write_sweep_model(out)
-    except ValueError as exc:
-        return [f"cost model: none ({exc})"]
+    except (ValueError, OSError, KeyError) as exc:  # the runs are done and recorded: report, do not fail the sweep
+        return [f"cost model: none ({type(exc).__name__}: {exc})"]
     for row in rows:
         row.update(result.predictions.get(row["run"], {}))
     write_results(out / RESULTS_FILE, experiment, rows)
