@@ -55,6 +55,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the sweep's figures at the end (default on)")
 
+    p = sub.add_parser("model", help="fit the cost model on a sweep's runs; coefficients, errors, 1 to N workers predicted")
+    p.add_argument("sweep_dir", help="a sweep directory (with results.csv and runs/)")
+    p.add_argument("--workers-max", type=int, default=1024, help="predict for 1, 2, 4, ... up to this many workers")
+    p.add_argument("--cores", type=int, help="cores of the machine the runs were measured on (default: as the sweep "
+                   "recorded in cost_model.json, else this machine's)")
+    p.add_argument("--latency-us", type=float, help="also predict over a network of this latency (microseconds)")
+    p.add_argument("--bandwidth-gbps", type=float, help="... and this bandwidth (Gbit/s; default unlimited)")
+
     p = sub.add_parser("config", help="print the validated config (all defaults filled in) as YAML")
     p.add_argument("--config", help="YAML config file; default: the built-in defaults")
     p.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
@@ -264,10 +272,44 @@ def _sweep(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, f"interrupted; run the same command again (--out {out}) to resume")
     print(f"{len(result.rows)} runs: {result.ran} run now, {result.kept} kept from before, {result.failed} failed")
+    for line in result.model_lines:
+        print(line)
     if result.figures is not None:
         _print_figures(result.figures)
     print(f"results in {out}/results.csv")
     return EXIT_RUN_FAILED if result.failed else EXIT_OK
+
+
+def _model(args: argparse.Namespace) -> int:
+    from sgd_dist import cost_model
+
+    sweep_dir = Path(args.sweep_dir)
+    if not (sweep_dir / "results.csv").is_file():
+        return _fail(EXIT_USAGE, f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
+    if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
+        return _fail(EXIT_USAGE, "--workers-max must be >= 1 and --bandwidth-gbps > 0")
+    cores = args.cores or cost_model.saved_cores(sweep_dir) or cost_model.machine_cores()
+    try:
+        result = cost_model.model_sweep(sweep_dir, cores)
+    except (ValueError, OSError, KeyError) as exc:
+        return _fail(EXIT_RUN_FAILED, f"cost model: {exc}")
+    ks = cost_model.worker_counts(args.workers_max)
+    found = cost_model.curves(result.observations, result.model, ks, None, network="as measured (no network)")
+    if args.latency_us is not None or args.bandwidth_gbps is not None:
+        latency = (args.latency_us or 0.0) / 1e6
+        bandwidth = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else None
+        words = f"{args.bandwidth_gbps or 'unlimited'} Gbit/s, {args.latency_us or 0:g} us latency"
+        found += cost_model.curves(result.observations, result.model, ks, None, latency, bandwidth, words)
+    print("cost model, fitted on every completed run:")
+    for line in result.model.describe():
+        print(f"  {line}")
+    print("measured against predicted, each run from a fit on the other grid points' runs:")
+    for line in cost_model.error_lines(result.observations, result.predictions):
+        print(line)
+    print("predicted on a cluster (a core per process, the measured transport's costs):")
+    for line in cost_model.curve_lines(found, table=True):
+        print(line)
+    return EXIT_OK
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -348,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         return {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
-                "submit": _submit, "jobs": _jobs, "sweep": _sweep}[args.command](args)
+                "submit": _submit, "jobs": _jobs, "sweep": _sweep,
+                "model": _model}[args.command](args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except BrokenPipeError:
