@@ -196,6 +196,8 @@ class TrainConfig(_Section):
     """Print one console line every this many steps (and at the last); 0: none."""
     seed: int = Field(0, ge=0)
     """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
+    gradient_noise_scale: tuple[Annotated[float, Field(gt=0)], ...] = ()
+    """Relative gaps at which to measure the gradient noise scale B = tr(Sigma)/|G|^2 exactly over every shard, at the point with that gap on the segment from model.init to the optimum (also at the initial and final weights): summary.json gradient_noise_scale; empty: not measured."""
 
 
 class StragglersConfig(_Section):
