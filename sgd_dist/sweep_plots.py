@@ -44,7 +44,8 @@ def plot_sweep(sweep_dir: str | Path) -> Figures:
     target = (yaml.safe_load(saved.read_text()) or {}).get("experiment", {}).get("target_gap") if saved.is_file() else None
     figures = Figures()
     for name, draw in [("scaling.png", _scaling), ("time_to_target.png", _time_to_target),
-                       ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch)]:
+                       ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch),
+                       ("batch_regimes.png", _batch_regimes), ("local_sgd.png", _local_sgd)]:
         why = draw(sweep_dir / name, rows, keys, target, sweep_dir)
         if why is None:
             figures.drawn.append(sweep_dir / name)
@@ -213,10 +214,116 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
         label = ", ".join([f"mode {mode}"] + [f"{k.split('.')[-1]}={v}" for k, v in values])
         line, = ax.plot(bs, steps, "o-", label=label)
         ax.plot(bs, [steps[0] * bs[0] / b for b in bs], ":", color=line.get_color(), lw=1)
+    _noise_scale_overlay(ax, reached)
     ax.set(xscale="log", yscale="log", xlabel="global batch size (rows per update; async: one worker's batch)",
            ylabel="steps to the target gap",
            title=f"steps to relative gap {target} (dotted: perfect scaling, steps x batch constant)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    _save(fig, path)
+    return None
+
+
+# --- the literature's shapes: batch regimes with the gradient noise scale, local SGD's rounds -------------------
+
+LR = "optim.lr"
+LOCAL_STEPS = "train.local_steps"
+
+
+def best_steps(rows: list[dict], keys: list[str]) -> tuple[list[int], list[float], list[dict]]:
+    """Per update batch, the fewest steps to target over the grid's other values (each the mean over its repeats):
+    Shallue et al.'s protocol of tuning the metaparameters at each batch size. Returns (batches, steps, best row)."""
+    skip = (WORKERS, "train.batch_size")
+    per_point = _by(rows, lambda r: (update_batch(r), series(r, keys, skip)[2]))
+    best: dict[int, tuple[float, dict]] = {}
+    for (b, _), group in per_point.items():
+        steps = statistics.fmean(r["target_step"] for r in group)
+        if b is not None and (b not in best or steps < best[b][0]):
+            best[b] = (steps, group[0])
+    bs = sorted(best)
+    return bs, [best[b][0] for b in bs], [best[b][1] for b in bs]
+
+
+def _noise_scale_overlay(ax, reached: list[dict], keys: list[str] | None = None) -> None:
+    """The critical batch predicted by the gradient noise scale (results.csv gradient_noise_scale: B_simple at the
+    target gap) as a vertical line, and McCandlish et al.'s S = S_min (1 + B_noise / B) through the fewest steps
+    at each batch: with B_noise = B_simple (S_min fitted), and with both fitted."""
+    from sgd_dist.noise_scale import fit_steps
+
+    values = [r["gradient_noise_scale"] for r in reached if r.get("gradient_noise_scale")]
+    if not values:
+        return
+    b_simple = statistics.fmean(values)
+    ax.axvline(b_simple, color="crimson", lw=1.5, label=f"B_simple = tr(Sigma)/|G|^2 at the target gap: {b_simple:.0f}")
+    if keys is None:
+        keys = [k for k in reached[0] if "." in k]
+    bs, steps, _ = best_steps(reached, keys)
+    if len(bs) < 2:
+        return
+    xs = [bs[0] * (bs[-1] / bs[0]) ** (i / 200) for i in range(201)]
+    s_min, _ = fit_steps(bs, steps, b_simple)
+    ax.plot(xs, [s_min * (1 + b_simple / x) for x in xs], "--", color="crimson", lw=1.2,
+            label=f"S_min (1 + B_simple / B), S_min = {s_min:.3g} fitted")
+    s_fit, b_fit = fit_steps(bs, steps)
+    ax.plot(xs, [s_fit * (1 + b_fit / x) for x in xs], "-.", color="dimgray", lw=1.2,
+            label=f"S_min (1 + B_noise / B), both fitted: S_min = {s_fit:.3g}, B_noise = {b_fit:.0f}")
+
+
+def _batch_regimes(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    if LR not in keys:
+        return "needs 2 or more learning rates (grid optim.lr) to tune at each batch size"
+    reached = [r for r in rows if r["target_step"] is not None and update_batch(r) is not None]
+    if len({update_batch(r) for r in reached}) < 2 or len({r[LR] for r in reached}) < 2:
+        return "needs runs reaching the target at 2 or more batch sizes and learning rates"
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    ax, ax_lr = fig.subplots(1, 2, width_ratios=[1.6, 1])
+    for i, (lr, group) in enumerate(_by(reached, lambda r: float(r[LR])).items()):
+        per_b = _by(group, update_batch)
+        bs = sorted(per_b)
+        ax.plot(bs, [statistics.fmean(r["target_step"] for r in per_b[b]) for b in bs], ".-", lw=0.8, ms=4,
+                alpha=0.45, color=f"C{i % 10}", label=f"lr {lr:g}")
+    bs, steps, best = best_steps(reached, keys)
+    ax.plot(bs, steps, "ko-", lw=2, ms=5, label="fewest steps over the learning rates (tuned per batch)")
+    ax.plot(bs, [steps[0] * bs[0] / b for b in bs], "k:", lw=1, label="perfect scaling from the smallest batch")
+    _noise_scale_overlay(ax, reached, keys)
+    top = max(r["target_step"] for r in reached)
+    ax.set(xscale="log", yscale="log", xlabel="global batch size B (rows per update)", ylabel="steps to the target gap",
+           ylim=(max(0.5, min(steps) / 2), top * 2),
+           title=f"steps to relative gap {target} against batch size (runs that diverged or never reached it left out)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax_lr.plot(bs, [float(r[LR]) for r in best], "ko-")
+    ax_lr.set(xscale="log", yscale="log", xlabel="global batch size B", ylabel="learning rate",
+              title="the learning rate of the fewest steps")
+    ax_lr.grid(True, which="both", alpha=0.3)
+    _save(fig, path)
+    return None
+
+
+def _local_sgd(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    local = [r for r in rows if r["mode"] == "local_sgd" and r["target_step"] is not None]
+    if LOCAL_STEPS not in keys or len({r[LOCAL_STEPS] for r in local}) < 2:
+        return "needs local_sgd runs reaching the target at 2 or more train.local_steps"
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    ax_rounds = ax.twinx()
+    for i, (key, group) in enumerate(_by(local, lambda r: series(r, keys, (LOCAL_STEPS,))).items()):
+        per_h = _by(group, lambda r: int(r[LOCAL_STEPS]))
+        hs = sorted(per_h)
+        samples = [statistics.fmean(r["target_samples"] for r in per_h[h]) for h in hs]
+        rounds = [statistics.fmean(r["target_step"] for r in per_h[h]) for h in hs]
+        label = _label(key)
+        ax.plot(hs, samples, "o-", color=f"C{i % 10}", label=f"samples to target ({label})")
+        ax_rounds.plot(hs, rounds, "s--", color=f"C{i % 10}", alpha=0.6, label=f"rounds to target ({label})")
+        ax_rounds.plot(hs, [rounds[0] / h for h in hs], ":", color=f"C{i % 10}", lw=1,
+                       label="rounds / H from H = 1 (H-fold fewer rounds)")
+    ax.set(xscale="log", xlabel="local steps H between two averagings", ylabel="samples to the target gap (solid)",
+           title=f"local SGD: samples and communication rounds to relative gap {target}")
+    ax.set_xticks(sorted({int(r[LOCAL_STEPS]) for r in local}), labels=[str(h) for h in sorted({int(r[LOCAL_STEPS]) for r in local})])
+    ax.set_ylim(bottom=0)
+    ax_rounds.set(yscale="log", ylabel="communication rounds to the target gap (dashed)")
+    ax.grid(True, which="both", alpha=0.3)
+    lines = ax.get_legend_handles_labels()[0] + ax_rounds.get_legend_handles_labels()[0]
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="upper center")
     _save(fig, path)
     return None
