@@ -45,7 +45,8 @@ def plot_sweep(sweep_dir: str | Path) -> Figures:
     figures = Figures()
     for name, draw in [("scaling.png", _scaling), ("time_to_target.png", _time_to_target),
                        ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch),
-                       ("batch_regimes.png", _batch_regimes), ("local_sgd.png", _local_sgd)]:
+                       ("batch_regimes.png", _batch_regimes), ("local_sgd.png", _local_sgd),
+                       ("modes_time.png", _modes_time)]:
         why = draw(sweep_dir / name, rows, keys, target, sweep_dir)
         if why is None:
             figures.drawn.append(sweep_dir / name)
@@ -325,5 +326,36 @@ def _local_sgd(path: Path, rows: list[dict], keys: list[str], target, _dir) -> s
     ax.grid(True, which="both", alpha=0.3)
     lines = ax.get_legend_handles_labels()[0] + ax_rounds.get_legend_handles_labels()[0]
     ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="upper center")
+    _save(fig, path)
+    return None
+
+
+MODE_ORDER = ["sync", "backup", "ssp", "local_sgd", "async"]
+
+
+def _modes_time(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    reached = [r for r in rows if r["target_time_s"] is not None]
+    modes = sorted({r["mode"] for r in reached}, key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 99)
+    if len(modes) < 2:
+        return "needs runs of 2 or more train.mode reaching the target"
+    mode_keys = tuple(k for k in keys if "train.mode" in [part.strip() for part in k.split(",")])
+    groups = _by(reached, lambda r: series(r, keys, mode_keys))
+    fig = Figure(figsize=(max(7.0, 2.2 * len(groups) + 2), 5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(modes)
+    for g, group in enumerate(groups.values()):
+        for m, mode in enumerate(modes):
+            times = [r["target_time_s"] for r in group if r["mode"] == mode]
+            if not times:
+                continue
+            x, mean = g + (m - (len(modes) - 1) / 2) * width, statistics.fmean(times)
+            ax.bar(x, mean, width * 0.9, color=f"C{m}", label=f"mode {mode}" if g == 0 else None)
+            ax.plot([x] * len(times), times, "k.", ms=5)
+            ax.annotate(f"{mean:.3g} s", (x, mean), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    ax.set_xticks(range(len(groups)), [_label(key) for key in groups], fontsize=8)
+    ax.set(ylabel="seconds to the target gap",
+           title=f"wall time to relative gap {target} by mode\n(bars: mean over repeats; dots: each repeat)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
     return None

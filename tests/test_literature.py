@@ -145,3 +145,26 @@ def test_the_local_sgd_figure_counts_samples_and_rounds(tmp_path):
     figures = plot_sweep(tmp_path)
     assert "local_sgd.png" in {p.name for p in figures.drawn}
     assert_png(tmp_path / "local_sgd.png")
+
+
+def test_the_modes_figure_compares_seconds_to_target_per_mode_and_straggler(tmp_path):
+    header = ["run", "scaling", "stragglers.slowdown", "train.mode,train.backup_workers", "repeat", "num_workers",
+              "mode", "n_features", "worker_batch", "global_batch", "status", "optimal_loss", "target_step",
+              "target_time_s"]
+    rows = []
+    for slow in ["{}", "{1: 4.0}"]:
+        for mode, b in [("sync", 0), ("backup", 1), ("async", 0)]:
+            for repeat in (0, 1):
+                rows.append({"run": f"{slow}-{mode}-r{repeat}", "scaling": "weak", "stragglers.slowdown": slow,
+                             "train.mode,train.backup_workers": f"[{mode}, {b}]", "repeat": repeat, "num_workers": 4,
+                             "mode": mode, "n_features": 10, "worker_batch": 64, "global_batch": 256,
+                             "status": "completed", "optimal_loss": 1.0, "target_step": 60,
+                             "target_time_s": 0.1 * (1 + repeat) * (2 if slow != "{}" and mode == "sync" else 1)})
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    figures = plot_sweep(tmp_path)
+    assert "modes_time.png" in {p.name for p in figures.drawn}
+    assert_png(tmp_path / "modes_time.png")

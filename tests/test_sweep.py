@@ -143,7 +143,7 @@ def test_figures_from_a_hand_written_sweep_directory(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     figures = plot_sweep(tmp_path)
-    assert {name for name, _ in figures.skipped} == {"batch_regimes.png", "local_sgd.png"}  # no lr grid, no local SGD
+    assert {name for name, _ in figures.skipped} == {"batch_regimes.png", "local_sgd.png", "modes_time.png"}
     assert {p.name for p in figures.drawn} == {"scaling.png", "time_to_target.png", "loss_time.png", "crossover.png", "batch.png"}
     for path in figures.drawn:
         assert_png(path)
@@ -244,7 +244,7 @@ def test_plot_draws_the_sweeps_figures_and_reports_the_rest(smoke, capsys):
         assert path.read_bytes()[:8] == PNG
         assert_png(path)
     assert "skipped crossover.png: needs 2 or more problem sizes (grid data.n_features)" in skipped
-    assert len(drawn) + len(skipped) == 7
+    assert len(drawn) + len(skipped) == 8
 
 
 def test_a_failing_run_is_a_row_and_exit_1_and_is_tried_again_on_resume(ray_session, tmp_path, capsys):
