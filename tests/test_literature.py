@@ -168,3 +168,11 @@ def test_the_modes_figure_compares_seconds_to_target_per_mode_and_straggler(tmp_
     figures = plot_sweep(tmp_path)
     assert "modes_time.png" in {p.name for p in figures.drawn}
     assert_png(tmp_path / "modes_time.png")
+
+
+def test_scaling_strong_weak_plans_8192_rows_split_and_4096_per_worker():
+    sweep = load_experiment(EXPERIMENTS / "scaling_strong_weak.yaml")
+    plans = {(r.scaling, r.config.cluster.num_workers, r.config.train.batch_size) for r in sweep.runs}
+    assert plans == {("strong", 1, 8192), ("strong", 2, 4096), ("strong", 4, 2048),
+                     ("weak", 1, 4096), ("weak", 2, 4096), ("weak", 4, 4096)}
+    assert len(sweep.runs) == 12 and {r.config.train.mode for r in sweep.runs} == {"sync"}
