@@ -175,4 +175,4 @@ def test_scaling_strong_weak_plans_8192_rows_split_and_4096_per_worker():
     plans = {(r.scaling, r.config.cluster.num_workers, r.config.train.batch_size) for r in sweep.runs}
     assert plans == {("strong", 1, 8192), ("strong", 2, 4096), ("strong", 4, 2048),
                      ("weak", 1, 4096), ("weak", 2, 4096), ("weak", 4, 4096)}
-    assert len(sweep.runs) == 12 and {r.config.train.mode for r in sweep.runs} == {"sync"}
+    assert len(sweep.runs) == 18 and {r.config.train.mode for r in sweep.runs} == {"sync"}
