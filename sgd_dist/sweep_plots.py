@@ -215,7 +215,7 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
         label = ", ".join([f"mode {mode}"] + [f"{k.split('.')[-1]}={v}" for k, v in values])
         line, = ax.plot(bs, steps, "o-", label=label)
         ax.plot(bs, [steps[0] * bs[0] / b for b in bs], ":", color=line.get_color(), lw=1)
-    _noise_scale_overlay(ax, reached)
+    _noise_scale_overlay(ax, reached, keys)
     ax.set(xscale="log", yscale="log", xlabel="global batch size (rows per update; async: one worker's batch)",
            ylabel="steps to the target gap",
            title=f"steps to relative gap {target} (dotted: perfect scaling, steps x batch constant)")
@@ -245,7 +245,7 @@ def best_steps(rows: list[dict], keys: list[str]) -> tuple[list[int], list[float
     return bs, [best[b][0] for b in bs], [best[b][1] for b in bs]
 
 
-def _noise_scale_overlay(ax, reached: list[dict], keys: list[str] | None = None) -> None:
+def _noise_scale_overlay(ax, reached: list[dict], keys: list[str]) -> None:
     """The critical batch predicted by the gradient noise scale (results.csv gradient_noise_scale: B_simple at the
     target gap) as a vertical line, and McCandlish et al.'s S = S_min (1 + B_noise / B) through the fewest steps
     at each batch: with B_noise = B_simple (S_min fitted), and with both fitted."""
@@ -256,8 +256,6 @@ def _noise_scale_overlay(ax, reached: list[dict], keys: list[str] | None = None)
         return
     b_simple = statistics.fmean(values)
     ax.axvline(b_simple, color="crimson", lw=1.5, label=f"B_simple = tr(Sigma)/|G|^2 at the target gap: {b_simple:.0f}")
-    if keys is None:
-        keys = [k for k in reached[0] if "." in k]
     bs, steps, _ = best_steps(reached, keys)
     if len(bs) < 2:
         return

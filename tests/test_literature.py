@@ -176,3 +176,16 @@ def test_scaling_strong_weak_plans_8192_rows_split_and_4096_per_worker():
     assert plans == {("strong", 1, 8192), ("strong", 2, 4096), ("strong", 4, 2048),
                      ("weak", 1, 4096), ("weak", 2, 4096), ("weak", 4, 4096)}
     assert len(sweep.runs) == 18 and {r.config.train.mode for r in sweep.runs} == {"sync"}
+
+
+def test_local_sgd_counts_its_communication_rounds_and_local_steps():
+    from sgd_dist.consistency import Dispatch, LocalSGDPolicy
+
+    policy = LocalSGDPolicy(num_workers=2, num_steps=5, local_steps=4)
+    actions, dispatched = policy.start(), 0
+    while not policy.done:
+        sent = [a for a in actions if isinstance(a, Dispatch)]
+        dispatched += len(sent)
+        actions = [b for a in sent for b in policy.on_gradient(a.worker, a.step)]
+    assert policy.summary() == {"mode": "local_sgd", "local_steps": 4, "rounds": 5, "local_steps_per_worker": 20}
+    assert dispatched == 2 * 5  # one message per worker per round, whatever H
