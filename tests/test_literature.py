@@ -24,8 +24,8 @@ def test_batch_regimes_plans_batches_1_to_4096_times_the_learning_rates():
     sweep = load_experiment(EXPERIMENTS / "batch_regimes.yaml")
     batches = sorted({r.config.train.batch_size for r in sweep.runs})
     lrs = sorted({r.config.optim.lr for r in sweep.runs})
-    assert batches == [2 ** k for k in range(13)] and len(lrs) == 8
-    assert len(sweep.runs) == 13 * 8
+    assert batches == [2 ** k for k in range(13)] and len(lrs) == 9
+    assert len(sweep.runs) == 13 * 9
     for run in sweep.runs:
         config = run.config
         assert config.cluster.num_workers == 1 and config.cluster.backend == "serial"
