@@ -20,6 +20,7 @@ from sgd_dist.recording import read_metrics
 from sgd_dist.sweep import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, read_results, series
 
 WORKERS = "cluster.num_workers"
+MAX_LEGEND = 30  # lines beyond which loss_time.png leaves its legend out
 FEATURES = "data.n_features"
 
 
@@ -161,7 +162,10 @@ def _loss_time(path: Path, rows: list[dict], keys: list[str], target, sweep_dir:
             ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}")
         ax.set(xlabel="wall time (s)", ylabel="relative optimality gap", yscale="log", title=f"{scaling} scaling, repeat 0")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(ax.get_lines()) <= MAX_LEGEND:
+            ax.legend(fontsize=7)
+        else:  # a legend of every run would crowd the axes out of the figure
+            ax.set_title(f"{scaling} scaling, repeat 0: {len(ax.get_lines())} lines, too many to label")
     _save(fig, path)
     return None
 
