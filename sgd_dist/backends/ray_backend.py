@@ -305,7 +305,7 @@ class RayBackend(Backend):
                              + (f", and {removed} already were" if removed else "")
                              + " (node 0, the head, holds the server and the driver's connection)")
         node, self._simulated_nodes[index] = self._simulated_nodes[index], None
-        self.simulated.remove_node(node, allow_graceful=False)
+        self.simulated.remove_node(node)
 
     def _start_server(self, node: str | None) -> None:
         config = self.config
