@@ -243,7 +243,8 @@ def test_a_process_connected_to_ray_refuses_to_start_a_simulated_cluster(ray_ses
 
 def test_removing_a_simulated_node_kills_the_workers_on_it(tmp_path):
     before = _shm_entries()
-    proc = subprocess.run([sys.executable, str(TESTS / "simulated_support.py"), "remove_node", str(tmp_path / "r.json")],
+    script = TESTS / "simulated_support.py"
+    proc = subprocess.run([sys.executable, str(script), "remove_node", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=300, env=_env(), cwd=TESTS)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads((tmp_path / "r.json").read_text())
