@@ -31,7 +31,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="run one training and record it in a run directory")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file (see configs/); required unless --resume")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="go on with a killed run from its latest checkpoint, with its own config.yaml")
     p.add_argument("--out", help="run directory (new or empty); default runs/<config name>-<timestamp>")
     p.add_argument("--backend", choices=["ray", "serial"], help="ray (default) or serial: the one-process reference")
     p.add_argument("--address", help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a local one")
@@ -52,6 +54,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--out", help="sweep directory (default runs/sweep-<experiment name>); an existing one resumes")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the sweep's figures at the end (default on)")
+
+    p = sub.add_parser("model", help="fit the cost model on a sweep's runs; coefficients, errors, 1 to N workers predicted")
+    p.add_argument("sweep_dir", help="a sweep directory (with results.csv and runs/)")
+    p.add_argument("--workers-max", type=int, default=1024, help="predict for 1, 2, 4, ... up to this many workers")
+    p.add_argument("--cores", type=int, help="cores of the machine the runs were measured on (default: as the sweep "
+                   "recorded in cost_model.json, else this machine's)")
+    p.add_argument("--latency-us", type=float, help="also predict over a network of this latency (microseconds)")
+    p.add_argument("--bandwidth-gbps", type=float, help="... and this bandwidth (Gbit/s; default unlimited)")
 
     p = sub.add_parser("config", help="print the validated config (all defaults filled in) as YAML")
     p.add_argument("--config", help="YAML config file; default: the built-in defaults")
@@ -150,9 +160,23 @@ def _fail(code: int, message: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     from sgd_dist.trainer import one_line, train  # torch and tqdm only once the arguments are good
 
-    config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+    from sgd_dist.checkpoint import CheckpointError
+
+    if args.resume is not None:
+        if args.config or args.overrides or _flag_overrides(args):
+            return _fail(EXIT_USAGE, "--resume RUN_DIR goes on with the run's own config.yaml: drop --config, --out, "
+                                     "--backend, --address and the key=value overrides")
+        if not (Path(args.resume) / "config.yaml").is_file():
+            return _fail(EXIT_RUN_FAILED, f"{args.resume}/config.yaml: not found; --resume needs a run directory")
+        config = load_config(Path(args.resume) / "config.yaml")
+    elif args.config is None:
+        return _fail(EXIT_USAGE, "train needs --config FILE (or --resume RUN_DIR)")
+    else:
+        config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     try:
-        result = train(config, config_path=args.config, progress=args.progress)
+        result = train(config, config_path=args.config, progress=args.progress, resume=args.resume)
+    except CheckpointError as exc:
+        return _fail(EXIT_RUN_FAILED, f"cannot resume: {exc}")
     except ConfigError:
         raise
     except KeyboardInterrupt:
@@ -175,6 +199,11 @@ def _train(args: argparse.Namespace) -> int:
               + (f" (relative {rel:.2e})" if rel is not None else ""))
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
     print(_mode_line(s))
+    if s.get("faults"):
+        from sgd_dist.trainer import describe_fault
+
+        for entry in s["faults"]:
+            print(f"fault: {describe_fault(entry)}")
     from sgd_dist.stragglers import describe
 
     for line in describe(s.get("stragglers", [])):
@@ -243,10 +272,44 @@ def _sweep(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, f"interrupted; run the same command again (--out {out}) to resume")
     print(f"{len(result.rows)} runs: {result.ran} run now, {result.kept} kept from before, {result.failed} failed")
+    for line in result.model_lines:
+        print(line)
     if result.figures is not None:
         _print_figures(result.figures)
     print(f"results in {out}/results.csv")
     return EXIT_RUN_FAILED if result.failed else EXIT_OK
+
+
+def _model(args: argparse.Namespace) -> int:
+    from sgd_dist import cost_model
+
+    sweep_dir = Path(args.sweep_dir)
+    if not (sweep_dir / "results.csv").is_file():
+        return _fail(EXIT_USAGE, f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
+    if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
+        return _fail(EXIT_USAGE, "--workers-max must be >= 1 and --bandwidth-gbps > 0")
+    cores = args.cores or cost_model.saved_cores(sweep_dir) or cost_model.machine_cores()
+    try:
+        result = cost_model.model_sweep(sweep_dir, cores)
+    except (ValueError, OSError, KeyError) as exc:
+        return _fail(EXIT_RUN_FAILED, f"cost model: {exc}")
+    ks = cost_model.worker_counts(args.workers_max)
+    found = cost_model.curves(result.observations, result.model, ks, None, network="as measured (no network)")
+    if args.latency_us is not None or args.bandwidth_gbps is not None:
+        latency = (args.latency_us or 0.0) / 1e6
+        bandwidth = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else None
+        words = f"{args.bandwidth_gbps or 'unlimited'} Gbit/s, {args.latency_us or 0:g} us latency"
+        found += cost_model.curves(result.observations, result.model, ks, None, latency, bandwidth, words)
+    print("cost model, fitted on every completed run:")
+    for line in result.model.describe():
+        print(f"  {line}")
+    print("measured against predicted, each run from a fit on the other grid points' runs:")
+    for line in cost_model.error_lines(result.observations, result.predictions):
+        print(line)
+    print("predicted on a cluster (a core per process, the measured transport's costs):")
+    for line in cost_model.curve_lines(found, table=True):
+        print(line)
+    return EXIT_OK
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -327,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         return {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
-                "submit": _submit, "jobs": _jobs, "sweep": _sweep}[args.command](args)
+                "submit": _submit, "jobs": _jobs, "sweep": _sweep,
+                "model": _model}[args.command](args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except BrokenPipeError:

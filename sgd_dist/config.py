@@ -229,6 +229,8 @@ class TrainConfig(_Section):
     """Print one console line every this many steps (and at the last); 0: none."""
     seed: int = Field(0, ge=0)
     """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
+    checkpoint_every: Count = Field(0, ge=0)
+    """Checkpoint the server (weights, optimizer, policy, answers in flight) every this many steps into RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it. 0: none (a lost server then restarts from step 0)."""
 
 
 class StragglersConfig(_Section):
@@ -252,6 +254,30 @@ class StragglersConfig(_Section):
         return value
 
 
+class FaultConfig(_Section):
+    kind: Literal["kill_worker", "kill_server", "remove_node", "delay"]
+    """kill_worker: kill worker `worker`'s process; kill_server: kill the parameter server's process; remove_node: remove simulated node `node` (cluster.simulated_nodes); delay: worker `worker` answers `seconds` late, once."""
+    step: Count = Field(ge=1)
+    """When: right after update `step` is applied (kill_worker, kill_server), once the driver has seen it (remove_node), or at the worker's local step `step` (delay)."""
+    worker: int | None = Field(None, ge=0)
+    """kill_worker and delay: the worker's index."""
+    node: int | None = Field(None, ge=1)
+    """remove_node: the simulated node's index (1 .. cluster.simulated_nodes - 1; node 0 is the head)."""
+    how: Literal["sigkill", "ray_kill"] = "sigkill"
+    """kill_worker: SIGKILL the worker's process, or ray.kill its actor."""
+    seconds: float = Field(0.0, ge=0)
+    """delay: how late."""
+
+    @model_validator(mode="after")
+    def _fields(self) -> FaultConfig:
+        needs = {"kill_worker": "worker", "delay": "worker", "remove_node": "node"}.get(self.kind)
+        if needs and getattr(self, needs) is None:
+            raise ValueError(f"a {self.kind} fault needs its {needs}")
+        if self.kind == "delay" and self.seconds <= 0:
+            raise ValueError("a delay fault needs seconds > 0")
+        return self
+
+
 class OutputConfig(_Section):
     dir: str | None = None
     """Run directory; null makes runs/<name>-<timestamp>. It must not exist yet or be empty."""
@@ -268,6 +294,8 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     train: TrainConfig = TrainConfig()
     stragglers: StragglersConfig = StragglersConfig()
+    faults: tuple[FaultConfig, ...] = ()
+    """Faults to inject (experiments, tests): a list of {kind, step, worker | node, how, seconds}."""
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -315,6 +343,19 @@ class Config(_Section):
                 raise ValueError(f"stragglers.{name} names worker {max(workers)}; workers are 0..{cluster.num_workers - 1}")
         if self.stragglers.delay != "none" and self.stragglers.delay_ms == 0:
             raise ValueError(f"stragglers.delay={self.stragglers.delay} needs stragglers.delay_ms > 0")
+        for i, fault in enumerate(self.faults):
+            where = f"faults[{i}] ({fault.kind})"
+            if fault.step > train.steps:
+                raise ValueError(f"{where}: step {fault.step} is after the last step (train.steps={train.steps})")
+            if fault.worker is not None and fault.worker >= cluster.num_workers:
+                raise ValueError(f"{where}: worker {fault.worker}; workers are 0..{cluster.num_workers - 1}")
+            if fault.kind != "delay" and cluster.backend != "ray":
+                raise ValueError(f"{where}: kills need cluster.backend=ray (the serial backend is one process)")
+            if fault.kind == "remove_node":
+                nodes = getattr(cluster, "simulated_nodes", None) or 1
+                if fault.node >= nodes:
+                    raise ValueError(f"{where}: node {fault.node}; removable simulated nodes are 1..{nodes - 1} "
+                                     f"(cluster.simulated_nodes={nodes})")
         if self.optim.warmup_steps > train.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}"

@@ -56,10 +56,61 @@ class Drop:
 
 Action = Dispatch | Apply | Drop
 
+
+def _encode(value):
+    """A policy attribute as plain JSON: sets, tuples and int-keyed dicts tagged so they come back as they were."""
+    if isinstance(value, _InFlight):
+        return {"__inflight__": _encode(value.steps)}
+    if isinstance(value, (set, frozenset)):
+        return {"__set__": [_encode(v) for v in sorted(value)]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, dict):
+        return {"__dict__": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    assert value is None or isinstance(value, (bool, int, float, str)), type(value)
+    return value
+
+
+def _decode(value):
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        (tag, inner), = value.items()
+        if tag == "__inflight__":
+            in_flight = _InFlight()
+            in_flight.steps = _decode(inner)
+            return in_flight
+        if tag == "__set__":
+            return {_decode(v) for v in inner}
+        if tag == "__tuple__":
+            return tuple(_decode(v) for v in inner)
+        assert tag == "__dict__", tag
+        return {_decode(k): _decode(v) for k, v in inner}
+    return value
+
+
+class _Stateful:
+    """A policy's whole state as plain JSON data (a checkpoint holds it; loading needs no unpickling)."""
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "attributes": {k: _encode(v) for k, v in vars(self).items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"a checkpoint of a {state['mode']!r} policy cannot restore a {self.mode!r} policy")
+        mine = set(vars(self))
+        if set(state["attributes"]) != mine:
+            raise ValueError(f"the checkpoint's {self.mode} policy has attributes {sorted(state['attributes'])}, "
+                             f"this one {sorted(mine)}")
+        for key, value in state["attributes"].items():
+            setattr(self, key, _decode(value))
+
 MODES = ("sync", "async", "ssp", "backup", "local_sgd")
 
 
-class SyncPolicy:
+class SyncPolicy(_Stateful):
     """Synchronous SGD: each step waits for all K gradients of that step, averages them, updates once."""
 
     mode = "sync"
@@ -121,7 +172,7 @@ class _InFlight:
         return [r for r in range(num_workers) if r not in self.steps]
 
 
-class AsyncPolicy:
+class AsyncPolicy(_Stateful):
     """Asynchronous SGD (Downpour / Hogwild style): no worker ever waits for another.
 
     Each answer is applied alone the moment it arrives and its worker goes on from the newest weights, so a
@@ -167,7 +218,7 @@ class AsyncPolicy:
         return {"mode": self.mode, "applied_per_worker": dict(self.applied)}
 
 
-class SSPPolicy:
+class SSPPolicy(_Stateful):
     """Stale synchronous parallel (bounded staleness): sync's averages, but fast workers may run ahead.
 
     Update t averages the K gradients of local step t in worker order, exactly like sync, so the result only
@@ -226,7 +277,7 @@ class SSPPolicy:
         return {"mode": self.mode, "staleness_bound": self.staleness_bound, "waits_per_worker": dict(self.waits)}
 
 
-class BackupPolicy:
+class BackupPolicy(_Stateful):
     """Synchronous SGD with b backup workers (Chen et al. 2016): each step ignores its b slowest workers.
 
     Update t averages the first K - b gradients of step t to arrive, sorted by worker (so the rounding does
@@ -284,7 +335,7 @@ class BackupPolicy:
         }
 
 
-class LocalSGDPolicy:
+class LocalSGDPolicy(_Stateful):
     """Local SGD (model averaging): each worker takes H SGD steps on its own copy, then the models are averaged.
 
     Round t sends every worker ``Dispatch(r, t * H, local_steps=H)``; the answers are model deltas, averaged in
@@ -330,7 +381,7 @@ class LocalSGDPolicy:
         return {"mode": self.mode, "local_steps": self.local_steps}
 
 
-class ReplayPolicy:
+class ReplayPolicy(_Stateful):
     """Re-issues a recorded schedule so that a serial run recomputes the original bit for bit.
 
     ``schedule[u]`` lists update u's gradients as (worker, step, version_used) in averaging order;

@@ -16,6 +16,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SCHEDULE_FILE = "schedule.jsonl"
+FAULTS_FILE = "faults.jsonl"  # each fault as it happens (a resumed run keeps the earlier ones)
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:

@@ -11,10 +11,11 @@ the metrics rows to ``emit`` in batches. Nothing in it waits on the driver.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Collection, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from sgd_dist.config import OptimConfig
 from sgd_dist.consistency import Apply, Dispatch, Drop
 from sgd_dist.objectives import weighted_mean
 from sgd_dist.optim import learning_rate, sgd_update_
-from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd
+from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
 
 EMIT_EVERY_S = 0.2  # hand rows to the driver this often (and at the end)
 
@@ -42,9 +43,10 @@ class ParameterServer:
         self.record_seconds = 0.0  # time spent building metrics rows (to show it stays small)
         self._t0 = time.perf_counter()
 
-    def start(self) -> tuple[torch.Tensor, dict]:
-        """Start the clock; return the starting weights and the step-0 row."""
-        self._t0 = time.perf_counter()
+    def start(self, elapsed: float = 0.0) -> tuple[torch.Tensor, dict]:
+        """Start the clock (``elapsed`` seconds in: a restored run goes on from its checkpoint's time); return the
+        weights and the current step's row."""
+        self._t0 = time.perf_counter() - elapsed
         row = {"step": self.step, "wall_time_s": 0.0, "samples_seen": self.samples_seen, "loss": None,
                "lr": None, "grad_norm": None, "weight_norm": self.weights.norm().item()}
         return self.weights.clone(), row
@@ -106,6 +108,27 @@ class ParameterServer:
         self.samples_seen = int(state["samples_seen"])
 
 
+@dataclass
+class LoopHooks:
+    """What the loop calls beyond its transport, for fault tolerance; every field is optional.
+
+    ``recover(worker)`` replaces a lost worker and returns once the transport reaches the new one (its shard is
+    regenerated from the seed: a batch is a pure function of seed, worker and step); the loop then re-sends the
+    lost command. ``on_checkpoint(state)`` receives a checkpoint every ``checkpoint_every`` updates, after every
+    row up to it went to ``emit``. ``on_update(version)`` runs after each update is published (fault injection).
+    ``on_fault(entry)`` receives a record of each fault the loop survived, when it happens.
+    """
+
+    recover: Callable[[int], None] | None = None
+    checkpoint_every: int = 0
+    on_checkpoint: Callable[[dict], None] | None = None
+    on_update: Callable[[int], None] | None = None
+    on_fault: Callable[[dict], None] | None = None
+
+
+MAX_REPLACEMENTS = 3  # per worker: a worker that keeps dying (on its own data, say) fails the run instead
+
+
 def serve(
     server: ParameterServer,
     end: ServerEnd,
@@ -115,6 +138,8 @@ def serve(
     emit: Callable[[list[dict]], None],
     *,
     staleness_lr: bool = False,
+    hooks: LoopHooks | None = None,
+    restore: dict | None = None,
 ) -> dict:
     """Run ``policy`` to completion on ``end``: the whole training loop, driven by the server.
 
@@ -125,7 +150,15 @@ def serve(
     Rows reach ``emit`` every EMIT_EVERY_S and at the end, also when the loop fails (every finished row is handed
     over before the error propagates). Returns the loop's statistics: staleness counts, dropped answers, the
     policy's own summary.
+
+    Faults (``hooks``): a lost worker's command is re-sent to its replacement. A gradient command goes out again
+    on the newest weights (in sync mode these are the very weights it was first sent on, as the step cannot
+    have moved without it; in the other modes the schedule records the version actually used, so the run still
+    replays exactly). A checkpoint is taken at the first moment after each ``checkpoint_every``-th update when
+    no evaluation is pending; ``restore`` (such a checkpoint) goes on from it: its pending answers are put back
+    and its commands in flight are sent again, on the restored weights.
     """
+    hooks = hooks or LoopHooks()
     rows: list[dict] = []
     held: dict[tuple[int, int], Arrival] = {}  # answers waiting for their Apply (or Drop)
     in_slot: set[tuple[int, int]] = set()  # held answers whose gradient is still a view of the worker's slot
@@ -137,7 +170,9 @@ def serve(
     staleness: dict[int, int] = {}
     dropped: list[list[int]] = []
     answer_s: dict[int, list[float]] = {r: [] for r in range(num_workers)}  # each worker's answer times
+    replacements: dict[int, int] = {r: 0 for r in range(num_workers)}
     kind = LOCAL if policy.model_deltas else GRADIENT
+    every = hooks.checkpoint_every if hooks.on_checkpoint is not None else 0
 
     def send(worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
         for key in [key for key in in_slot if key[0] == worker]:  # its next answer overwrites its slot
@@ -174,13 +209,62 @@ def serve(
         emit(batch)
         emit_failed = False
 
-    _, row = server.start()
-    end.publish(server.step, server.weights)
-    rows.append(row)
+    def checkpoint() -> dict:
+        assert not deferred and not evals, (deferred, evals)
+        return {
+            "server": server.state_dict(),
+            "elapsed_s": time.perf_counter() - server._t0,
+            "policy": json.dumps(policy.state_dict()),
+            "busy": [[w, c.kind, c.step, c.version, c.local_steps] for w, c in sorted(busy.items())],
+            "held": [{"worker": a.worker, "kind": a.kind, "step": a.step, "version": a.version, "loss": a.loss,
+                      "count": a.count, "seconds": a.seconds, "grad": a.grad.clone()} for a in held.values()],
+            "staleness": [[age, n] for age, n in staleness.items()],
+            "dropped": [list(d) for d in dropped],
+            "answer_s": {str(r): torch.tensor(t, dtype=torch.float64) for r, t in answer_s.items()},
+            "replacements": {str(r): n for r, n in replacements.items()},
+        }
+
+    def recover(lost: WorkerLost) -> None:
+        r = lost.worker
+        noticed = time.time()
+        if hooks.recover is None or r is None or r not in busy or replacements[r] >= MAX_REPLACEMENTS:
+            raise lost
+        replacements[r] += 1
+        t0 = time.perf_counter()
+        command = busy.pop(r)
+        end.forget(r)
+        hooks.recover(r)
+        redo = command if command.kind == EVALUATE else replace(command, version=server.step)
+        send(r, redo, None if redo.version == server.step else snapshots[redo.version])
+        if hooks.on_fault is not None:
+            hooks.on_fault({"fault": "worker_lost", "worker": r, "step": server.step, "noticed_unix": noticed,
+                            "recovery_s": time.perf_counter() - t0, "cause": str(lost),
+                            "redone": {"kind": command.kind, "step": command.step, "version": command.version}})
+
+    if restore is None:
+        _, row = server.start()
+        end.publish(server.step, server.weights)
+        rows.append(row)
+        actions = deque(policy.start())
+    else:
+        server.load_state_dict(restore["server"])
+        policy.load_state_dict(json.loads(restore["policy"]))
+        staleness = {int(age): int(n) for age, n in restore["staleness"]}
+        dropped = [list(d) for d in restore["dropped"]]
+        answer_s = {r: restore["answer_s"][str(r)].tolist() for r in range(num_workers)}
+        replacements = {r: int(restore["replacements"][str(r)]) for r in range(num_workers)}
+        for a in restore["held"]:
+            held[(a["worker"], a["step"])] = Arrival(a["worker"], a["kind"], a["step"], a["version"], a["grad"],
+                                                     a["loss"], a["count"], a["seconds"])
+        server.start(restore["elapsed_s"])
+        end.publish(server.step, server.weights)
+        for w, k, step, _, local_steps in restore["busy"]:
+            send(w, Command(k, step, server.step, local_steps))
+        actions = deque()
     last_emit, emit_failed = time.perf_counter(), False
-    if 0 in eval_at:
+    next_checkpoint = (server.step // every + 1) * every if every else None
+    if restore is None and 0 in eval_at:
         start_evaluation(0)
-    actions = deque(policy.start())
     try:
         while True:
             while actions:
@@ -207,6 +291,8 @@ def serve(
                     rows.append(row)
                     if server.step in eval_at:
                         start_evaluation(server.step)
+                    if hooks.on_update is not None:
+                        hooks.on_update(server.step)
                     flush()
                 else:
                     assert isinstance(action, Drop)
@@ -214,9 +300,17 @@ def serve(
                         arrival = held.pop(key)
                         in_slot.discard(key)
                         dropped.append([arrival.worker, arrival.step, arrival.version, server.step])
+            if next_checkpoint is not None and server.step >= next_checkpoint and not evals:
+                flush(force=True)  # every row up to the checkpoint reaches the driver before it
+                hooks.on_checkpoint(checkpoint())
+                next_checkpoint = (server.step // every + 1) * every
             if policy.done and not busy:
                 break
-            arrival = end.receive()
+            try:
+                arrival = end.receive()
+            except WorkerLost as lost:
+                recover(lost)
+                continue
             busy.pop(arrival.worker)
             if arrival.kind == EVALUATE:
                 parts = evals[arrival.version]
@@ -238,5 +332,5 @@ def serve(
             flush(force=True)
     assert not held and not deferred, (held, deferred)
     return {"record_seconds": server.record_seconds, "staleness": staleness, "dropped": dropped,
-            "policy": policy.summary(),
+            "policy": policy.summary(), "replacements": {r: n for r, n in replacements.items() if n},
             "answer_ms": {r: 1e3 * statistics.median(t) for r, t in answer_s.items() if t}}

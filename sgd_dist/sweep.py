@@ -24,7 +24,7 @@ import re
 import shutil
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -277,10 +277,13 @@ COLUMNS_TAIL = [
     "target_step", "target_time_s", "target_samples", "final_relative_gap",
     "speedup", "efficiency", "speedup_basis", "error",
 ]
+# the cost model's prediction of each run (sgd_dist.cost_model), filled once every run is done
+PREDICTION_COLUMNS = ["predicted_step_ms", "step_ms_error_pct", "predicted_samples_per_s", "samples_per_s_error_pct",
+                      "predicted_seconds_to_target", "seconds_to_target_error_pct", "prediction_fit"]
 
 
 def columns(experiment: Experiment) -> list[str]:
-    return COLUMNS_HEAD + list(experiment.grid) + COLUMNS_TAIL
+    return COLUMNS_HEAD + list(experiment.grid) + COLUMNS_TAIL + PREDICTION_COLUMNS
 
 
 def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None = None) -> dict:
@@ -369,7 +372,7 @@ def read_results(path: str | Path) -> list[dict]:
     """results.csv's rows, numbers as numbers and empty cells as None (grid values stay text)."""
     numeric_int = {"repeat", "num_workers", "n_features", "global_batch", "steps", "target_step", "target_samples"}
     numeric = {"samples_per_s", "median_step_ms", "train_time_s", "optimal_loss", "target_time_s",
-               "final_relative_gap", "speedup", "efficiency"}
+               "final_relative_gap", "speedup", "efficiency", *PREDICTION_COLUMNS[:-1]}
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
@@ -399,6 +402,7 @@ class SweepResult:
     kept: int  # finished runs found on disk and not redone
     failed: int
     figures: Any = None  # the sweep_plots.Figures drawn at the end, if any
+    model_lines: list[str] = field(default_factory=list)  # the cost model's coefficients and errors, to print
 
 
 def check_out(out: Path, sweep: Sweep) -> None:
@@ -470,11 +474,31 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
             ray.shutdown()
             sweep_stale_semaphores()
     result = SweepResult(out, rows, ran, kept, failed)
+    result.model_lines = add_predictions(out, experiment, rows)
     if plots:
         from sgd_dist.sweep_plots import plot_sweep
 
         result.figures = plot_sweep(out)
     return result
+
+
+def add_predictions(out: Path, experiment: Experiment, rows: list[dict]) -> list[str]:
+    """Fit the cost model on the sweep's runs, put each run's leave-one-point-out prediction and its error in
+    its row, rewrite results.csv; return the lines to print (the coefficients, the table, the errors)."""
+    from sgd_dist.cost_model import curve_lines, error_lines, write_sweep_model
+
+    try:
+        result, found = write_sweep_model(out)
+    except (ValueError, OSError, KeyError) as exc:  # the runs are done and recorded: report, do not fail the sweep
+        return [f"cost model: none ({type(exc).__name__}: {exc})"]
+    for row in rows:
+        row.update(result.predictions.get(row["run"], {}))
+    write_results(out / RESULTS_FILE, experiment, rows)
+    return (["cost model (sgd_dist.cost_model), fitted on every completed run:"]
+            + [f"  {line}" for line in result.model.describe()]
+            + ["measured against predicted, each run from a fit on the other grid points' runs:"]
+            + error_lines(result.observations, result.predictions)
+            + ["predicted on a cluster (a core per process), 1 to 1,024 workers:"] + curve_lines(found))
 
 
 def _start_ray(sweep: Sweep) -> bool:

@@ -44,7 +44,8 @@ def plot_sweep(sweep_dir: str | Path) -> Figures:
     target = (yaml.safe_load(saved.read_text()) or {}).get("experiment", {}).get("target_gap") if saved.is_file() else None
     figures = Figures()
     for name, draw in [("scaling.png", _scaling), ("time_to_target.png", _time_to_target),
-                       ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch)]:
+                       ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch),
+                       ("predicted_speedup.png", _predicted_speedup)]:
         why = draw(sweep_dir / name, rows, keys, target, sweep_dir)
         if why is None:
             figures.drawn.append(sweep_dir / name)
@@ -218,5 +219,62 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
            title=f"steps to relative gap {target} (dotted: perfect scaling, steps x batch constant)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    _save(fig, path)
+    return None
+
+
+def _predicted_speedup(path: Path, rows: list[dict], keys: list[str], target, sweep_dir: Path) -> str | None:
+    """The measured speedups (points) and the cost model's (sgd_dist.cost_model) for 1 to 1,024 workers."""
+    from sgd_dist import cost_model as cm
+
+    if (why := _need_workers(rows)) is not None:
+        return why
+    if not any(r["speedup"] is not None for r in rows):
+        return "needs 1-worker runs to measure a speedup against"
+    cores = cm.saved_cores(sweep_dir) or cm.machine_cores()
+    try:
+        observations = cm.load_observations(sweep_dir, cores)
+        model = cm.fit(observations, cores)
+    except (ValueError, OSError, KeyError) as exc:
+        return f"the cost model cannot be fitted on these runs ({exc})"
+    ks = cm.worker_counts(1024)
+    latency, bandwidth, words = cm.CLUSTER_NETWORK
+    measured_max = max(r["num_workers"] for r in rows)
+    cluster = cm.curves(observations, model, ks, None)
+    network = {c.series: c for c in cm.curves(observations, model, ks, None, latency, bandwidth, words)}
+    here = {c.series: c for c in cm.curves(observations, model, [k for k in ks if k <= measured_max], cores)}
+    scalings = sorted({c.series[0] for c in cluster})
+    if not scalings:
+        return "the cost model predicts no series with a 1-worker run"
+    fig = Figure(figsize=(7.5 * len(scalings), 5.5), layout="constrained")
+    axes = fig.subplots(1, len(scalings), squeeze=False)[0]
+    for ax, scaling in zip(axes, scalings):
+        top = 1
+        for i, c in enumerate(x for x in cluster if x.series[0] == scaling):
+            color = f"C{i % 10}"
+            label = _label(c.series)
+            measured = [r for r in rows if series(r, keys) == c.series]
+            mk, msp = _mean_by_workers(measured, "speedup")
+            ax.plot(mk, msp, "o", color=color, ms=7, label=f"{label}: measured ({c.basis})")
+            ax.plot(c.workers, c.speedup, "-", color=color, lw=1.8, label=f"{label}: predicted, a core per process")
+            if c.series in network:
+                n = network[c.series]
+                ax.plot(n.workers, n.speedup, "--", color=color, lw=1.2, label=f"{label}: predicted, {words}")
+            if c.series in here:
+                h = here[c.series]
+                ax.plot(h.workers, h.speedup, ":", color=color, lw=1.2, label=f"{label}: predicted on {cores} cores (fit)")
+            knee = c.knee()
+            s = c.speedup[c.workers.index(knee)]
+            ax.plot([knee], [s], "*", color=color, ms=15, mec="k")
+            ax.annotate(f"stops paying at K\u2248{knee}" if knee != c.workers[-1] else f"still paying at K={knee}",
+                        (knee, s), textcoords="offset points", xytext=(6, 8 + 12 * i), fontsize=8, color=color)
+            top = max(top, c.workers[-1])
+        ax.plot([1, top], [1, top], "k--", lw=0.8, alpha=0.6, label="ideal (speedup = workers)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set(xlabel="workers", ylabel="speedup over 1 worker",
+               title=f"{scaling} scaling: measured (points) and predicted by the cost model")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper left")
     _save(fig, path)
     return None

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import statistics
@@ -25,6 +26,8 @@ from sgd_dist.config import Config
 from sgd_dist.data import true_weights
 from sgd_dist.stragglers import find_stragglers
 from sgd_dist.recording import (
+    CONFIG_FILE,
+    FAULTS_FILE,
     METRICS_FILE,
     SCHEDULE_FILE,
     SUMMARY_FILE,
@@ -34,8 +37,43 @@ from sgd_dist.recording import (
     last_recorded_step,
     write_config,
     write_json_atomic,
+    write_text_atomic,
 )
+from sgd_dist.checkpoint import load_checkpoint, write_checkpoint
 from sgd_dist.worker import peak_rss_bytes
+
+
+def truncate_jsonl(path: Path, key: str, last: int) -> list[dict]:
+    """Rewrite a JSON-lines file atomically keeping the rows whose ``key`` is at most ``last`` (and dropping a
+    half-written last line); return the kept rows."""
+    kept, lines = [], []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row[key] <= last:
+                kept.append(row)
+                lines.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in lines))
+    return kept
+
+
+def describe_fault(entry: dict) -> str:
+    """One console line for a fault record."""
+    kind = entry["fault"]
+    noticed = f", noticed after {entry['noticed_s']:.2f} s" if entry.get("noticed_s") is not None else ""
+    if kind == "worker_lost":
+        return (f"worker {entry['worker']} lost at step {entry['step']}{noticed}; replaced and its command redone "
+                f"in {entry['recovery_s']:.2f} s")
+    if kind == "server_lost":
+        return (f"parameter server lost at step {entry['step']}{noticed}; restored from step {entry['restored_step']} "
+                f"({entry['steps_redone']} steps to redo) in {entry['recovery_s']:.2f} s")
+    if kind == "resumed":
+        return f"resumed from the checkpoint at step {entry['step']}"
+    where = f"worker {entry['worker']}" if "worker" in entry else f"node {entry.get('node')}" if "node" in entry else "server"
+    return f"injected {kind} ({where}) at step {entry['step']}"
 
 def eval_steps(num_steps: int, every: int) -> frozenset[int]:
     """Step 0 (the start, as in the seed), every ``every`` steps, and the last step."""
@@ -83,10 +121,11 @@ def compute_reference(config: Config, backend: Backend) -> Reference:
 
 
 class Recorder:
-    """Adds the optimality gap to evaluated rows, appends every row to metrics.jsonl, prints one console
-    line per logged step and drives the progress bar."""
+    """The run's sink: adds the optimality gap to evaluated rows, appends every row to metrics.jsonl, prints one
+    console line per logged step and drives the progress bar; writes the checkpoints and logs the faults."""
 
     def __init__(self, run_dir: Path, config: Config, reference: Reference, console: bool, progress: bool | None):
+        self.run_dir = run_dir
         self.config = config
         self.reference = reference
         self.console = console
@@ -98,6 +137,43 @@ class Recorder:
         self.last: dict | None = None
         self.last_eval: dict | None = None
         self._logged: tuple[int, float] = (0, 0.0)
+        faults = run_dir / FAULTS_FILE
+        self.faults: list[dict] = [json.loads(line) for line in faults.read_text().splitlines()] if faults.exists() else []
+        self._faults_file: MetricsWriter | None = None
+        self.checkpoints = 0
+        self.checkpoint_seconds = 0.0
+
+    def checkpoint(self, state: dict) -> None:
+        t0 = time.perf_counter()
+        write_checkpoint(self.run_dir, state, self.config)
+        self.checkpoints += 1
+        self.checkpoint_seconds += time.perf_counter() - t0
+
+    def fault(self, entry: dict) -> None:
+        self.faults.append(entry)
+        if self._faults_file is None:
+            self._faults_file = MetricsWriter(self.run_dir / FAULTS_FILE)
+        self._faults_file.write(entry)
+        if self.console:
+            self.bar.write(f"fault: {describe_fault(entry)}")
+
+    def rewind(self, step: int) -> None:
+        """Keep the rows up to ``step`` (the restored checkpoint's) in the files and in memory; the rest come again."""
+        self.writer.close()
+        self.schedule.close()
+        kept = truncate_jsonl(self.run_dir / METRICS_FILE, "step", step)
+        truncate_jsonl(self.run_dir / SCHEDULE_FILE, "update", step)
+        self.writer = MetricsWriter(self.run_dir / METRICS_FILE)
+        self.schedule = MetricsWriter(self.run_dir / SCHEDULE_FILE)
+        self.times = [row["wall_time_s"] for row in kept]
+        self.last = kept[-1] if kept else None
+        self.last_eval = next((row for row in reversed(kept) if "eval_loss" in row), None)
+        self.bar.n = max(step, 0)
+        self.bar.refresh()
+
+    # the backends' Sink interface
+    def rows(self, rows: list[dict]) -> None:
+        self.record(rows)
 
     def record(self, rows: list[dict]) -> None:
         log_every, steps = self.config.train.log_every, self.config.train.steps
@@ -148,6 +224,8 @@ class Recorder:
         self.bar.close()
         self.writer.close()
         self.schedule.close()
+        if self._faults_file is not None:
+            self._faults_file.close()
 
 
 @dataclass(frozen=True)
@@ -172,15 +250,25 @@ def train(
     progress: bool | None = None,
     console: bool = True,
     policy=None,
+    resume: str | Path | None = None,
 ) -> RunResult:
     """Run one training as configured; return the run directory and its summary.
 
     Nothing is written before the backend is up (a bad address or a cluster too small leaves no run
     directory); from then on config.yaml, then every metrics row as it comes, then summary.json and the
-    figures. A run that fails leaves summary.json with status 'failed' and the error.
+    figures. A run that fails leaves summary.json with status 'failed' (or 'interrupted') and the error.
+
+    ``resume``: go on with the run in that directory from its latest checkpoint (``config`` must be the run's
+    own config.yaml); the rows after the checkpoint are dropped and computed again, so metrics.jsonl ends with
+    every step once. A missing, corrupt or mismatched checkpoint raises CheckpointError before anything is touched.
     """
     t_start = time.perf_counter()
-    run_dir = resolve_run_dir(config, config_path)
+    restore = None
+    if resume is not None:
+        run_dir = Path(resume)
+        restore, _ = load_checkpoint(run_dir, config)
+    else:
+        run_dir = resolve_run_dir(config, config_path)
     say = print if console else (lambda *a, **k: None)
     say(f"sgd-dist: {config.cluster.backend} backend, {config.cluster.num_workers} workers{_where(config)}, "
         f"{config.data.n_samples:,} rows x {config.data.dim} parameters; generating the shards where they live")
@@ -188,28 +276,35 @@ def train(
     recorder: Recorder | None = None
     summary: dict | None = None
     try:
-        write_config(run_dir, config)
+        if restore is None:
+            write_config(run_dir, config)
         t_setup = time.perf_counter() - t_start
         say(f"sgd-dist: run directory {run_dir}  (setup {t_setup:.1f} s, device {backend.device})")
         reference = compute_reference(config, backend)
         t_reference = time.perf_counter() - t_start - t_setup
         recorder = Recorder(run_dir, config, reference, console, progress)
+        if restore is not None:
+            step = int(restore["server"]["step"])
+            recorder.rewind(step)
+            recorder.fault({"fault": "resumed", "step": step, "at_unix": time.time()})
         t0 = time.perf_counter()
-        backend.run(policy or policy_for(config), eval_steps(config.train.steps, config.train.eval_every),
-                    recorder.record)
+        backend.run(policy or policy_for(config), eval_steps(config.train.steps, config.train.eval_every), recorder,
+                    restore=restore)
         train_time = time.perf_counter() - t0
         weights = backend.final_weights()
         backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
         summary = _summary(config, backend, reference, recorder, weights, t_setup, t_reference, train_time,
-                           time.perf_counter() - t_start)
+                           time.perf_counter() - t_start, restore)
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
     except BaseException as exc:
-        if run_dir.exists():
+        if run_dir.exists() and (run_dir / CONFIG_FILE).exists():
             last = last_recorded_step(run_dir / METRICS_FILE)
             write_json_atomic(run_dir / SUMMARY_FILE, {
-                "status": "failed", "error": one_line(exc),
+                "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", "error": one_line(exc),
                 "steps_recorded": last, "steps": config.train.steps, "backend": config.cluster.backend,
                 "mode": config.train.mode, "num_workers": config.cluster.num_workers,
+                "faults": [] if recorder is None else recorder.faults,
+                "checkpoints": 0 if recorder is None else recorder.checkpoints,
             })
         raise
     finally:
@@ -233,8 +328,9 @@ def _draw_in_background(run_dir: Path) -> Future:
 
 
 def _summary(config: Config, backend: Backend, reference: Reference, recorder: Recorder, weights: torch.Tensor,
-             t_setup: float, t_reference: float, train_time: float, wall: float) -> dict:
+             t_setup: float, t_reference: float, train_time: float, wall: float, restore: dict | None) -> dict:
     last, last_eval = recorder.last, recorder.last_eval
+    samples_before = 0 if restore is None else int(restore["server"]["samples_seen"])  # a resumed run's earlier part
     assert last is not None and last_eval is not None and last_eval["step"] == config.train.steps
     gap = last_eval.get("optimality_gap")
     return {
@@ -268,7 +364,12 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "train_time_s": train_time,
         "median_step_ms": recorder.median_step_ms(),
         "record_ms_per_step": 1e3 * backend.loop_stats.get("record_seconds", 0.0) / max(last["step"], 1),
-        "samples_per_s": last["samples_seen"] / train_time,
+        "samples_per_s": (last["samples_seen"] - samples_before) / train_time,
+        "faults": recorder.faults,
+        "replacements": {int(r): n for r, n in backend.loop_stats.get("replacements", {}).items()},
+        "checkpoints": recorder.checkpoints,
+        "checkpoint_ms_mean": 1e3 * recorder.checkpoint_seconds / recorder.checkpoints if recorder.checkpoints else None,
+        "resumed_from": None if restore is None else int(restore["server"]["step"]),
         "driver_peak_rss_bytes": peak_rss_bytes(),
         "workers": backend.info,
         "versions": {"sgd_dist": sgd_dist.__version__, "torch": torch.__version__, "python": platform.python_version(),

@@ -49,6 +49,7 @@ class ShardWorker:
         global_batch_size: int = 1,
         stragglers: StragglersConfig | None = None,
         network: NetworkConfig | None = None,
+        delays: dict[int, float] | None = None,
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -56,6 +57,7 @@ class ShardWorker:
         self.optim, self.total_steps, self.global_batch_size = optim, total_steps, global_batch_size
         self.stragglers = stragglers
         self.network = network if network is not None and network.enabled else None
+        self.delays = dict(delays or {})  # injected one-off delays: local step -> seconds
         self.rank, self.start, self.stop = rank, start, stop
         self.kind = data.kind
         self.device = torch.device(device)
@@ -91,6 +93,8 @@ class ShardWorker:
             delay += stragglers.extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0)
         if self.network is not None:  # the command's and the answer's time on this worker's link
             delay += network.round_trip_delay_s(self.network, weights.numel(), weights.element_size(), command.kind)
+        if command.kind != EVALUATE and command.step in self.delays:  # a fault: once
+            delay += self.delays.pop(command.step)
         if delay > 0:
             time.sleep(delay)
         return Arrival(self.rank, command.kind, command.step, command.version, grad, loss, count,

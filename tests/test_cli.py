@@ -202,10 +202,10 @@ def _wait_for_rows(run: Path, count: int, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"the run wrote fewer than {count} rows (exit {proc.poll()})")
 
 
-def _assert_rows_up_to_the_summary(run: Path) -> dict:
+def _assert_rows_up_to_the_summary(run: Path, status: str = "failed") -> dict:
     summary = json.loads((run / "summary.json").read_text())
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert summary["status"] == "failed" and steps == list(range(summary["steps_recorded"] + 1))
+    assert summary["status"] == status and steps == list(range(summary["steps_recorded"] + 1))
     return summary
 
 
@@ -257,7 +257,7 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
         proc.kill()
     assert proc.returncode == 130, stderr
     assert stderr == "sgd-dist: error: interrupted; the run directory keeps the rows recorded so far\n"
-    summary = _assert_rows_up_to_the_summary(run)
+    summary = _assert_rows_up_to_the_summary(run, "interrupted")
     assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 19
 
 
@@ -285,7 +285,7 @@ def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, tra
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    summary = _assert_rows_up_to_the_summary(run)
+    summary = _assert_rows_up_to_the_summary(run, "interrupted")
     assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 199
     assert leaked(before) == set()
 

@@ -143,7 +143,9 @@ def test_figures_from_a_hand_written_sweep_directory(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     figures = plot_sweep(tmp_path)
-    assert figures.skipped == []
+    # no run directory holds a config.yaml or summary.json here: nothing to fit the cost model on
+    assert [name for name, _ in figures.skipped] == ["predicted_speedup.png"]
+    assert "cannot be fitted" in figures.skipped[0][1]
     assert {p.name for p in figures.drawn} == {"scaling.png", "time_to_target.png", "loss_time.png", "crossover.png", "batch.png"}
     for path in figures.drawn:
         assert_png(path)
@@ -239,12 +241,67 @@ def test_plot_draws_the_sweeps_figures_and_reports_the_rest(smoke, capsys):
     lines = capsys.readouterr().out.splitlines()
     drawn = [Path(line) for line in lines if not line.startswith("skipped ")]
     skipped = [line for line in lines if line.startswith("skipped ")]
-    assert {p.name for p in drawn} >= {"scaling.png", "loss_time.png"}
+    assert {p.name for p in drawn} >= {"scaling.png", "loss_time.png", "predicted_speedup.png"}
     for path in drawn:
         assert path.read_bytes()[:8] == PNG
         assert_png(path)
     assert "skipped crossover.png: needs 2 or more problem sizes (grid data.n_features)" in skipped
-    assert len(drawn) + len(skipped) == 5
+    assert len(drawn) + len(skipped) == 6
+
+
+def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):
+    from sgd_dist.cost_model import MODEL_FILE, PREDICTED_FILE
+    from sgd_dist.sweep import PREDICTION_COLUMNS
+
+    with open(smoke / RESULTS_FILE, newline="") as f:
+        header = next(csv.reader(f))
+    assert header[-len(PREDICTION_COLUMNS):] == PREDICTION_COLUMNS  # appended at the end: old readers unchanged
+    for row in read_results(smoke / RESULTS_FILE):
+        assert row["predicted_step_ms"] > 0 and row["predicted_samples_per_s"] > 0
+        assert row["step_ms_error_pct"] == pytest.approx(
+            100 * (row["predicted_step_ms"] - row["median_step_ms"]) / row["median_step_ms"], rel=1e-9)
+        assert row["samples_per_s_error_pct"] == pytest.approx(
+            100 * (row["predicted_samples_per_s"] - row["samples_per_s"]) / row["samples_per_s"], rel=1e-9)
+        if row["target_time_s"] is not None and row["predicted_seconds_to_target"] is not None:
+            assert row["seconds_to_target_error_pct"] == pytest.approx(
+                100 * (row["predicted_seconds_to_target"] - row["target_time_s"]) / row["target_time_s"], rel=1e-9)
+        assert row["prediction_fit"] in ("leave-one-point-out", "all runs (nothing else to fit)")
+    saved = json.loads((smoke / MODEL_FILE).read_text())
+    assert saved["model"]["grad_s"] > 0 and saved["model"]["num_runs"] == 4
+    assert "step_ms_error_pct" in saved["errors"]
+    with open(smoke / PREDICTED_FILE, newline="") as f:
+        predicted = list(csv.DictReader(f))
+    weak = [int(r["num_workers"]) for r in predicted if r["scaling"] == "weak" and r["network"].startswith("as measured")]
+    assert weak == [2 ** i for i in range(11)]
+    strong = [int(r["num_workers"]) for r in predicted if r["scaling"] == "strong" and r["network"].startswith("as measured")]
+    assert strong == [1, 2, 4, 8, 16, 32]  # a global batch of 32 splits over at most 32 workers
+
+
+def test_sgd_dist_model_prints_the_coefficients_errors_and_predicted_table(smoke, capsys):
+    assert main(["model", str(smoke), "--workers-max", "64", "--latency-us", "50", "--bandwidth-gbps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "gradient" in out and "per message" in out and "median |error|" in out
+    assert "network 1.0 Gbit/s, 50 us latency" in out and ("stops paying" in out or "still paying" in out)
+    assert main(["model", str(smoke / "runs")]) == 2
+
+
+def test_plot_draws_the_predicted_speedup_from_an_old_results_csv(smoke, tmp_path):
+    """A sweep directory from before the cost model: results.csv without its columns, no cost_model.json."""
+    from sgd_dist.sweep import PREDICTION_COLUMNS
+
+    old = tmp_path / "old"
+    shutil.copytree(smoke, old)
+    (old / "cost_model.json").unlink()
+    with open(old / RESULTS_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(old / RESULTS_FILE, "w", newline="") as f:
+        fields = [c for c in rows[0] if c not in PREDICTION_COLUMNS]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    figures = plot_sweep(old)
+    assert "predicted_speedup.png" in {p.name for p in figures.drawn}
+    assert_png(old / "predicted_speedup.png")
 
 
 def test_a_failing_run_is_a_row_and_exit_1_and_is_tried_again_on_resume(ray_session, tmp_path, capsys):

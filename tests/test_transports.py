@@ -1,16 +1,14 @@
 """The transports: shared memory equals the local reference without Ray, cleans up after itself, and a dead
-worker is noticed instead of waited for."""
+worker is noticed instead of waited for (test_faults: and replaced)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 import threading
-import time
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ import torch
 from sgd_dist.backends.base import server_args, worker_args
 from sgd_dist.backends.ray_backend import ClusterError, pick_transport
 from sgd_dist.consistency import make_policy
-from sgd_dist.recording import read_metrics, read_summary
+from sgd_dist.recording import read_metrics
 from sgd_dist.server import ParameterServer, serve
 from sgd_dist.trainer import eval_steps, train
 from sgd_dist.transports.channel import semaphores, sweep_stale_semaphores
@@ -112,43 +110,6 @@ def test_a_failed_run_leaves_no_segment_and_keeps_its_rows(ray_session, tmp_path
     with pytest.raises(Exception, match="injected failure"):
         train(make_config(f"cluster.transport={transport}", f"output.dir={tmp_path / 'f'}"), console=False)
     assert [r["step"] for r in read_metrics(tmp_path / "f")] == list(range(13))
-    assert _leaked_segments(before) == set()
-
-
-@pytest.mark.parametrize("transport", ["shm", "ray"])
-def test_a_killed_worker_fails_the_run_in_seconds_not_a_hang(ray_session, tmp_path, transport):
-    """A worker process killed from outside (SIGKILL) mid-run: the run stops with WorkerLost, keeps its rows,
-    and leaves no shared memory behind. (Replacing the worker is the fault-tolerance work.)"""
-    import sgd_dist.backends.ray_backend as ray_backend
-
-    config = make_config(f"cluster.transport={transport}", "train.steps=1000000", "train.eval_every=0",
-                         f"output.dir={tmp_path / 'k'}")
-    before = segments()
-    killed: dict = {}
-    original = ray_backend.RayBackend.run
-
-    def run_then_kill(self, policy, eval_at, on_rows):
-        def on_rows_then_kill(rows):  # once steps are being recorded, kill worker 1's process
-            on_rows(rows)
-            if rows and rows[-1]["step"] > 0 and not killed:
-                killed["pid"], killed["at"] = self.info[1]["pid"], time.monotonic()
-                os.kill(killed["pid"], signal.SIGKILL)
-
-        return original(self, policy, eval_at, on_rows_then_kill)
-
-    ray_backend.RayBackend.run = run_then_kill
-    try:
-        with pytest.raises(Exception) as info:
-            train(config, console=False, progress=False)
-    finally:
-        ray_backend.RayBackend.run = original
-    noticed = time.monotonic() - killed["at"]
-    assert "died" in str(info.value)
-    assert noticed < 30  # bounded, not a hang (the noticing itself takes ~0.5 s on shm)
-    summary = read_summary(tmp_path / "k")
-    rows = read_metrics(tmp_path / "k")
-    assert summary["status"] == "failed" and rows[-1]["step"] == summary["steps_recorded"] > 0
-    assert [r["step"] for r in rows] == list(range(len(rows)))
     assert _leaked_segments(before) == set()
 
 

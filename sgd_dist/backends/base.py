@@ -9,7 +9,7 @@ metrics rows handed to the driver in batches. The loop itself is the same code e
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Collection, Protocol, Sequence
 
 import torch
 
@@ -19,6 +19,22 @@ from sgd_dist.data import shard_bounds, torch_dtype
 from sgd_dist.objectives import LinearStats, NewtonTerms
 
 Handle = Any  # a value (serial) or a ray.ObjectRef (ray)
+
+
+class Sink(Protocol):
+    """Where a run's records go (the trainer's Recorder)."""
+
+    def rows(self, rows: list[dict]) -> None:
+        """Metrics rows, in step order."""
+
+    def checkpoint(self, state: dict) -> None:
+        """A checkpoint; every row up to its step has reached ``rows`` before it."""
+
+    def fault(self, entry: dict) -> None:
+        """A fault that happened (injected, noticed, recovered from)."""
+
+    def rewind(self, step: int) -> None:
+        """The server was restored to ``step``: rows after it will come again (-1: from the start)."""
 
 
 class Backend(ABC):
@@ -59,9 +75,10 @@ class Backend(ABC):
 
     # -- the training loop ----------------------------------------------------------------------
     @abstractmethod
-    def run(self, policy, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
-        """Train to the end: the server runs the consistency policy over the transport; every metrics row
-        reaches ``on_rows`` (in batches, in step order), also those computed before a failure; the loop's
+    def run(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None = None) -> None:
+        """Train to the end: the server runs the consistency policy over the transport (from the checkpoint
+        ``restore``, if given); every metrics row reaches ``sink.rows`` (in batches, in step order), also those
+        computed before a failure, and checkpoints and survived faults reach the sink as they happen; the loop's
         statistics end up in ``loop_stats``."""
 
     @abstractmethod
@@ -76,7 +93,8 @@ def worker_args(config: Config) -> list[dict]:
         dict(data=config.data, rank=rank, start=start, stop=stop, batch_size=size, seed=config.train.seed,
              optim=config.optim, total_steps=config.train.steps * config.train.local_steps,
              global_batch_size=config.global_batch_size(), stragglers=config.stragglers,
-             network=config.cluster.network)
+             network=config.cluster.network,
+             delays={f.step: f.seconds for f in config.faults if f.kind == "delay" and f.worker == rank})
         for rank, ((start, stop), size) in enumerate(zip(bounds, config.worker_batch_sizes()))
     ]
 

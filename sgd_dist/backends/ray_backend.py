@@ -8,13 +8,16 @@ test session) it is used as it is and left running, and an address naming anothe
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
+import time
 from collections import deque
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import ray
 import torch
@@ -23,9 +26,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sgd_dist.backends import simulated
-from sgd_dist.backends.base import Backend, server_args, worker_args, worker_threads
+from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
-from sgd_dist.server import ParameterServer, serve
+from sgd_dist.server import LoopHooks, ParameterServer, serve
 from sgd_dist.transports import channel
 from sgd_dist.transports.channel import ChannelServerEnd
 from sgd_dist.transports.shm import SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker
@@ -62,14 +65,24 @@ class _Worker(ShardWorker):
 
 
 class _Server:
-    """The parameter server as a Ray actor: runs ``server.serve`` on its transport; the driver drains the
-    rows concurrently (the actor has two threads: the loop and the drain)."""
+    """The parameter server as a Ray actor: runs ``server.serve`` on its transport and the workers' loops, replaces
+    a lost worker, injects the configured faults; the driver drains its records concurrently (the actor has two
+    threads: the loop and the drain)."""
 
-    def __init__(self, server_kwargs: dict, num_workers: int, staleness_lr: bool) -> None:
+    def __init__(self, server_kwargs: dict, num_workers: int, staleness_lr: bool, specs: list[tuple[dict, dict]],
+                 checkpoint_every: int, faults: Sequence) -> None:
         self.server = ParameterServer(**server_kwargs)
         self.num_workers, self.staleness_lr = num_workers, staleness_lr
+        self.specs = specs  # each worker's constructor arguments and actor options: to build a replacement
+        self.checkpoint_every = checkpoint_every
+        self.faults = [f for f in faults if f.kind in ("kill_worker", "kill_server")]
         self.end: ShmServerEnd | ChannelServerEnd | None = None
-        self.outbox: deque[list[dict]] = deque()
+        self.outbox: deque[tuple[str, Any]] = deque()
+        self.workers: list[Any] = []
+        self.pids: list[int] = []
+        self.killed_at: dict[int, float] = {}  # worker -> when an injected kill hit it
+        self._shm: tuple[str, Layout] | None = None
+        self._drains = 0
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -77,6 +90,7 @@ class _Server:
     def setup_shm(self, layout: Layout) -> str:
         """Create the shared-memory segment; return its name for the workers."""
         self.end = ShmServerEnd(layout)
+        self._shm = (self.end.segment.name, layout)
         return self.end.segment.name
 
     def make_channels(self, workers: Sequence[Any], nodes: Sequence[str], dim: int) -> list:
@@ -86,21 +100,95 @@ class _Server:
     def setup_channels(self, go: Sequence, answers: Sequence) -> None:
         self.end = ChannelServerEnd(go, answers)
 
-    def run(self, policy, eval_at: Collection[int]) -> dict:
+    def run(self, policy, eval_at: Collection[int], workers: Sequence[Any], pids: Sequence[int],
+            restore: dict | None = None) -> dict:
         assert self.end is not None
+        self.workers, self.pids = list(workers), list(pids)
         if isinstance(self.end, ShmServerEnd):
+            loops = [w.serve_shm.remote() for w in self.workers]
             self.end.wait_attached()
+        else:
+            loops = [w.serve_channels.remote(g, a) for w, g, a in zip(self.workers, self.end.go, self.end.answers)]
+            for r, loop in enumerate(loops):
+                self.end.watch(r, loop)
+        self.loops = loops
+        hooks = LoopHooks(recover=self._replace, checkpoint_every=self.checkpoint_every,
+                          on_checkpoint=lambda state: self.outbox.append(("checkpoint", state)),
+                          on_update=self._inject if self.faults else None, on_fault=self._fault)
         try:
-            return serve(self.server, self.end, policy, self.num_workers, eval_at, self.outbox.append,
-                         staleness_lr=self.staleness_lr)
+            stats = serve(self.server, self.end, policy, self.num_workers, eval_at,
+                          lambda rows: self.outbox.append(("rows", rows)), staleness_lr=self.staleness_lr,
+                          hooks=hooks, restore=restore)
         finally:
             self.end.stop()
+        ray.get(self.loops)
+        return {**stats, "workers": self.workers}
 
-    def drain(self) -> list[dict]:
-        rows = []
+    def _fault(self, entry: dict) -> None:
+        killed = self.killed_at.pop(entry.get("worker"), None)
+        if entry["fault"] == "worker_lost" and killed is not None:
+            entry["noticed_s"] = entry["noticed_unix"] - killed
+        self.outbox.append(("fault", entry))
+
+    def _inject(self, version: int) -> None:
+        """The configured kills due at this update."""
+        due = [f for f in self.faults if f.step == version]
+        for fault in due:
+            self.faults.remove(fault)
+            if fault.kind == "kill_worker":
+                r = fault.worker
+                self.killed_at[r] = time.time()
+                self.outbox.append(("fault", {"fault": "kill_worker", "worker": r, "how": fault.how,
+                                              "step": version, "at_unix": self.killed_at[r]}))
+                if fault.how == "ray_kill":
+                    ray.kill(self.workers[r], no_restart=True)
+                else:
+                    os.kill(self.pids[r], signal.SIGKILL)
+            else:
+                self.outbox.append(("fault", {"fault": "kill_server", "step": version, "at_unix": time.time()}))
+                # the driver learns of it before it happens: wait until a drain took it and the next drain
+                # began (so the reply carrying it arrived)
+                deadline = time.monotonic() + 2.0
+                while self.outbox and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                drains = self._drains
+                while self._drains <= drains and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def _replace(self, r: int) -> None:
+        """Start a new worker r (its shard regenerated from the seed) and connect it to the transport."""
+        kwargs, options = self.specs[r]
+        try:
+            ray.kill(self.workers[r], no_restart=True)
+        except Exception:
+            pass
+        worker = _WorkerActor.options(**options).remote(**kwargs)
+        try:
+            info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:  # its reserved place went with a node: take any live node's CPU
+            ray.kill(worker)
+            worker = _WorkerActor.options(num_cpus=0, num_gpus=options.get("num_gpus", 0)).remote(**kwargs)
+            info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
+        self.workers[r], self.pids[r] = worker, info["pid"]
+        if isinstance(self.end, ShmServerEnd):
+            name, layout = self._shm
+            ray.get(worker.attach.remote(name, layout))
+            self.loops[r] = worker.serve_shm.remote()
+        else:
+            dim = self.server.weights.numel()
+            go = channel.make_channel(worker, info["node_id"], dim)
+            me = ray.get_runtime_context().current_actor
+            answer = ray.get(worker.make_channel.remote(me, self.node_id(), dim))
+            self.loops[r] = worker.serve_channels.remote(go, answer)
+            self.end.connect(r, go, answer, self.loops[r])
+
+    def drain(self) -> list[tuple[str, Any]]:
+        self._drains += 1
+        items = []
         while self.outbox:
-            rows.extend(self.outbox.popleft())
-        return rows
+            items.append(self.outbox.popleft())
+        return items
 
     def weights(self) -> torch.Tensor:
         return self.server.weights.clone()
@@ -115,6 +203,17 @@ _WorkerActor = ray.remote(_Worker)
 _ServerActor = ray.remote(_Server)
 
 CONNECT_TIMEOUT_S = 5.0
+REPLACE_TIMEOUT_S = 30.0  # a replacement worker must be up (its shard generated) within this
+MAX_SERVER_RESTARTS = 3
+
+
+class _ServerLost(Exception):
+    """The server actor died (its process was killed, or its node was removed)."""
+
+
+def one_line_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class ClusterError(RuntimeError):
@@ -223,6 +322,11 @@ class RayBackend(Backend):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._group = None  # the workers' placement group
+        self._specs: list[tuple[dict, dict]] = []
+        self._latest: dict | None = None  # the latest checkpoint
+        self._last_step = 0  # the last step whose row the driver has
+        self._server_killed: tuple[int, float] | None = None  # an injected server kill: (step, when)
+        self._faults = list(config.faults)  # those not injected yet
         cluster = config.cluster
         cpus_needed = cluster.num_workers * cluster.cpus_per_worker
         self._segment: str | None = None
@@ -258,12 +362,11 @@ class RayBackend(Backend):
         gpus_per_worker = cluster.gpus_per_worker if self.device == "cuda" else 0
         strategies = self._reserve(cluster, gpus_per_worker, cpus_needed, gpus_needed)
         threads = worker_threads(config)
-        self.workers = [
-            _WorkerActor.options(
-                num_cpus=cluster.cpus_per_worker, num_gpus=gpus_per_worker, scheduling_strategy=strategy,
-            ).remote(**args, device=self.device, num_threads=threads)
-            for args, strategy in zip(worker_args(config), strategies)
-        ]
+        # each worker's constructor arguments and actor options: the server builds a replacement from them
+        self._specs = [({**args, "device": self.device, "num_threads": threads},
+                        dict(num_cpus=cluster.cpus_per_worker, num_gpus=gpus_per_worker, scheduling_strategy=strategy))
+                       for args, strategy in zip(worker_args(config), strategies)]
+        self.workers = [_WorkerActor.options(**options).remote(**kwargs) for kwargs, options in self._specs]
         nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
         if self.simulated is not None:  # the server goes on the head, which is never removed
             self._start_server(self.simulated_node_ids[0])
@@ -311,7 +414,8 @@ class RayBackend(Backend):
         config = self.config
         placement = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
         self.server = _ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
-            server_args(config), config.cluster.num_workers, config.optim.staleness_lr)
+            server_args(config), config.cluster.num_workers, config.optim.staleness_lr, self._specs,
+            config.train.checkpoint_every, self._faults)
 
     def _reserve(self, cluster, gpus_per_worker: float, cpus_needed: float, gpus_needed: float) -> list[Any]:
         """Reserve every worker's CPUs (and GPUs) at once, waiting at most cluster.placement_timeout_s.
@@ -348,62 +452,128 @@ class RayBackend(Backend):
     def _get(self, handles: Sequence[Any]) -> list[Any]:
         return ray.get(list(handles))
 
-    def run(self, policy, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+    def run(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None = None) -> None:
+        """Train; a lost server is replaced, restored from the latest checkpoint (or restarted from step 0 without
+        one) and the steps since are redone (``sink.rewind`` drops their rows first)."""
+        initial = copy.deepcopy(policy)  # a restored server's policy: this one, loaded with the checkpoint's state
+        self._latest = restore
+        restarts = 0
+        while True:
+            try:
+                self._run_once(policy, eval_at, sink, self._latest)
+                return
+            except _ServerLost as lost:
+                noticed, t0 = time.time(), time.perf_counter()
+                restarts += 1
+                if restarts > MAX_SERVER_RESTARTS:
+                    raise RuntimeError(f"the parameter server was lost {restarts} times; giving up") from None
+                step = -1 if self._latest is None else int(self._latest["server"]["step"])
+                sink.rewind(step)
+                self._release_actors()
+                self._create_actors(self.config, self.config.cluster.num_workers * self.config.cluster.cpus_per_worker)
+                policy = copy.deepcopy(initial)
+                at = self._last_step if self._server_killed is None else self._server_killed[0]
+                entry = {"fault": "server_lost", "step": at, "noticed_unix": noticed, "cause": str(lost),
+                         "restored_step": max(step, 0), "steps_redone": max(0, at - max(step, 0)),
+                         "recovery_s": time.perf_counter() - t0}
+                if self._server_killed is not None:
+                    entry["noticed_s"] = noticed - self._server_killed[1]
+                    self._server_killed = None
+                sink.fault(entry)
+
+    def _run_once(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None) -> None:
         config = self.config
         if self.transport == "shm":
             layout = Layout(config.cluster.num_workers, config.data.dim, config.data.dtype)
             self._segment = ray.get(self.server.setup_shm.remote(layout))
             ray.get([w.attach.remote(self._segment, layout) for w in self.workers])
-            watched = [w.serve_shm.remote() for w in self.workers]
         else:
             dim = config.data.dim
-            self._semaphores = channel.semaphores()
+            if self._semaphores is None:
+                self._semaphores = channel.semaphores()
             go = ray.get(self.server.make_channels.remote(self.workers, [i["node_id"] for i in self.info], dim))
             server_node = ray.get(self.server.node_id.remote())
             answers = ray.get([w.make_channel.remote(self.server, server_node, dim) for w in self.workers])
             ray.get(self.server.setup_channels.remote(go, answers))
-            watched = [w.serve_channels.remote(g, a) for w, g, a in zip(self.workers, go, answers)]
-        # the worker loops: one that ends before the server's has failed (or was told to stop)
-        run = self.server.run.remote(policy, frozenset(eval_at))
-        loops = list(watched)
+        # the server runs the workers' loops, notices a lost worker and replaces it
+        run = self.server.run.remote(policy, frozenset(eval_at), self.workers, [i["pid"] for i in self.info], restore)
         try:
             while True:
-                ready, _ = ray.wait([run, *loops], num_returns=1, timeout=DRAIN_EVERY_S)
-                on_rows(ray.get(self.server.drain.remote()))
-                if run in ready:
-                    self.loop_stats = ray.get(run)
-                    break
-                for ref in ready:  # a worker's loop ended: raises its error, or it was told to stop
-                    ray.get(ref)
-                    loops.remove(ref)
+                ready, _ = ray.wait([run], timeout=DRAIN_EVERY_S)
+                self._deliver(sink, self._drain())
+                self._remove_nodes(sink)
+                if ready:
+                    try:
+                        stats = ray.get(run)
+                    except ray.exceptions.RayActorError as exc:
+                        raise _ServerLost(one_line_error(exc)) from None
+                    self.workers = stats.pop("workers")
+                    self.loop_stats = stats
+                    return
+        except _ServerLost:
+            raise
         except BaseException:
             try:  # every row the server computed before the failure
-                on_rows(ray.get(self.server.drain.remote(), timeout=10))
+                self._deliver(sink, ray.get(self.server.drain.remote(), timeout=10))
             except Exception:
                 pass
             raise
-        ray.get(watched)
+
+    def _drain(self) -> list:
+        try:
+            return ray.get(self.server.drain.remote())
+        except ray.exceptions.RayActorError as exc:
+            raise _ServerLost(one_line_error(exc)) from None
+
+    def _deliver(self, sink: Sink, items: list) -> None:
+        for kind, payload in items:
+            if kind == "rows":
+                if payload:
+                    self._last_step = payload[-1]["step"]
+                sink.rows(payload)
+            elif kind == "checkpoint":
+                self._latest = payload
+                sink.checkpoint(payload)
+            else:
+                if payload["fault"] in ("kill_worker", "kill_server"):  # injected: never again, not after a restore
+                    self._faults = [f for f in self._faults if not (f.kind == payload["fault"] and f.step == payload["step"]
+                                                                    and f.worker == payload.get("worker"))]
+                    if payload["fault"] == "kill_server":
+                        self._server_killed = (payload["step"], payload["at_unix"])
+                sink.fault(payload)
+
+    def _remove_nodes(self, sink: Sink) -> None:
+        """The configured node removals due by the last step the driver has seen."""
+        for fault in [f for f in self._faults if f.kind == "remove_node" and f.step <= self._last_step]:
+            self._faults.remove(fault)
+            at = time.time()
+            self.remove_node(fault.node)
+            sink.fault({"fault": "remove_node", "node": fault.node, "step": self._last_step, "at_unix": at})
 
     def final_weights(self) -> torch.Tensor:
         return ray.get(self.server.weights.remote())
 
+    def _release_actors(self) -> None:
+        """Kill the server and the workers, remove the segment and the placement group (Ray stays up)."""
+        if self.server is not None:
+            try:
+                ray.get(self.server.close_transport.remote(), timeout=10)
+            except Exception:
+                pass
+        for actor in [*self.workers, self.server]:
+            if actor is not None:
+                ray.kill(actor)
+        self.workers, self.server = [], None
+        if self._segment is not None:  # the server may have died holding it (same node only: shm)
+            (SHM_DIR / self._segment).unlink(missing_ok=True)
+            self._segment = None
+        if self._group is not None:  # a pending group would take the CPUs the moment they free up
+            remove_placement_group(self._group)
+            self._group = None
+
     def close(self) -> None:
         if ray.is_initialized():
-            if self.server is not None:
-                try:
-                    ray.get(self.server.close_transport.remote(), timeout=10)
-                except Exception:
-                    pass
-            for actor in [*self.workers, self.server]:
-                if actor is not None:
-                    ray.kill(actor)
-            self.workers, self.server = [], None
-            if self._segment is not None:  # the server may have died holding it (same node only: shm)
-                (SHM_DIR / self._segment).unlink(missing_ok=True)
-                self._segment = None
-            if self._group is not None:  # a pending group would take the CPUs the moment they free up
-                remove_placement_group(self._group)
-                self._group = None
+            self._release_actors()
             if self._started:  # only a Ray this run started: a joined cluster's /dev/shm is not ours to tidy
                 ray.shutdown()
                 self._started = False

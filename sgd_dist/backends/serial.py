@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
-from sgd_dist.backends.base import Backend, server_args, worker_args, worker_threads
+from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
-from sgd_dist.server import ParameterServer, serve
+from sgd_dist.server import LoopHooks, ParameterServer, serve
 from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.worker import ShardWorker
 
@@ -45,9 +45,12 @@ class SerialBackend(Backend):
     def _get(self, handles: Sequence[Any]) -> list[Any]:
         return list(handles)
 
-    def run(self, policy, eval_at: Collection[int], on_rows: Callable[[list[dict]], None]) -> None:
+    def run(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None = None) -> None:
+        hooks = LoopHooks(checkpoint_every=self.config.train.checkpoint_every, on_checkpoint=sink.checkpoint,
+                          on_fault=sink.fault)
         self.loop_stats = serve(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers,
-                                eval_at, on_rows, staleness_lr=self.config.optim.staleness_lr)
+                                eval_at, sink.rows, staleness_lr=self.config.optim.staleness_lr, hooks=hooks,
+                                restore=restore)
 
     def final_weights(self) -> torch.Tensor:
         return self.server.weights.clone()

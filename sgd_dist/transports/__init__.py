@@ -61,7 +61,11 @@ class Arrival:
 
 
 class WorkerLost(RuntimeError):
-    """A worker stopped answering: its process died or its actor was killed."""
+    """A worker stopped answering: its process died or its actor was killed. ``worker``: its index."""
+
+    def __init__(self, message: str, worker: int | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
 
 
 class ServerEnd(ABC):
@@ -82,6 +86,10 @@ class ServerEnd(ABC):
     @abstractmethod
     def receive(self) -> Arrival:
         """Block until some worker answers; arrivals of one worker come in the order it was sent commands."""
+
+    def forget(self, worker: int) -> None:
+        """``worker`` was lost: drop its command in flight (a replacement will be connected and sent it again)."""
+        raise WorkerLost(f"worker {worker} was lost and the {self.name} transport cannot replace it", worker)
 
     def stop(self) -> None:
         """Tell every worker's loop to end."""

@@ -27,10 +27,11 @@ import torch
 from ray.exceptions import RayChannelError, RayChannelTimeoutError
 from ray.experimental.channel.shared_memory_channel import Channel
 
-from sgd_dist.transports import STOP, Arrival, Command, ServerEnd
+from sgd_dist.transports import STOP, Arrival, Command, ServerEnd, WorkerLost
 
 SPIN_S = 2e-3
 MAX_SLEEP_S = 1e-3
+LIVENESS_EVERY_S = 0.5
 
 
 def buffer_bytes(dim: int) -> int:
@@ -52,6 +53,39 @@ class ChannelServerEnd(ServerEnd):
         self._weights: np.ndarray | None = None
         self._sent: list[Command | None] = [None] * len(go)
         self._next = 0
+        self.loops: list[ray.ObjectRef | None] = [None] * len(go)  # each worker's loop: ends when its actor dies
+        self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+
+    def watch(self, worker: int, loop: ray.ObjectRef) -> None:
+        self.loops[worker] = loop
+
+    def connect(self, worker: int, go: Channel, answer: Channel, loop: ray.ObjectRef) -> None:
+        """A replacement worker's channels and loop."""
+        self.go[worker], self.answers[worker] = go, answer
+        self.watch(worker, loop)
+
+    def forget(self, worker: int) -> None:
+        self._sent[worker] = None
+        for channel in (self.go[worker], self.answers[worker]):
+            try:
+                channel.close()
+            except Exception:  # its peer is gone
+                pass
+
+    def _check_workers(self) -> None:
+        """Raise WorkerLost for a worker with a command in flight whose loop has ended (its actor died)."""
+        refs = {self.loops[r]: r for r in range(len(self.go)) if self._sent[r] is not None and self.loops[r]}
+        if not refs:
+            return
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in ready:
+            r = refs[ref]
+            try:
+                ray.get(ref)
+                cause = "its loop ended"
+            except Exception as exc:
+                cause = f"{type(exc).__name__}"
+            raise WorkerLost(f"worker {r} died ({cause})", r)
 
     def publish(self, version: int, weights: torch.Tensor) -> None:
         self._weights = weights.numpy().copy()  # the server goes on updating its tensor in place
@@ -64,6 +98,9 @@ class ChannelServerEnd(ServerEnd):
     def receive(self) -> Arrival:
         k = len(self.answers)
         t0, sleep = time.perf_counter(), 0.0
+        if time.perf_counter() > self._next_check:  # also when answers keep coming without a wait
+            self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+            self._check_workers()
         while True:
             for i in range(k):
                 r = (self._next + i) % k
@@ -75,11 +112,15 @@ class ChannelServerEnd(ServerEnd):
                     continue
                 self._next = r + 1
                 return self._take(r, message)
-            if time.perf_counter() - t0 < SPIN_S:
+            now = time.perf_counter()
+            if now - t0 < SPIN_S:
                 os.sched_yield()
             else:
                 sleep = min(MAX_SLEEP_S, sleep * 2 or 2e-5)
                 time.sleep(sleep)
+            if now > self._next_check:  # across calls: with others answering, every call may be short
+                self._next_check = now + LIVENESS_EVERY_S
+                self._check_workers()
 
     def _take(self, r: int, message: tuple) -> Arrival:
         command, self._sent[r] = self._sent[r], None

@@ -162,6 +162,7 @@ class ShmServerEnd(ServerEnd):
         self._slot_of = [0] * k
         self._seq = [0] * k
         self._next = 0
+        self._next_check = time.perf_counter() + LIVENESS_EVERY_S
 
     def _free_slot(self) -> int:
         return next(s for s in range(self.layout.num_slots) if s != self._current and self._refs[s] == 0)
@@ -187,6 +188,9 @@ class ShmServerEnd(ServerEnd):
     def receive(self) -> Arrival:
         ctrl, k = self.segment.ctrl, self.layout.num_workers
         answers = ctrl[:, _ANS_SEQ]
+        if time.perf_counter() > self._next_check:  # also when answers keep coming without a wait
+            self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+            self._check_workers()
         waiter = _Waiter()
         while True:
             for i in range(k):
@@ -195,7 +199,8 @@ class ShmServerEnd(ServerEnd):
                     self._next = r + 1
                     return self._take(r)
             now = waiter.pause()
-            if waiter.due(now):
+            if now > self._next_check:  # across calls: with others answering, every call may be short
+                self._next_check = now + LIVENESS_EVERY_S
                 self._check_workers()
 
     def _take(self, r: int) -> Arrival:
@@ -210,7 +215,13 @@ class ShmServerEnd(ServerEnd):
         for r in range(self.layout.num_workers):
             pid = int(self.segment.ctrl[r, _PID])
             if self._sent[r] is not None and pid and not _alive(pid):
-                raise WorkerLost(f"worker {r} (pid {pid}) died")
+                raise WorkerLost(f"worker {r} (pid {pid}) died", r)
+
+    def forget(self, worker: int) -> None:
+        if self._sent[worker] is not None:
+            self._refs[self._slot_of[worker]] -= 1
+            self._sent[worker] = None
+        self.segment.ctrl[worker, _PID] = 0  # until its replacement attaches
 
     def wait_attached(self, timeout_s: float = 60.0) -> None:
         """Until every worker has attached and written its pid."""

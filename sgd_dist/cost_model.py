@@ -1,0 +1,772 @@
+"""A cost model of a step, fitted from a sweep's runs, that predicts beyond the machine they ran on. No Ray.
+
+What is measured and what is modelled:
+
+- **Measured** (from each run's ``summary.json`` and ``config.yaml``): each worker's median answer time
+  (``answer_ms``: the worker's own clock from reading a command to writing its answer), the median interval
+  between two updates (``median_step_ms``, the server's clock), the training time and step count (their
+  difference to the median steps is the evaluations' cost), the first step at the target gap.
+- **Fitted** (least squares, coefficients kept non-negative; a coefficient the runs cannot tell apart from
+  another, such as a per-parameter term when every run has the same d, is fixed at 0 and named in
+  ``CostModel.unidentified``):
+
+  - one worker's gradient: ``grad_s + grad_s_per_elem x rows x parameters``, from the answer times of runs
+    where every process had a core of its own (K + 1 <= cores), or of all runs if those have one batch size;
+  - the server's work per update: ``apply_s + apply_s_per_param x d`` plus, for each of the answers it
+    handles one after the other, the per-message transport cost ``message_s + message_s_per_byte x bytes``,
+    from what the synchronous runs' step times leave after the modelled compute: the K serial messages are
+    what makes a parameter server stop scaling;
+  - one evaluation: ``eval_s + eval_s_per_elem x shard rows x parameters``, from the training time the
+    median steps do not account for.
+
+- **Modelled** (formulas, not fitted): the network, from the config (``cluster.network.latency_ms`` and
+  ``bandwidth_gbps``; none on one machine): each worker's update costs a command (d weights) and an answer
+  (d gradient values) message of ``latency + bytes x 8 / bandwidth`` each on its own path, and the server's
+  link carries every worker's two messages one after the other. Cores: on the measured machine K workers
+  share ``cores`` cores (a compute phase takes ``max(1, K / cores)`` x one gradient); a cluster (``cores``
+  None) gives every process a core. Stragglers multiply a worker's compute by their slowdown and add the
+  median of their random delay. Per mode, with c_k worker k's compute:
+
+  - sync: max_k c_k + network + server(K answers);
+  - backup b: the (K - b)-th smallest c_k instead of the largest;
+  - ssp s >= 1: the server's work overlaps the workers' (max of the two), the slowest worker still sets the
+    pace in the long run; s = 0 is sync;
+  - local_sgd H: H gradients' compute per round, one round of messages per H local steps;
+  - async: workers cycle independently (an update every 1 / sum_k 1 / (c_k + messages)), bounded below by
+    the server's work for one answer and by the server link carrying one answer and one command.
+
+- **Time to target** = steps to the target x the predicted step, plus the evaluations before it. The steps
+  to the target (statistical efficiency) are measured: the mean over the runs of the same mode and problem
+  (the grid values other than the workers, mode and batch) with the same rows per update, else ``steps = S_min + S_min x B_noise / B`` fitted over that mode's runs (the empirical
+  steps/batch trade-off of McCandlish et al. 2018); async's extra staleness at many workers is not modelled.
+
+Everything here is plain arithmetic on dataclasses; ``load_observations`` is the one function that reads files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+MODES = ("sync", "async", "ssp", "backup", "local_sgd")
+SYNC_LIKE = ("sync", "backup", "local_sgd", "ssp")  # modes whose step time the server-cost fit uses (ssp: s = 0 only)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a run is (the scenario) and what it measured (the observation)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything the model needs to predict one run's step: the config's numbers, on a machine of ``cores``."""
+
+    mode: str
+    num_workers: int
+    worker_batches: tuple[int, ...]  # rows per step of each worker
+    dim: int  # parameters (features plus bias)
+    n_samples: int
+    itemsize: int = 4  # bytes per weight or gradient value
+    steps: int = 100
+    eval_every: int = 0
+    staleness_bound: int = 0
+    backup_workers: int = 0
+    local_steps: int = 1
+    slowdown: tuple[float, ...] = ()  # per worker; empty: none
+    delay_median_s: tuple[float, ...] = ()  # per worker: the median of its random delay
+    latency_s: float = 0.0
+    bandwidth_bps: float | None = None  # bits per second; None: unlimited
+    cores: int | None = None  # cores the workers and the server share; None: one each (a cluster)
+
+    @property
+    def message_bytes(self) -> int:
+        return self.dim * self.itemsize
+
+    def rows_per_update(self) -> int:
+        """Rows behind one update: one worker's batch (async), the fastest K - b (backup), H x all (local_sgd)."""
+        if self.mode == "async":
+            return self.worker_batches[0]
+        if self.mode == "backup":
+            return sum(sorted(self.worker_batches)[:self.num_workers - self.backup_workers])
+        return sum(self.worker_batches) * (self.local_steps if self.mode == "local_sgd" else 1)
+
+    def num_evaluations(self) -> int:
+        """Evaluations in the run: step 0, every eval_every, the last (trainer.eval_steps)."""
+        return len(_eval_steps(self.steps, self.eval_every))
+
+    def evaluations_before(self, step: int) -> int:
+        """Evaluations whose time is inside the server clock at update ``step`` (those of earlier versions)."""
+        return sum(1 for s in _eval_steps(max(self.steps, step), self.eval_every) if s < step)
+
+
+def _eval_steps(num_steps: int, every: int) -> set[int]:
+    steps = {0, num_steps}
+    if every:
+        steps.update(range(every, num_steps, every))
+    return steps
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One completed run: its scenario (on the measured machine) and what it measured, in seconds."""
+
+    run: str
+    point: tuple  # the grid point without the repeat: runs of one point are left out together
+    series: tuple  # the speedup series (scaling, global batch, grid values but the worker count)
+    scaling: str
+    scenario: Scenario
+    answer_s: tuple[float, ...]  # each worker's median answer time
+    step_s: float  # median interval between updates
+    train_time_s: float
+    samples_per_s: float
+    target_step: int | None
+    target_time_s: float | None
+    problem: tuple = ()  # the grid values that change what is solved (not the workers, mode or batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fitted coefficients
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Fitted coefficients, in seconds (see the module docstring for what each one multiplies)."""
+
+    grad_s: float
+    grad_s_per_elem: float  # per row x parameter of one worker's batch
+    apply_s: float  # the server's work per update
+    apply_s_per_param: float
+    message_s: float  # per answer the server handles (serially), transport included
+    message_s_per_byte: float
+    eval_s: float  # one evaluation
+    eval_s_per_elem: float  # per shard row x parameter
+    cores: int | None  # cores of the machine the runs were measured on
+    num_runs: int = 0  # observations behind the fit
+    unidentified: tuple[str, ...] = ()  # coefficients fixed at 0: the runs cannot separate them
+
+    def describe(self) -> list[str]:
+        def us(seconds: float) -> str:
+            return f"{seconds * 1e6:.4g} us"
+
+        lines = [
+            f"gradient      {us(self.grad_s)} + {self.grad_s_per_elem * 1e9:.4g} ns x rows x parameters",
+            f"server apply  {us(self.apply_s)} + {self.apply_s_per_param * 1e9:.4g} ns x parameters per update",
+            f"per message   {us(self.message_s)} + {self.message_s_per_byte * 1e9:.4g} ns x bytes per answer, "
+            "serial at the server",
+            f"evaluation    {us(self.eval_s)} + {self.eval_s_per_elem * 1e9:.4g} ns x shard rows x parameters",
+            f"fitted on {self.num_runs} runs measured on {self.cores or 'unknown'} cores",
+        ]
+        if self.unidentified:
+            lines.append("not identifiable from these runs (fixed at 0): " + ", ".join(self.unidentified))
+        return lines
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "unidentified": list(self.unidentified)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prediction
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step_s: float  # one update (a round for local_sgd)
+    eval_s: float  # one evaluation
+    rows_per_update: int
+
+    def samples_per_s(self, scenario: Scenario) -> float:
+        """Over a whole run: samples over training time, evaluations included (as summary.json's)."""
+        time = scenario.steps * self.step_s + scenario.num_evaluations() * self.eval_s
+        return scenario.steps * self.rows_per_update / time
+
+    def seconds_to(self, step: int, scenario: Scenario) -> float:
+        """The server's clock at update ``step``: the steps and the evaluations before it."""
+        return step * self.step_s + scenario.evaluations_before(step) * self.eval_s
+
+
+def _contention(scenario: Scenario) -> float:
+    """How much longer a compute phase takes when K workers share the measured machine's cores."""
+    if scenario.cores is None:
+        return 1.0
+    return max(1.0, scenario.num_workers / scenario.cores)
+
+
+def _handoff_contention(scenario: Scenario) -> float:
+    """How much longer each server-worker hand-off takes when the K + 1 processes outnumber the cores."""
+    if scenario.cores is None:
+        return 1.0
+    return max(1.0, (scenario.num_workers + 1) / scenario.cores)
+
+
+def compute_s(model: CostModel, scenario: Scenario) -> list[float]:
+    """Each worker's time for one answer (H local steps for local_sgd), on a core of its own."""
+    h = scenario.local_steps if scenario.mode == "local_sgd" else 1
+    out = []
+    for k, rows in enumerate(scenario.worker_batches):
+        c = h * (model.grad_s + model.grad_s_per_elem * rows * scenario.dim)
+        if scenario.slowdown:
+            c *= scenario.slowdown[k]
+        if scenario.delay_median_s:
+            c += scenario.delay_median_s[k]
+        out.append(c)
+    return out
+
+
+def _wire_s(scenario: Scenario) -> float:
+    """One message's serialisation on a link: bytes x 8 / bandwidth."""
+    if not scenario.bandwidth_bps:
+        return 0.0
+    return scenario.message_bytes * 8 / scenario.bandwidth_bps
+
+
+def message_delay_s(latency_s: float, bandwidth_bps: float | None, nbytes: int) -> float:
+    """One message over the network model: latency + bytes x 8 / bandwidth (None: unlimited)."""
+    return latency_s + (nbytes * 8 / bandwidth_bps if bandwidth_bps else 0.0)
+
+
+def server_s(model: CostModel, scenario: Scenario, answers: int) -> float:
+    """The server's work for one update of ``answers`` answers, each handled one after the other."""
+    return model.apply_s + model.apply_s_per_param * scenario.dim + answers * message_cost_s(model, scenario)
+
+
+def message_cost_s(model: CostModel, scenario: Scenario) -> float:
+    """One answer's handling at the server (the transport's cost, not the network's)."""
+    per_message = model.message_s + model.message_s_per_byte * scenario.message_bytes
+    return per_message * _handoff_contention(scenario)
+
+
+def step_s(model: CostModel, scenario: Scenario) -> float:
+    """The predicted time of one update (one round for local_sgd) in ``scenario``'s mode."""
+    k = scenario.num_workers
+    f = _contention(scenario)
+    compute = compute_s(model, scenario)
+    wire = _wire_s(scenario)
+    path = 2 * message_delay_s(scenario.latency_s, scenario.bandwidth_bps, scenario.message_bytes)  # command, answer
+    link = 2 * k * wire  # every worker's command and answer through the server's link, one after another
+    mode = scenario.mode
+    if mode == "async":
+        per_message = message_cost_s(model, scenario)
+        rate = sum(1 / (c * f + path + per_message) for c in compute)
+        return max(1 / rate, server_s(model, scenario, 1), 2 * wire)
+    if mode == "backup":
+        slowest = sorted(compute)[k - scenario.backup_workers - 1]
+    else:
+        slowest = max(compute)
+    network = max(path, link)
+    if mode == "ssp" and scenario.staleness_bound > 0:
+        return max(slowest * f + network, server_s(model, scenario, k))
+    return slowest * f + network + server_s(model, scenario, k)
+
+
+def eval_s(model: CostModel, scenario: Scenario) -> float:
+    """One evaluation: every worker sums the loss over its shard, and the server collects K answers."""
+    rows = scenario.n_samples / scenario.num_workers
+    return (model.eval_s + model.eval_s_per_elem * rows * scenario.dim * _contention(scenario)
+            + scenario.num_workers * message_cost_s(model, scenario))
+
+
+def predict(model: CostModel, scenario: Scenario) -> Prediction:
+    if scenario.mode not in MODES:
+        raise ValueError(f"mode {scenario.mode!r}: the cost model knows {', '.join(MODES)}")
+    return Prediction(step_s(model, scenario), eval_s(model, scenario), scenario.rows_per_update())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fitting
+
+
+def _nonneg_lstsq(columns: dict[str, np.ndarray], y: np.ndarray, order: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+    """Least squares on the columns in ``order`` that add rank, with every coefficient >= 0.
+
+    A column that adds no rank (the runs cannot separate it from the ones before it) is left out, and so is one
+    whose coefficient comes out negative (then the rest is refitted): both are fixed at 0 and returned as
+    unidentified.
+    """
+    kept: list[str] = []
+    dropped: list[str] = []
+    for name in order:
+        trial = kept + [name]
+        matrix = np.column_stack([columns[c] / (np.linalg.norm(columns[c]) or 1.0) for c in trial])
+        if len(y) >= len(trial) and np.linalg.matrix_rank(matrix, tol=1e-9) == len(trial):
+            kept.append(name)
+        else:
+            dropped.append(name)
+    while True:
+        if not kept:
+            return {name: 0.0 for name in order}, dropped
+        scale = np.array([np.linalg.norm(columns[c]) or 1.0 for c in kept])
+        matrix = np.column_stack([columns[c] for c in kept]) / scale
+        coef = np.linalg.lstsq(matrix, y, rcond=None)[0] / scale
+        negative = [c for c, v in zip(kept, coef) if v < 0]
+        if not negative:
+            fitted = dict(zip(kept, (float(v) for v in coef)))
+            return {name: fitted.get(name, 0.0) for name in order}, dropped
+        worst = min(zip(kept, coef), key=lambda cv: cv[1])[0]
+        kept.remove(worst)
+        dropped.append(worst)
+
+
+def _uncontended(obs: Observation, cores: int | None) -> bool:
+    return cores is None or obs.scenario.num_workers + 1 <= cores
+
+
+def fit(observations: Sequence[Observation], cores: int | None = None) -> CostModel:
+    """Fit every coefficient from ``observations`` measured on a machine of ``cores`` cores (None: a core each).
+
+    ValueError if there is nothing to fit (no completed run).
+    """
+    if not observations:
+        raise ValueError("the cost model needs at least one completed run")
+    unidentified: list[str] = []
+
+    # 1. one worker's gradient, from the workers' own answer times
+    pool = [o for o in observations if _uncontended(o, cores)]
+    if len({_elems(o.scenario, b) for o in pool for b in o.scenario.worker_batches}) < 2:
+        pool = list(observations)
+    calls, elems, ys = [], [], []
+    for o in pool:
+        s = o.scenario
+        h = s.local_steps if s.mode == "local_sgd" else 1
+        for k, (rows, answer) in enumerate(zip(s.worker_batches, o.answer_s)):
+            slow = s.slowdown[k] if s.slowdown else 1.0
+            delay = s.delay_median_s[k] if s.delay_median_s else 0.0
+            calls.append(h)
+            elems.append(h * rows * s.dim)
+            ys.append(max(0.0, answer - delay) / slow)
+    grad, dropped = _nonneg_lstsq({"grad_s": np.array(calls, float), "grad_s_per_elem": np.array(elems, float)},
+                                  np.array(ys), ["grad_s", "grad_s_per_elem"])
+    unidentified += dropped
+    partial = CostModel(grad["grad_s"], grad["grad_s_per_elem"], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
+
+    # 2. the server: what the synchronous steps leave after the modelled compute and network
+    sync = [o for o in observations if o.scenario.mode in SYNC_LIKE
+            and not (o.scenario.mode == "ssp" and o.scenario.staleness_bound > 0)]
+    cols: dict[str, list[float]] = {"apply_s": [], "message_s": [], "apply_s_per_param": [], "message_s_per_byte": []}
+    ys = []
+    for o in sync:
+        s = replace(o.scenario, cores=cores)
+        k = s.num_workers * _handoff_contention(s)
+        cols["apply_s"].append(1.0)
+        cols["apply_s_per_param"].append(s.dim)
+        cols["message_s"].append(k)
+        cols["message_s_per_byte"].append(k * s.message_bytes)
+        ys.append(o.step_s - step_s(partial, s))
+    server, dropped = _nonneg_lstsq({c: np.array(v, float) for c, v in cols.items()}, np.array(ys),
+                                    ["apply_s", "message_s", "apply_s_per_param", "message_s_per_byte"])
+    unidentified += dropped
+
+    # 3. evaluations: the training time that the median steps leave over, per evaluation (the steps slower
+    # than the median are in it too), less the K answers' handling at the fitted per-message cost
+    messages = replace(partial, message_s=server["message_s"], message_s_per_byte=server["message_s_per_byte"])
+    ones, shard, ys = [], [], []
+    for o in observations:
+        s = replace(o.scenario, cores=cores)
+        ones.append(1.0)
+        shard.append(s.n_samples / s.num_workers * s.dim * _contention(s))
+        left = (o.train_time_s - s.steps * o.step_s) / s.num_evaluations()
+        ys.append(max(0.0, left - eval_s(messages, s)))
+    ev, dropped = _nonneg_lstsq({"eval_s": np.array(ones), "eval_s_per_elem": np.array(shard, float)},
+                                np.array(ys), ["eval_s", "eval_s_per_elem"])
+    unidentified += dropped
+    return CostModel(grad["grad_s"], grad["grad_s_per_elem"], server["apply_s"], server["apply_s_per_param"],
+                     server["message_s"], server["message_s_per_byte"], ev["eval_s"], ev["eval_s_per_elem"],
+                     cores, len(observations), tuple(dict.fromkeys(unidentified)))
+
+
+def _elems(s: Scenario, rows: int) -> int:
+    return rows * s.dim * (s.local_steps if s.mode == "local_sgd" else 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistical efficiency: steps to the target
+
+
+@dataclass(frozen=True)
+class StepsToTarget:
+    """Steps to the target per mode and problem: measured means by rows per update, and S_min (1 + B_noise / B) fits."""
+
+    measured: dict[tuple[str, tuple, int], float]  # (mode, problem, rows per update) -> mean steps
+    fitted: dict[tuple[str, tuple], tuple[float, float]]  # (mode, problem) -> (S_min, S_min x B_noise)
+
+    def steps(self, mode: str, rows: int, problem: tuple = ()) -> float | None:
+        if (mode, problem, rows) in self.measured:
+            return self.measured[(mode, problem, rows)]
+        if (mode, problem) in self.fitted:
+            a, c = self.fitted[(mode, problem)]
+            return a + c / rows
+        return None
+
+
+def steps_to_target(observations: Iterable[Observation]) -> StepsToTarget:
+    by: dict[tuple[str, tuple, int], list[int]] = {}
+    for o in observations:
+        if o.target_step is not None:
+            by.setdefault((o.scenario.mode, o.problem, o.scenario.rows_per_update()), []).append(o.target_step)
+    measured = {key: statistics.fmean(v) for key, v in by.items()}
+    fitted = {}
+    for mode, problem in {(m, p) for m, p, _ in measured}:
+        pairs = [(b, s) for (m, p, b), s in measured.items() if (m, p) == (mode, problem)]
+        if len(pairs) < 2:
+            continue
+        coef, _ = _nonneg_lstsq({"a": np.ones(len(pairs)), "c": np.array([1 / b for b, _ in pairs])},
+                                np.array([s for _, s in pairs], float), ["a", "c"])
+        fitted[(mode, problem)] = (coef["a"], coef["c"])
+    return StepsToTarget(measured, fitted)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Predictions beside the measured runs (leave one grid point out)
+
+
+def error_pct(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or measured is None or not measured:
+        return None
+    return 100.0 * (predicted - measured) / measured
+
+
+def leave_one_out(observations: Sequence[Observation], cores: int | None) -> dict[str, dict]:
+    """Each run's prediction from a model fitted on every other grid point's runs (its own repeats left out too).
+
+    Returns run name -> the PREDICTION_COLUMNS. A point whose leaving out leaves nothing to fit gets the fit on
+    all runs, and says so in ``prediction_fit``.
+    """
+    out: dict[str, dict] = {}
+    for point in dict.fromkeys(o.point for o in observations):
+        rest = [o for o in observations if o.point != point]
+        how = "leave-one-point-out"
+        try:
+            model = fit(rest, cores)
+        except ValueError:
+            model, rest, how = fit(observations, cores), list(observations), "all runs (nothing else to fit)"
+        efficiency = steps_to_target(rest)
+        for o in (o for o in observations if o.point == point):
+            out[o.run] = prediction_row(model, efficiency, o, cores, how)
+    return out
+
+
+def prediction_row(model: CostModel, efficiency: StepsToTarget, o: Observation, cores: int | None, how: str) -> dict:
+    s = replace(o.scenario, cores=cores)
+    p = predict(model, s)
+    steps = efficiency.steps(s.mode, s.rows_per_update(), o.problem)
+    target = p.seconds_to(math.ceil(steps), s) if steps is not None else None
+    return {
+        "predicted_step_ms": 1e3 * p.step_s, "step_ms_error_pct": error_pct(p.step_s, o.step_s),
+        "predicted_samples_per_s": p.samples_per_s(s), "samples_per_s_error_pct": error_pct(p.samples_per_s(s), o.samples_per_s),
+        "predicted_seconds_to_target": target, "seconds_to_target_error_pct": error_pct(target, o.target_time_s),
+        "prediction_fit": how,
+    }
+
+
+def error_summary(rows: Iterable[dict]) -> dict[str, tuple[float, float, int]]:
+    """Per error column: (median |error| %, worst |error| %, runs)."""
+    out = {}
+    for column in ("step_ms_error_pct", "samples_per_s_error_pct", "seconds_to_target_error_pct"):
+        errors = [abs(r[column]) for r in rows if r.get(column) is not None]
+        if errors:
+            out[column] = (statistics.median(errors), max(errors), len(errors))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Beyond the machine: 1 to 1,024 workers
+
+
+def worker_counts(maximum: int = 1024) -> list[int]:
+    return [2 ** i for i in range(int(math.log2(maximum)) + 1)]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Predicted numbers of one series and mode over the worker counts, with the speedup over 1 worker."""
+
+    series: tuple
+    mode: str
+    network: str  # how the network was set, in words
+    workers: list[int]
+    step_ms: list[float]
+    samples_per_s: list[float]
+    seconds_to_target: list[float | None]
+    speedup: list[float]
+    basis: str  # time_to_target or samples_per_s, as the measured speedups
+
+    def peak(self) -> tuple[int, float]:
+        best = max(range(len(self.workers)), key=self.speedup.__getitem__)
+        return self.workers[best], self.speedup[best]
+
+    def knee(self) -> int:
+        """The worker count past which doubling the workers gains less than 10 % (the last one if it always does)."""
+        for i in range(len(self.workers) - 1):
+            if self.speedup[i + 1] < 1.1 * self.speedup[i]:
+                return self.workers[i]
+        return self.workers[-1]
+
+    def stops_paying(self) -> str:
+        k, s = self.peak()
+        knee = self.knee()
+        if knee == self.workers[-1]:
+            return f"still paying at K={knee} (speedup {s:.3g})"
+        tail = f"; peak {s:.3g} at K={k}" if k != knee else ""
+        return f"stops paying at K={knee} (speedup {self.speedup[self.workers.index(knee)]:.3g}{tail})"
+
+
+def scale_scenario(template: Scenario, scaling: str, k: int, global_batch: int | None,
+                   cores: int | None) -> Scenario | None:
+    """``template`` with k workers: strong splits ``global_batch`` (None if it does not split), weak keeps the batch."""
+    if scaling == "strong":
+        if global_batch is None or global_batch % k:
+            return None
+        batch = global_batch // k
+    else:
+        batch = template.worker_batches[0]
+    slow = template.slowdown[:k] + (1.0,) * max(0, k - len(template.slowdown)) if template.slowdown else ()
+    delay = template.delay_median_s[:k] + (0.0,) * max(0, k - len(template.delay_median_s)) if template.delay_median_s else ()
+    return replace(template, num_workers=k, worker_batches=(batch,) * k, slowdown=slow, delay_median_s=delay,
+                   backup_workers=min(template.backup_workers, k - 1), cores=cores)
+
+
+def curve(model: CostModel, efficiency: StepsToTarget, template: Observation, workers: Sequence[int],
+          cores: int | None, latency_s: float | None = None, bandwidth_bps: float | None = None,
+          network: str = "as measured") -> Curve | None:
+    """The predicted speedup of ``template``'s series over ``workers`` (K = 1 must be one of them)."""
+    s0 = template.scenario
+    if latency_s is not None:
+        s0 = replace(s0, latency_s=latency_s, bandwidth_bps=bandwidth_bps)
+    batch = sum(s0.worker_batches) if template.scaling == "strong" else None
+    ks, steps, sps, ttt = [], [], [], []
+    for k in workers:
+        s = scale_scenario(s0, template.scaling, k, batch, cores)
+        if s is None:
+            continue
+        p = predict(model, s)
+        n = efficiency.steps(s.mode, s.rows_per_update(), template.problem)
+        ks.append(k)
+        steps.append(1e3 * p.step_s)
+        sps.append(p.samples_per_s(s))
+        ttt.append(p.seconds_to(math.ceil(n), s) if n is not None else None)
+    if not ks or ks[0] != 1:
+        return None
+    if template.scaling == "strong" and None not in ttt:
+        speedup, basis = [ttt[0] / t for t in ttt], "time_to_target"
+    else:
+        speedup, basis = [v / sps[0] for v in sps], "samples_per_s"
+    return Curve(template.series, s0.mode, network, ks, steps, sps, ttt, speedup, basis)
+
+
+def curves(observations: Sequence[Observation], model: CostModel, workers: Sequence[int], cores: int | None,
+           latency_s: float | None = None, bandwidth_bps: float | None = None, network: str = "as measured") -> list[Curve]:
+    """One curve per speedup series (and mode), from a template run of the series (its fewest workers)."""
+    efficiency = steps_to_target(observations)
+    out = []
+    for key in dict.fromkeys(o.series for o in observations):
+        template = min((o for o in observations if o.series == key), key=lambda o: o.scenario.num_workers)
+        c = curve(model, efficiency, template, workers, cores, latency_s, bandwidth_bps, network)
+        if c is not None:
+            out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a sweep directory
+
+
+def machine_cores() -> int:
+    """Cores this process may run on: the measured machine's, when the model is fitted where the sweep ran."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def network_of(config: Any) -> tuple[float, float | None]:
+    """(latency s, bandwidth bit/s or None) from ``cluster.network``; (0, None) for configs without one."""
+    network = getattr(config.cluster, "network", None)
+    latency_ms = getattr(network, "latency_ms", 0.0) or 0.0
+    gbps = getattr(network, "bandwidth_gbps", None)
+    return latency_ms / 1e3, (gbps * 1e9 if gbps else None)
+
+
+def scenario_of(config: Any, cores: int | None) -> Scenario:
+    """A run's scenario from its validated Config."""
+    k = config.cluster.num_workers
+    n = config.data.n_samples
+    batches = tuple(n // k if b == "full" else int(b) for b in config.worker_batch_sizes())
+    st = config.stragglers
+    slowdown = tuple(float(st.slowdown.get(r, 1.0)) for r in range(k)) if st.slowdown else ()
+    delay = ()
+    if st.delay != "none":
+        median = st.delay_ms / 1e3 * (1.0 if st.delay == "uniform" else math.log(2))
+        delay = tuple(median if st.delay_workers is None or r in st.delay_workers else 0.0 for r in range(k))
+    latency, bandwidth = network_of(config)
+    return Scenario(
+        mode=config.train.mode, num_workers=k, worker_batches=batches, dim=config.data.dim, n_samples=n,
+        itemsize=4 if config.data.dtype == "float32" else 8, steps=config.train.steps,
+        eval_every=config.train.eval_every, staleness_bound=config.train.staleness_bound,
+        backup_workers=config.train.backup_workers, local_steps=config.train.local_steps,
+        slowdown=slowdown, delay_median_s=delay, latency_s=latency, bandwidth_bps=bandwidth, cores=cores)
+
+
+def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str], cores: int | None) -> Observation | None:
+    """A results.csv row with its run's config and summary.json; None unless the run completed with answer times."""
+    answers = {int(r): ms for r, ms in (summary.get("answer_ms") or {}).items()}
+    s = scenario_of(config, cores)
+    if summary.get("status") != "completed" or not summary.get("median_step_ms") or len(answers) != s.num_workers:
+        return None
+    grid = tuple((k, row.get(k)) for k in grid_keys)
+    batch = row.get("global_batch") if row.get("scaling") == "strong" else None
+    series = (row.get("scaling"), batch, tuple((k, v) for k, v in grid if k != "cluster.num_workers"))
+    return Observation(
+        run=row["run"], point=(row.get("scaling"), batch, grid), series=series, scaling=row.get("scaling") or "weak",
+        scenario=s, answer_s=tuple(answers[r] / 1e3 for r in range(s.num_workers)),
+        step_s=summary["median_step_ms"] / 1e3, train_time_s=summary["train_time_s"],
+        samples_per_s=summary["samples_per_s"], target_step=row.get("target_step"),
+        target_time_s=row.get("target_time_s"),
+        problem=tuple((k, v) for k, v in grid if k not in ("cluster.num_workers", "train.mode", "train.batch_size")))
+
+
+def load_observations(sweep_dir: str | Path, cores: int | None = None) -> list[Observation]:
+    """Every completed run of a sweep directory: results.csv, and each run's config.yaml and summary.json."""
+    from sgd_dist.config import load_config
+    from sgd_dist.recording import read_summary
+    from sgd_dist.sweep import RESULTS_FILE, RUNS_DIR, read_results
+
+    sweep_dir = Path(sweep_dir)
+    with open(sweep_dir / RESULTS_FILE, newline="") as f:
+        header = next(csv.reader(f))
+    keys = header[header.index("scaling") + 1:header.index("repeat")]
+    out = []
+    for row in read_results(sweep_dir / RESULTS_FILE):
+        run_dir = sweep_dir / RUNS_DIR / row["run"]
+        if row.get("status") != "completed" or not (run_dir / "summary.json").is_file():
+            continue
+        o = observation(row, load_config(run_dir / "config.yaml"), read_summary(run_dir), keys, cores)
+        if o is not None:
+            out.append(o)
+    return out
+
+
+@dataclass
+class SweepModel:
+    """A sweep's model: fitted on all its runs (for the curves), and each run's leave-one-point-out prediction."""
+
+    observations: list[Observation]
+    model: CostModel
+    predictions: dict[str, dict] = field(default_factory=dict)
+
+
+def model_sweep(sweep_dir: str | Path, cores: int | None = None) -> SweepModel:
+    cores = cores or machine_cores()
+    observations = load_observations(sweep_dir, cores)
+    return SweepModel(observations, fit(observations, cores), leave_one_out(observations, cores))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a sweep writes and prints
+
+MODEL_FILE = "cost_model.json"
+PREDICTED_FILE = "predicted.csv"
+CLUSTER_NETWORK = (50e-6, 1e9, "1 Gbit/s, 50 us latency")  # the second curve of predicted_speedup.png
+
+
+def saved_cores(sweep_dir: str | Path) -> int | None:
+    """The cores recorded in cost_model.json by the sweep (the machine the runs were measured on), if any."""
+    path = Path(sweep_dir) / MODEL_FILE
+    if path.is_file():
+        return json.loads(path.read_text()).get("model", {}).get("cores")
+    return None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def error_lines(observations: Sequence[Observation], predictions: dict[str, dict]) -> list[str]:
+    """The table of measured against predicted, one line per run, then the median and worst errors."""
+    lines = [f"{'run':<60} {'step ms':>8} {'pred':>8} {'err%':>6} {'samples/s':>10} {'pred':>10} {'err%':>6} "
+             f"{'target s':>8} {'pred':>8} {'err%':>6}"]
+    for o in observations:
+        p = predictions[o.run]
+        lines.append(
+            f"{o.run[:60]:<60} {o.step_s * 1e3:>8.3f} {p['predicted_step_ms']:>8.3f} {p['step_ms_error_pct']:>+6.0f} "
+            f"{o.samples_per_s:>10,.0f} {p['predicted_samples_per_s']:>10,.0f} {p['samples_per_s_error_pct']:>+6.0f} "
+            f"{_fmt(o.target_time_s, '8.4f'):>8} {_fmt(p['predicted_seconds_to_target'], '8.4f'):>8} "
+            f"{_fmt(p['seconds_to_target_error_pct'], '+6.0f'):>6}")
+    names = {"step_ms_error_pct": "step time", "samples_per_s_error_pct": "samples/s",
+             "seconds_to_target_error_pct": "time to target"}
+    spread = repeat_spread(observations)
+    for column, (median, worst, n) in error_summary(predictions.values()).items():
+        noise = f"; repeats of one point differ from their mean by median {spread[column]:.1f} %" if column in spread else ""
+        lines.append(f"{names[column]}: median |error| {median:.1f} %, worst {worst:.1f} % over {n} runs{noise}")
+    return lines
+
+
+def repeat_spread(observations: Sequence[Observation]) -> dict[str, float]:
+    """The measurement's own noise: median over runs of |run - mean of its point's repeats| / that mean, in %,
+    for points run more than once (what no model of the mean can predict)."""
+    measured = {"step_ms_error_pct": lambda o: o.step_s, "samples_per_s_error_pct": lambda o: o.samples_per_s,
+                "seconds_to_target_error_pct": lambda o: o.target_time_s}
+    out = {}
+    for column, value in measured.items():
+        deviations = []
+        for point in dict.fromkeys(o.point for o in observations):
+            values = [value(o) for o in observations if o.point == point and value(o) is not None]
+            if len(values) > 1:
+                mean = statistics.fmean(values)
+                deviations += [100 * abs(v - mean) / mean for v in values]
+        if deviations:
+            out[column] = statistics.median(deviations)
+    return out
+
+
+def curve_lines(found: Sequence[Curve], table: bool = False) -> list[str]:
+    """One line per curve saying where it stops paying; with ``table``, its numbers per worker count too."""
+    lines = []
+    for c in found:
+        scaling, batch, values = c.series
+        label = ", ".join([scaling] + ([f"global batch {batch}"] if batch is not None else [])
+                          + [f"{k.split('.')[-1]}={v}" for k, v in values])
+        lines.append(f"{label}; network {c.network}: {c.stops_paying()} [{c.basis}]")
+        if not table:
+            continue
+        lines.append("  K         " + " ".join(f"{k:>8}" for k in c.workers))
+        lines.append("  step ms   " + " ".join(f"{v:>8.3g}" for v in c.step_ms))
+        lines.append("  samples/s " + " ".join(f"{v:>8.3g}" for v in c.samples_per_s))
+        lines.append("  speedup   " + " ".join(f"{v:>8.3g}" for v in c.speedup))
+    return lines
+
+
+def write_sweep_model(sweep_dir: str | Path, cores: int | None = None, workers_max: int = 1024) -> tuple[SweepModel, list[Curve]]:
+    """Fit the sweep's model, write cost_model.json and predicted.csv (1 to workers_max workers, a core per
+    process, as measured and over CLUSTER_NETWORK), and return the model and the curves."""
+    from sgd_dist.recording import write_text_atomic
+
+    sweep_dir = Path(sweep_dir)
+    result = model_sweep(sweep_dir, cores)
+    ks = worker_counts(workers_max)
+    latency, bandwidth, words = CLUSTER_NETWORK
+    found = (curves(result.observations, result.model, ks, None, network="as measured (no network)")
+             + curves(result.observations, result.model, ks, None, latency, bandwidth, words))
+    summary = {c: {"median_abs_pct": m, "worst_abs_pct": w, "runs": n}
+               for c, (m, w, n) in error_summary(result.predictions.values()).items()}
+    write_text_atomic(sweep_dir / MODEL_FILE, json.dumps(
+        {"model": result.model.to_dict(), "predictions": "each run from a fit on the other grid points' runs "
+         "(leave-one-point-out)", "errors": summary}, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["scaling", "global_batch", "series", "mode", "network", "num_workers", "predicted_step_ms",
+                     "predicted_samples_per_s", "predicted_seconds_to_target", "predicted_speedup", "speedup_basis"])
+    for c in found:
+        for i, k in enumerate(c.workers):
+            writer.writerow([c.series[0], c.series[1] or "", ";".join(f"{a}={b}" for a, b in c.series[2]), c.mode,
+                             c.network, k, repr(c.step_ms[i]), repr(c.samples_per_s[i]),
+                             "" if c.seconds_to_target[i] is None else repr(c.seconds_to_target[i]),
+                             repr(c.speedup[i]), c.basis])
+    write_text_atomic(sweep_dir / PREDICTED_FILE, buffer.getvalue())
+    return result, found

@@ -1,0 +1,192 @@
+"""The cost model without Ray: the fit recovers known coefficients from synthetic timings, the step formulas
+against closed forms, the network formula, steps to target, leave-one-point-out. No timing in any assert."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from sgd_dist.cost_model import (
+    CostModel,
+    Observation,
+    Scenario,
+    curve,
+    fit,
+    leave_one_out,
+    message_delay_s,
+    predict,
+    step_s,
+    steps_to_target,
+    worker_counts,
+)
+
+TRUE = CostModel(grad_s=150e-6, grad_s_per_elem=6e-9, apply_s=12e-6, apply_s_per_param=2e-9, message_s=35e-6,
+                 message_s_per_byte=0.5e-9, eval_s=300e-6, eval_s_per_elem=1e-9, cores=2)
+
+
+def synthetic(model: CostModel, scenario: Scenario, name: str, point=None, target_step: int | None = 50) -> Observation:
+    """A run whose every measured number is exactly what ``model`` predicts for it."""
+    p = predict(model, scenario)
+    h = scenario.local_steps if scenario.mode == "local_sgd" else 1
+    answers = tuple(h * (model.grad_s + model.grad_s_per_elem * b * scenario.dim) for b in scenario.worker_batches)
+    train = scenario.steps * p.step_s + scenario.num_evaluations() * p.eval_s
+    return Observation(
+        run=name, point=point or (name,), series=("weak", None, (("mode", scenario.mode),)), scaling="weak",
+        scenario=scenario, answer_s=answers, step_s=p.step_s, train_time_s=train,
+        samples_per_s=p.samples_per_s(scenario), target_step=target_step,
+        target_time_s=None if target_step is None else p.seconds_to(target_step, scenario))
+
+
+def grid(model: CostModel, dims=(11, 101, 1001), workers=(1, 2, 4, 8), batches=(64, 256), modes=("sync",)):
+    return [synthetic(model, Scenario(mode, k, (b,) * k, d, 100_000, steps=200, eval_every=10, cores=model.cores),
+                      f"{mode}-K{k}-b{b}-d{d}")
+            for mode in modes for d in dims for k in workers for b in batches]
+
+
+def test_the_fit_recovers_known_coefficients_from_exact_timings():
+    fitted = fit(grid(TRUE), cores=2)
+    for name in ("grad_s", "grad_s_per_elem", "apply_s", "apply_s_per_param", "message_s", "message_s_per_byte",
+                 "eval_s", "eval_s_per_elem"):
+        assert getattr(fitted, name) == pytest.approx(getattr(TRUE, name), rel=1e-6), name
+    assert fitted.unidentified == ()
+    assert fitted.num_runs == 4 * 2 * 3
+
+
+def test_the_fit_recovers_them_from_async_and_sync_runs_together_and_with_a_core_each():
+    cluster = replace(TRUE, cores=None)
+    fitted = fit(grid(cluster, modes=("sync", "async")), cores=None)
+    for name in ("grad_s", "grad_s_per_elem", "apply_s", "message_s", "message_s_per_byte"):
+        assert getattr(fitted, name) == pytest.approx(getattr(cluster, name), rel=1e-6), name
+
+
+def test_coefficients_the_runs_cannot_separate_are_fixed_at_zero_and_named():
+    fitted = fit(grid(TRUE, dims=(11,)), cores=2)  # one d: per parameter and per byte look like constants
+    assert set(fitted.unidentified) >= {"apply_s_per_param", "message_s_per_byte"}
+    assert fitted.apply_s_per_param == 0 and fitted.message_s_per_byte == 0
+    assert any("not identifiable" in line for line in fitted.describe())
+    # what is left still reproduces those runs' step times
+    for o in grid(TRUE, dims=(11,)):
+        assert step_s(fitted, o.scenario) == pytest.approx(o.step_s, rel=1e-6)
+
+
+def test_noisy_timings_fit_within_tolerance():
+    noisy = []
+    for i, o in enumerate(grid(TRUE)):
+        wobble = 1 + 0.05 * math.sin(7.0 * i)  # +-5 %, deterministic
+        noisy.append(replace(o, step_s=o.step_s * wobble, answer_s=tuple(a * wobble for a in o.answer_s)))
+    fitted = fit(noisy, cores=2)
+    assert fitted.grad_s == pytest.approx(TRUE.grad_s, rel=0.1)
+    assert fitted.message_s == pytest.approx(TRUE.message_s, rel=0.3)
+
+
+def test_sync_step_time_never_falls_with_workers_at_a_fixed_batch_per_worker():
+    model = replace(TRUE, cores=None)
+    times = [step_s(model, Scenario("sync", k, (128,) * k, 1001, 10**6)) for k in worker_counts(1024)]
+    assert all(b >= a for a, b in zip(times, times[1:]))
+    # once the K serial messages dominate, each doubling adds K x one message
+    per_message = model.message_s + model.message_s_per_byte * 1001 * 4
+    assert times[-1] - times[-2] == pytest.approx(512 * per_message, rel=1e-9)
+
+
+def test_strong_scaling_peaks_where_the_closed_form_says():
+    """step(K) = g0 + g1 G d / K + apply + K m is smallest at K* = sqrt(g1 G d / m)."""
+    model = replace(TRUE, cores=None, eval_s=0.0, eval_s_per_elem=0.0)
+    d, batch = 1001, 8192
+    o = synthetic(model, Scenario("sync", 1, (batch,), d, 10**6, steps=100, eval_every=0), "one")
+    o = replace(o, scaling="strong")
+    c = curve(model, steps_to_target([o]), o, worker_counts(1024), None)
+    per_message = model.message_s + model.message_s_per_byte * d * 4
+    k_star = math.sqrt(model.grad_s_per_elem * batch * d / per_message)
+    k_peak, _ = c.peak()
+    assert k_star / 2 <= k_peak <= k_star * 2
+    assert c.basis == "time_to_target" and c.speedup[0] == 1.0
+    assert "stops paying" in c.stops_paying()
+
+
+def test_async_is_bounded_by_the_servers_work_for_one_answer():
+    model = replace(TRUE, cores=None)
+    s = Scenario("async", 1024, (128,) * 1024, 101, 10**7)
+    assert step_s(model, s) == pytest.approx(model.apply_s + model.apply_s_per_param * 101
+                                             + model.message_s + model.message_s_per_byte * 404)
+    one = Scenario("async", 1, (128,), 101, 10**7)
+    assert step_s(model, one) > step_s(model, replace(one, num_workers=2, worker_batches=(128, 128)))
+
+
+def test_the_network_adds_latency_on_the_path_and_serialises_the_server_link():
+    assert message_delay_s(50e-6, 1e9, 1000) == pytest.approx(50e-6 + 8e-6)
+    assert message_delay_s(50e-6, None, 10**9) == 50e-6
+    model = replace(TRUE, cores=None)
+    base = Scenario("sync", 64, (128,) * 64, 10**5, 10**8)
+    nbytes = 4 * 10**5
+    slow = replace(base, latency_s=50e-6, bandwidth_bps=1e9)
+    # 64 workers' weights out and gradients in, one after another on the server's link, outweigh one path
+    assert step_s(model, slow) - step_s(model, base) == pytest.approx(2 * 64 * nbytes * 8 / 1e9)
+    one = replace(slow, num_workers=1, worker_batches=(128,))
+    assert step_s(model, one) - step_s(model, replace(base, num_workers=1, worker_batches=(128,))) == pytest.approx(
+        2 * message_delay_s(50e-6, 1e9, nbytes))
+
+
+def test_backup_workers_wait_for_the_fastest_k_minus_b_and_a_straggler_slows_sync():
+    model = replace(TRUE, cores=None)
+    plain = Scenario("sync", 3, (128,) * 3, 11, 10**5)
+    straggler = replace(plain, slowdown=(1.0, 1.0, 4.0))
+    backup = replace(straggler, mode="backup", backup_workers=1)
+    assert step_s(model, straggler) > step_s(model, plain)
+    assert step_s(model, backup) == pytest.approx(step_s(model, plain))
+    assert backup.rows_per_update() == 256
+
+
+def test_local_sgd_pays_one_round_of_messages_per_h_steps():
+    model = replace(TRUE, cores=None)
+    sync = Scenario("sync", 8, (128,) * 8, 101, 10**6)
+    local = replace(sync, mode="local_sgd", local_steps=4)
+    messages = step_s(model, sync) - (model.grad_s + model.grad_s_per_elem * 128 * 101)
+    assert step_s(model, local) == pytest.approx(4 * (model.grad_s + model.grad_s_per_elem * 128 * 101) + messages)
+    assert local.rows_per_update() == 4 * 8 * 128
+
+
+def test_steps_to_target_are_measured_where_run_and_fitted_elsewhere():
+    model = replace(TRUE, cores=None)
+    runs = []
+    for b in (64, 128, 512):
+        s = Scenario("sync", 1, (b,), 11, 10**5)
+        runs.append(synthetic(model, s, f"b{b}", target_step=round(40 + 12800 / b)))  # S_min 40, B_noise 320
+    eff = steps_to_target(runs)
+    assert eff.steps("sync", 128) == 140
+    assert eff.steps("sync", 1024) == pytest.approx(40 + 12800 / 1024, rel=1e-6)
+    assert eff.steps("async", 128) is None
+
+
+def test_leave_one_out_predicts_each_point_without_its_own_runs():
+    runs = grid(TRUE)
+    odd = runs[5]
+    runs[5] = replace(odd, step_s=odd.step_s * 10)  # a point measured 10x slower than the model says
+    predictions = leave_one_out(runs, cores=2)
+    assert predictions[odd.run]["step_ms_error_pct"] == pytest.approx(-90.0, abs=5)
+    assert predictions[odd.run]["prediction_fit"] == "leave-one-point-out"
+    others = [abs(p["step_ms_error_pct"]) for name, p in predictions.items() if name != odd.run]
+    assert max(others) > 0  # the odd point pulls their fits a little: they are fits, not echoes
+    for name, p in predictions.items():
+        measured = next(o for o in runs if o.run == name)
+        assert p["step_ms_error_pct"] == pytest.approx(100 * (p["predicted_step_ms"] / 1e3 - measured.step_s) / measured.step_s)
+
+
+def test_the_repeat_spread_is_the_median_deviation_from_each_points_mean():
+    from sgd_dist.cost_model import repeat_spread
+
+    one = grid(TRUE, dims=(11,), workers=(1,), batches=(64,))[0]
+    runs = [replace(one, run="a", step_s=0.9e-3), replace(one, run="b", step_s=1.1e-3),
+            replace(one, run="c", point=("other",), step_s=5e-3)]  # a point run once adds nothing
+    assert repeat_spread(runs)["step_ms_error_pct"] == pytest.approx(10.0)
+
+
+def test_steps_to_target_are_kept_apart_per_problem():
+    model = replace(TRUE, cores=None)
+    s = Scenario("sync", 1, (128,), 11, 10**5)
+    small = synthetic(model, s, "small", target_step=100)
+    wide = replace(synthetic(model, replace(s, dim=1001), "wide", target_step=300), problem=(("data.n_features", 1000),))
+    eff = steps_to_target([small, wide])
+    assert eff.steps("sync", 128) == 100
+    assert eff.steps("sync", 128, (("data.n_features", 1000),)) == 300

@@ -1,0 +1,336 @@
+"""Fault tolerance, with the real faults: a worker process killed from outside or by ray.kill, the server's
+process killed, the driver killed and the run resumed; the synchronous result unchanged bit for bit, the other
+modes still replayable, no row lost or duplicated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgd_dist.checkpoint import CHECKPOINT_DIR, MANIFEST, load_checkpoint
+from sgd_dist.cli import main
+from sgd_dist.config import ConfigError, load_config
+from sgd_dist.consistency import make_policy
+from sgd_dist.recording import read_metrics, read_summary
+from sgd_dist.replay import replay
+from sgd_dist.trainer import Recorder, train
+from sgd_dist.worker import ShardWorker
+from sgd_dist.backends.base import worker_args
+from sgd_dist.transports import GRADIENT, Command
+
+from conftest import make_config
+
+STEPS = 60
+# 10 ms of injected delay per answer on average: long enough to kill things mid-run; a straggler delay changes
+# wall time only, so the reference below (without it) computes the very same numbers
+BASE = (f"train.steps={STEPS}", "train.eval_every=10", "train.checkpoint_every=10")
+SLOW = ("stragglers.delay=uniform", "stragglers.delay_ms=10")
+SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The undisturbed run, on the serial backend."""
+    out = tmp_path_factory.mktemp("reference") / "serial"
+    return train(make_config(*BASE, "cluster.backend=serial", f"output.dir={out}"), console=False, progress=False)
+
+
+def assert_same_run(run_dir: Path, reference, steps: int = STEPS) -> None:
+    """Every step recorded once, each loss and evaluation and the final weights bit-equal to the reference."""
+    rows, expected = read_metrics(run_dir), read_metrics(reference.run_dir)
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in expected]
+    assert [r.get("eval_loss") for r in rows] == [r.get("eval_loss") for r in expected]
+    assert read_summary(run_dir)["weights"] == reference.summary["weights"]
+
+
+def faults_of(summary: dict, kind: str) -> list[dict]:
+    return [f for f in summary["faults"] if f["fault"] == kind]
+
+
+# -- worker loss ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_a_worker_killed_from_outside_is_replaced_and_sync_ends_bit_equal(ray_session, tmp_path, monkeypatch,
+                                                                          reference, transport):
+    """SIGKILL to a worker's process from outside: noticed within 2 s, replaced (its shard regenerated), its
+    step redone; every loss and the final weights equal the undisturbed run's."""
+    import sgd_dist.backends.ray_backend as ray_backend
+
+    killed: dict = {}
+    original_run, original_rows = ray_backend.RayBackend.run, Recorder.rows
+
+    def run(self, *args, **kwargs):
+        killed["pid"] = self.info[1]["pid"]
+        return original_run(self, *args, **kwargs)
+
+    def rows(self, batch):
+        original_rows(self, batch)
+        if batch and batch[-1]["step"] >= 5 and "at" not in killed:
+            killed["at"] = time.time()
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    monkeypatch.setattr(ray_backend.RayBackend, "run", run)
+    monkeypatch.setattr(Recorder, "rows", rows)
+    result = train(make_config(*BASE, *SLOW, f"cluster.transport={transport}", f"output.dir={tmp_path / 'k'}"),
+                   console=False, progress=False)
+    assert_same_run(result.run_dir, reference)
+    (lost,) = faults_of(result.summary, "worker_lost")
+    assert lost["worker"] == 1 and lost["noticed_unix"] - killed["at"] < 2.0
+    assert result.summary["status"] == "completed" and result.summary["replacements"] == {1: 1}
+    assert result.summary["transport"] == transport
+
+
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_a_worker_removed_by_ray_kill_is_replaced_and_sync_ends_bit_equal(ray_session, tmp_path, reference,
+                                                                          transport):
+    config = make_config(*BASE, *SLOW, f"cluster.transport={transport}", f"output.dir={tmp_path / 'k'}",
+                         "faults=[{kind: kill_worker, worker: 0, step: 12, how: ray_kill}]")
+    result = train(config, console=False, progress=False)
+    assert_same_run(result.run_dir, reference)
+    (injected,) = faults_of(result.summary, "kill_worker")
+    (lost,) = faults_of(result.summary, "worker_lost")
+    assert injected["how"] == "ray_kill" and lost["worker"] == 0 and lost["noticed_s"] < 2.0
+    assert lost["recovery_s"] > 0 and lost["redone"]["kind"] == GRADIENT
+
+
+@pytest.mark.parametrize("mode, transport", [("async", "shm"), ("ssp", "ray"), ("backup", "shm")])
+def test_the_other_modes_go_on_through_a_worker_loss_and_still_replay_exactly(ray_session, tmp_path, mode, transport):
+    extra = {"ssp": ["train.staleness_bound=2"], "backup": ["cluster.num_workers=3", "train.backup_workers=1"]}
+    config = make_config("train.steps=200", "train.eval_every=50", f"train.mode={mode}", *extra.get(mode, []), *SLOW,
+                         f"cluster.transport={transport}", f"output.dir={tmp_path / mode}",
+                         "faults=[{kind: kill_worker, worker: 1, step: 15}]")
+    result = train(config, console=False, progress=False)
+    (lost,) = faults_of(result.summary, "worker_lost")
+    assert lost["worker"] == 1 and lost["noticed_s"] < 2.0
+    assert [r["step"] for r in read_metrics(result.run_dir)] == list(range(201))
+    report = replay(result.run_dir, tmp_path / f"{mode}-replay")
+    assert report.exact, report
+
+
+# -- server loss ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal(ray_session, tmp_path, reference,
+                                                                                  transport):
+    config = make_config(*BASE, f"cluster.transport={transport}", f"output.dir={tmp_path / 's'}",
+                         "faults=[{kind: kill_server, step: 25}]")
+    result = train(config, console=False, progress=False)
+    assert_same_run(result.run_dir, reference)
+    (lost,) = faults_of(result.summary, "server_lost")
+    assert lost["step"] == 25 and lost["restored_step"] == 20 and lost["steps_redone"] == 5
+    assert lost["noticed_s"] < 2.0 and lost["recovery_s"] > 0
+    assert result.summary["checkpoints"] >= STEPS // 10
+    state, manifest = load_checkpoint(result.run_dir, config)  # loads with weights_only=True
+    assert manifest["step"] == STEPS and state["server"]["weights"].tolist() == reference.summary["weights"]
+
+
+def test_a_server_killed_before_any_checkpoint_starts_over_and_sync_ends_bit_equal(ray_session, tmp_path, reference):
+    config = make_config(*BASE, "train.checkpoint_every=0", f"output.dir={tmp_path / 's'}",
+                         "faults=[{kind: kill_server, step: 7}]")
+    result = train(config, console=False, progress=False)
+    assert_same_run(result.run_dir, reference)
+    (lost,) = faults_of(result.summary, "server_lost")
+    assert lost["restored_step"] == 0 and result.summary["checkpoints"] == 0
+    assert not (result.run_dir / CHECKPOINT_DIR).exists()
+
+
+# -- driver loss ---------------------------------------------------------------------------------------------
+
+def _wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    manifest = run / CHECKPOINT_DIR / MANIFEST
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        try:
+            if json.loads(manifest.read_text())["step"] >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
+
+
+def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeated(ray_session, tmp_path):
+    """SIGKILL to `sgd-dist train` (its embedded Ray goes with it), then `sgd-dist train --resume RUN_DIR`."""
+    steps = 600
+    args = [f"train.steps={steps}", "train.eval_every=100", "train.checkpoint_every=50", "train.log_every=0"]
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("data: {n_samples: 512, n_features: 3, seed: 7}\ncluster: {num_workers: 2}\n"
+                           "train: {batch_size: 16}\noutput: {plots: false}\n")
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(config_file), "--out", str(run), *args,
+                             "stragglers.delay=uniform", "stragglers.delay_ms=2", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(run, 150, proc)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    recorded = read_metrics(run)
+    assert not (run / "summary.json").exists() and 150 <= recorded[-1]["step"] < steps
+    resumed = subprocess.run([SGD_DIST, "train", "--resume", str(run), "--no-progress"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "fault: resumed from the checkpoint at step" in resumed.stdout
+    reference = train(load_config(config_file, [*args, "cluster.backend=serial", f"output.dir={tmp_path / 'ref'}"]),
+                      console=False, progress=False)
+    assert_same_run(run, reference, steps)
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and 150 <= summary["resumed_from"] < steps
+    assert faults_of(summary, "resumed")[0]["step"] == summary["resumed_from"]
+    assert len((run / "schedule.jsonl").read_text().splitlines()) == steps
+
+
+@pytest.fixture
+def checkpointed(tmp_path) -> Path:
+    run = tmp_path / "run"
+    train(make_config("cluster.backend=serial", "train.checkpoint_every=10", f"output.dir={run}"), console=False,
+          progress=False)
+    return run
+
+
+def _snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", r"checkpoints/step-00000020\.pt: corrupt or truncated"),
+    ("truncate", r"checkpoints/step-00000020\.pt: corrupt or truncated"),
+    ("config", r"checkpoints/latest\.json: the checkpoint belongs to another config"),
+    ("format", r"checkpoints/latest\.json: checkpoint format 99, this sgd_dist reads format 1"),
+    ("manifest", r"checkpoints/latest\.json: not a checkpoint manifest"),
+    ("missing", r"checkpoints/latest\.json: no checkpoint"),
+])
+def test_a_bad_checkpoint_is_a_one_line_error_naming_the_file_and_nothing_is_overwritten(checkpointed, capsys, damage,
+                                                                                         message):
+    import re
+
+    folder = checkpointed / CHECKPOINT_DIR
+    path = folder / "step-00000020.pt"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "config":
+        text = (checkpointed / "config.yaml").read_text()
+        (checkpointed / "config.yaml").write_text(text.replace("lr: 0.1", "lr: 0.2"))
+    elif damage == "format":
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
+    elif damage == "manifest":
+        (folder / MANIFEST).write_text("{not json")
+    else:
+        (folder / MANIFEST).unlink()
+    before = _snapshot(checkpointed)
+    assert main(["train", "--resume", str(checkpointed)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert err.startswith("sgd-dist: error: cannot resume: ")
+    assert _snapshot(checkpointed) == before
+
+
+def test_resume_takes_the_runs_own_config_only(checkpointed, capsys):
+    assert main(["train", "--resume", str(checkpointed), "train.steps=50"]) == 2
+    assert "drop --config" in capsys.readouterr().err
+    assert main(["train", "--resume", str(checkpointed.parent / "nowhere")]) == 1
+    assert "config.yaml: not found" in capsys.readouterr().err
+
+
+# -- the restore logic without Ray: every mode -------------------------------------------------------------
+
+class _DriverKilled(BaseException):
+    """Stands for the driver dying right after a checkpoint reached the disk."""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp", "backup", "local_sgd"])
+def test_every_mode_resumes_from_a_checkpoint_on_the_serial_backend(tmp_path, monkeypatch, mode):
+    """A run stopped just after its step-30 checkpoint and resumed: sync and local SGD end bit-equal to the
+    undisturbed run; every mode's resumed run replays exactly and records each step once."""
+    extra = {"ssp": ["train.staleness_bound=2"], "backup": ["cluster.num_workers=3", "train.backup_workers=1"],
+             "local_sgd": ["train.local_steps=3"]}.get(mode, [])
+    options = ["cluster.backend=serial", f"train.mode={mode}", "train.checkpoint_every=10", "train.steps=50", *extra]
+    whole = train(make_config(*options, f"output.dir={tmp_path / 'whole'}"), console=False, progress=False)
+    original = Recorder.checkpoint
+
+    def checkpoint_then_die(self, state):
+        original(self, state)
+        if state["server"]["step"] >= 30:
+            raise _DriverKilled
+
+    monkeypatch.setattr(Recorder, "checkpoint", checkpoint_then_die)
+    config = make_config(*options, f"output.dir={tmp_path / 'cut'}")
+    with pytest.raises(_DriverKilled):
+        train(config, console=False, progress=False)
+    monkeypatch.setattr(Recorder, "checkpoint", original)
+    resumed = train(config, console=False, progress=False, resume=tmp_path / "cut")
+    rows = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in rows] == list(range(51))
+    assert resumed.summary["resumed_from"] >= 30
+    if mode in ("sync", "local_sgd"):
+        assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(whole.run_dir)]
+        assert resumed.summary["weights"] == whole.summary["weights"]
+    assert replay(resumed.run_dir, tmp_path / "replay").exact
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp", "backup", "local_sgd"])
+def test_a_policy_state_survives_json(mode):
+    """Mid-run, a policy's state through JSON into a fresh policy: both then act alike."""
+    kwargs = {"ssp": {"staleness_bound": 2}, "backup": {"backup_workers": 1}, "local_sgd": {"local_steps": 2}}
+    policy = make_policy(mode, 3, 20, **kwargs.get(mode, {}))
+    pending = [a for a in policy.start() if type(a).__name__ == "Dispatch"]
+    for action in pending[:2]:
+        policy.on_gradient(action.worker, action.step)
+    state = json.loads(json.dumps(policy.state_dict()))
+    twin = make_policy(mode, 3, 20, **kwargs.get(mode, {}))
+    twin.load_state_dict(state)
+    assert twin.state_dict() == policy.state_dict()
+    last = pending[2]
+    assert twin.on_gradient(last.worker, last.step) == policy.on_gradient(last.worker, last.step)
+    with pytest.raises(ValueError, match="cannot restore"):
+        make_policy("sync" if mode != "sync" else "async", 3, 20).load_state_dict(state)
+
+
+# -- injection -------------------------------------------------------------------------------------------
+
+def test_a_delay_fault_makes_one_answer_late_once_and_changes_no_number():
+    config = make_config("faults=[{kind: delay, worker: 1, step: 3, seconds: 0.05}]")
+    args = worker_args(config)[1]
+    assert args["delays"] == {3: 0.05}
+    worker = ShardWorker(**args)
+    weights = torch.zeros(config.data.dim)
+    late = worker.execute(Command(GRADIENT, step=3), weights)
+    again = worker.execute(Command(GRADIENT, step=3), weights)
+    assert late.seconds >= 0.05 and worker.delays == {}
+    assert torch.equal(late.grad, again.grad) and late.loss == again.loss
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("{kind: kill_worker, step: 3}", "a kill_worker fault needs its worker"),
+    ("{kind: kill_worker, worker: 2, step: 3}", r"faults\[0\] \(kill_worker\): worker 2; workers are 0..1"),
+    ("{kind: kill_server, step: 30}", r"step 30 is after the last step \(train.steps=20\)"),
+    ("{kind: delay, worker: 0, step: 3}", "a delay fault needs seconds > 0"),
+    ("{kind: remove_node, node: 1, step: 3}", r"removable simulated nodes are 1..0"),
+    ("{kind: explode, step: 3}", "kind"),
+])
+def test_bad_faults_are_one_line_config_errors(fault, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(f"faults=[{fault}]")
+
+
+def test_kills_need_the_ray_backend():
+    with pytest.raises(ConfigError, match="kills need cluster.backend=ray"):
+        make_config("cluster.backend=serial", "faults=[{kind: kill_server, step: 3}]")
