@@ -2,7 +2,7 @@
 
 The network's formulas and its effect (wall time only) are checked without Ray. A simulated cluster needs a
 process that is not connected to Ray yet, and this session shares one embedded Ray, so the two runs on a
-simulated cluster happen in fresh processes: `sgd-dist train` itself, and tests/simulated_support.py for
+simulated cluster happen in fresh processes: `sgd-dist train` itself (twice), and tests/simulated_support.py for
 removing a node. Each starts a loopback cluster of 2 nodes (about 4-10 s here, more on a busy machine).
 """
 
@@ -264,3 +264,22 @@ def test_removing_a_simulated_node_kills_the_workers_on_it(tmp_path):
     assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and seen["session"].encode() in _cmdline(p)] == []
     assert not any(_raylet_pid(name) in seen["raylet_pids"] for name in _shm_entries())
     assert _stale(_shm_entries() - before) == []
+
+
+def test_a_worker_on_a_removed_node_is_replaced_in_seconds(tmp_path):
+    """A remove_node fault mid-run: the lost worker's bundle was pinned to that node, so its replacement goes
+    straight to a live node instead of waiting out the replacement timeout (30 s); the run stays exact."""
+    steps = ["train.steps=3000", "train.eval_every=500"]  # long enough for the driver to see step 20 mid-run
+    (tmp_path / "tiny.yaml").write_text(dump_config(make_config(*steps)))
+    proc = subprocess.run(
+        [str(BIN / "sgd-dist"), "train", "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run"),
+         "cluster.simulated_nodes=2", "faults=[{kind: remove_node, node: 1, step: 20}]"],
+        capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    kinds = [f["fault"] for f in summary["faults"]]
+    assert kinds == ["remove_node", "worker_lost"], summary["faults"]
+    lost = summary["faults"][1]
+    assert lost["worker"] == 1 and lost["recovery_s"] < 15, lost
+    serial, _ = _run(make_config(*steps, "cluster.backend=serial"), tmp_path, "serial")
+    assert summary["weights"] == serial["weights"]

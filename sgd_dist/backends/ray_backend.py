@@ -163,11 +163,14 @@ class _Server:
             ray.kill(self.workers[r], no_restart=True)
         except Exception:
             pass
-        worker = _WorkerActor.options(**options).remote(**kwargs)
-        try:
-            info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:  # its reserved place went with a node: take any live node's CPU
-            ray.kill(worker)
+        info = None
+        if not simulated.pinned_node_lost(options.get("scheduling_strategy")):
+            worker = _WorkerActor.options(**options).remote(**kwargs)
+            try:
+                info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(worker)
+        if info is None:  # its reserved place went with a node: take any live node's CPU
             worker = _WorkerActor.options(num_cpus=0, num_gpus=options.get("num_gpus", 0)).remote(**kwargs)
             info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
         self.workers[r], self.pids[r] = worker, info["pid"]

@@ -37,6 +37,19 @@ def node_of(rank: int, num_nodes: int) -> int:
     return rank % num_nodes
 
 
+def pinned_node_lost(strategy: Any) -> bool:
+    """Whether a worker's placement (its bundle's strategy) pins it to a simulated node that is gone: Ray can
+    place that bundle nowhere else, so a replacement must not wait for it."""
+    group = getattr(strategy, "placement_group", None)
+    index = getattr(strategy, "placement_group_bundle_index", -1)
+    if group is None or index < 0:
+        return False
+    import ray
+
+    pins = [key for key in group.bundle_specs[index] if key.startswith(NODE_RESOURCE.format(""))]
+    return bool(pins) and pins[0] not in ray.cluster_resources()
+
+
 def cpus_per_node(num_workers: int, cpus_per_worker: float, num_nodes: int) -> int:
     """Logical CPUs for each node: enough for the most workers a node gets (node 0's), at least 1."""
     return max(1, math.ceil(math.ceil(num_workers / num_nodes) * cpus_per_worker))
