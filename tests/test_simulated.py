@@ -1,9 +1,9 @@
 """Simulated clusters (cluster.simulated_nodes) and the simulated network (cluster.network).
 
 The network's formulas and its effect (wall time only) are checked without Ray. A simulated cluster needs a
-process that is not connected to Ray yet, and this session shares one embedded Ray, so the two runs on a
-simulated cluster happen in fresh processes: `sgd-dist train` itself (twice), and tests/simulated_support.py for
-removing a node. Each starts a loopback cluster of 2 nodes (about 4-10 s here, more on a busy machine).
+process that is not connected to Ray yet, and this session shares one embedded Ray, so the runs on a simulated
+cluster happen in fresh processes: `sgd-dist train` itself (twice), and tests/simulated_support.py for removing
+a node. Each starts a loopback cluster of 2 nodes (about 4-10 s here, more on a busy machine).
 """
 
 from __future__ import annotations
