@@ -231,6 +231,8 @@ class TrainConfig(_Section):
     """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
     checkpoint_every: Count = Field(0, ge=0)
     """Checkpoint the server (weights, optimizer, policy, answers in flight) every this many steps into RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it. 0: none (a lost server then restarts from step 0)."""
+    gradient_noise_scale: tuple[Annotated[float, Field(gt=0)], ...] = ()
+    """Relative gaps at which to measure the gradient noise scale B = tr(Sigma)/|G|^2 exactly over every shard, at the point with that gap on the segment from model.init to the optimum (also at the initial and final weights): summary.json gradient_noise_scale; empty: not measured."""
 
 
 class StragglersConfig(_Section):

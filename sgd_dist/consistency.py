@@ -378,7 +378,9 @@ class LocalSGDPolicy(_Stateful):
         return actions
 
     def summary(self) -> dict:
-        return {"mode": self.mode, "local_steps": self.local_steps}
+        """The communication rounds (one averaging each, the run's updates) and each worker's local steps."""
+        return {"mode": self.mode, "local_steps": self.local_steps, "rounds": self.version,
+                "local_steps_per_worker": self.version * self.local_steps}
 
 
 class ReplayPolicy(_Stateful):

@@ -45,7 +45,8 @@ RESULTS_FILE = "results.csv"
 EXPERIMENT_FILE = "experiment.yaml"
 RUNS_DIR = "runs"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESERVED_KEYS = ("output.", "cluster.address")  # the sweep owns where runs go and which Ray they use
+RESERVED_KEYS = ("output.", "cluster.address")
+DIVERGED = "DivergenceError"  # a run whose loss stopped being finite: an outcome (its lr is too large), not a failure  # the sweep owns where runs go and which Ray they use
 Scaling = Literal["strong", "weak"]
 
 
@@ -59,7 +60,8 @@ class Experiment(BaseModel):
     overrides: list[str] = []
     """Dotted key=value overrides applied to every run (after the base, before the grid)."""
     grid: dict[str, list[Any]] = {}
-    """Dotted config key -> the values it takes; the runs are the product, in file order."""
+    """Dotted config key -> the values it takes; the runs are the product, in file order. Keys joined by commas
+    vary together: "train.mode,train.backup_workers": [[sync, 0], [backup, 1]]."""
     repeats: int = Field(1, ge=1)
     """Each grid point runs this many times (repeat r of every point before repeat r + 1)."""
     target_gap: float = Field(1e-3, gt=0)
@@ -80,9 +82,12 @@ class Experiment(BaseModel):
         for key, values in grid.items():
             if not values:
                 raise ValueError(f"grid {key} lists no values")
-            if key.startswith(RESERVED_KEYS):
+            parts = key.split(",")
+            if any(part.strip().startswith(RESERVED_KEYS) for part in parts):
                 raise ValueError(f"grid {key}: the sweep sets output.* and uses one Ray for every run; "
                                  "put cluster.address in the base config")
+            if len(parts) > 1 and any(not isinstance(v, list) or len(v) != len(parts) for v in values):
+                raise ValueError(f"grid {key}: each value must list {len(parts)} values, one per key")
             texts = [value_text(v) for v in values]
             twice = sorted({t for t in texts if texts.count(t) > 1})
             if twice:
@@ -232,7 +237,8 @@ def _point_config(base_raw: dict, point, global_batch: int | None, where: str) -
     label = " ".join(f"{k}={value_text(v)}" for k, v in point) or "the base"
     try:
         for key, value in point:
-            _set(raw, key, value)
+            for part, one in zip(key.split(","), value) if "," in key else [(key, value)]:
+                _set(raw, part.strip(), one)
         if global_batch is not None:
             try:
                 workers = ClusterConfig.model_validate(
@@ -276,6 +282,7 @@ COLUMNS_TAIL = [
     "samples_per_s", "median_step_ms", "steps", "train_time_s", "optimal_loss",
     "target_step", "target_time_s", "target_samples", "final_relative_gap",
     "speedup", "efficiency", "speedup_basis", "error",
+    "gradient_noise_scale",
 ]
 # the cost model's prediction of each run (sgd_dist.cost_model), filled once every run is done
 PREDICTION_COLUMNS = ["predicted_step_ms", "step_ms_error_pct", "predicted_samples_per_s", "samples_per_s_error_pct",
@@ -299,7 +306,8 @@ def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None =
     }
     summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}
     if summary.get("status") != "completed":
-        row.update(status="failed", error=error or summary.get("error") or "no summary.json")
+        why = error or summary.get("error") or "no summary.json"
+        row.update(status="diverged" if why.startswith(DIVERGED) else "failed", error=why)
         return row
     optimal = summary.get("optimal_loss")
     hit = first_below(read_metrics(run_dir), optimal, target_gap) if (run_dir / METRICS_FILE).is_file() else None
@@ -311,6 +319,10 @@ def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None =
         target_samples=None if hit is None else hit["samples_seen"],
         final_relative_gap=gap / optimal if gap is not None and optimal else None,
     )
+    if "gradient_noise_scale" in summary:
+        from sgd_dist.noise_scale import at_relative_gap
+
+        row["gradient_noise_scale"] = at_relative_gap(summary["gradient_noise_scale"], target_gap)
     return row
 
 
@@ -372,7 +384,7 @@ def read_results(path: str | Path) -> list[dict]:
     """results.csv's rows, numbers as numbers and empty cells as None (grid values stay text)."""
     numeric_int = {"repeat", "num_workers", "n_features", "global_batch", "steps", "target_step", "target_samples"}
     numeric = {"samples_per_s", "median_step_ms", "train_time_s", "optimal_loss", "target_time_s",
-               "final_relative_gap", "speedup", "efficiency", *PREDICTION_COLUMNS[:-1]}
+               "final_relative_gap", "speedup", "efficiency", "gradient_noise_scale", *PREDICTION_COLUMNS[:-1]}
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
@@ -451,7 +463,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
         for plan in sweep.runs:
             run_dir = out / RUNS_DIR / plan.name
             head = f"sweep [{plan.index + 1}/{len(sweep.runs)}] {plan.label(with_scaling)}"
-            done = (run_dir / SUMMARY_FILE).is_file() and read_summary(run_dir).get("status") == "completed"
+            done = (run_dir / SUMMARY_FILE).is_file() and _finished(read_summary(run_dir))
             error = None
             if done:
                 kept += 1
@@ -461,7 +473,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
                 error = _run_one(plan, run_dir)
                 ran += 1
             row = run_row(plan, run_dir, experiment.target_gap, error)
-            failed += row["status"] != "completed"
+            failed += row["status"] == "failed"
             rows.append(row)
             write_results(out / RESULTS_FILE, experiment, add_speedups(rows, list(experiment.grid)))
             print(f"{head}: {_describe(row, kept_before=done)}", file=stderr, flush=True)
@@ -525,7 +537,14 @@ def _run_one(plan: RunPlan, run_dir: Path) -> str | None:
     return None
 
 
+def _finished(summary: dict) -> bool:
+    """Completed, or diverged (the same config would diverge again): kept on resume."""
+    return summary.get("status") == "completed" or str(summary.get("error", "")).startswith(DIVERGED)
+
+
 def _describe(row: dict, kept_before: bool) -> str:
+    if row["status"] == "diverged":
+        return f"diverged ({row['error']})" + (" (done before, kept)" if kept_before else "")
     if row["status"] != "completed":
         return f"FAILED: {row['error']}"
     text = f"{row['median_step_ms']:.3g} ms/step, {row['samples_per_s']:,.0f} samples/s, "

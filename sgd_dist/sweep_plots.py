@@ -20,6 +20,7 @@ from sgd_dist.recording import read_metrics
 from sgd_dist.sweep import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, read_results, series
 
 WORKERS = "cluster.num_workers"
+MAX_LEGEND = 30  # lines beyond which loss_time.png leaves its legend out
 FEATURES = "data.n_features"
 
 
@@ -45,7 +46,8 @@ def plot_sweep(sweep_dir: str | Path) -> Figures:
     figures = Figures()
     for name, draw in [("scaling.png", _scaling), ("time_to_target.png", _time_to_target),
                        ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch),
-                       ("predicted_speedup.png", _predicted_speedup)]:
+                       ("batch_regimes.png", _batch_regimes), ("local_sgd.png", _local_sgd),
+                       ("modes_time.png", _modes_time), ("predicted_speedup.png", _predicted_speedup)]:
         why = draw(sweep_dir / name, rows, keys, target, sweep_dir)
         if why is None:
             figures.drawn.append(sweep_dir / name)
@@ -160,7 +162,10 @@ def _loss_time(path: Path, rows: list[dict], keys: list[str], target, sweep_dir:
             ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}")
         ax.set(xlabel="wall time (s)", ylabel="relative optimality gap", yscale="log", title=f"{scaling} scaling, repeat 0")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(ax.get_lines()) <= MAX_LEGEND:
+            ax.legend(fontsize=7)
+        else:  # a legend of every run would crowd the axes out of the figure
+            ax.set_title(f"{scaling} scaling, repeat 0: {len(ax.get_lines())} lines, too many to label")
     _save(fig, path)
     return None
 
@@ -214,6 +219,7 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
         label = ", ".join([f"mode {mode}"] + [f"{k.split('.')[-1]}={v}" for k, v in values])
         line, = ax.plot(bs, steps, "o-", label=label)
         ax.plot(bs, [steps[0] * bs[0] / b for b in bs], ":", color=line.get_color(), lw=1)
+    _noise_scale_overlay(ax, reached, keys)
     ax.set(xscale="log", yscale="log", xlabel="global batch size (rows per update; async: one worker's batch)",
            ylabel="steps to the target gap",
            title=f"steps to relative gap {target} (dotted: perfect scaling, steps x batch constant)")
@@ -276,5 +282,139 @@ def _predicted_speedup(path: Path, rows: list[dict], keys: list[str], target, sw
                title=f"{scaling} scaling: measured (points) and predicted by the cost model")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6.5, loc="upper left")
+    _save(fig, path)
+    return None
+
+
+# --- the literature's shapes: batch regimes with the gradient noise scale, local SGD's rounds -------------------
+
+LR = "optim.lr"
+LOCAL_STEPS = "train.local_steps"
+
+
+def best_steps(rows: list[dict], keys: list[str]) -> tuple[list[int], list[float], list[dict]]:
+    """Per update batch, the fewest steps to target over the grid's other values (each the mean over its repeats):
+    Shallue et al.'s protocol of tuning the metaparameters at each batch size. Returns (batches, steps, best row)."""
+    skip = (WORKERS, "train.batch_size")
+    per_point = _by(rows, lambda r: (update_batch(r), series(r, keys, skip)[2]))
+    best: dict[int, tuple[float, dict]] = {}
+    for (b, _), group in per_point.items():
+        steps = statistics.fmean(r["target_step"] for r in group)
+        if b is not None and (b not in best or steps < best[b][0]):
+            best[b] = (steps, group[0])
+    bs = sorted(best)
+    return bs, [best[b][0] for b in bs], [best[b][1] for b in bs]
+
+
+def _noise_scale_overlay(ax, reached: list[dict], keys: list[str]) -> None:
+    """The critical batch predicted by the gradient noise scale (results.csv gradient_noise_scale: B_simple at the
+    target gap) as a vertical line, and McCandlish et al.'s S = S_min (1 + B_noise / B) through the fewest steps
+    at each batch: with B_noise = B_simple (S_min fitted), and with both fitted."""
+    from sgd_dist.noise_scale import fit_steps
+
+    values = [r["gradient_noise_scale"] for r in reached if r.get("gradient_noise_scale")]
+    if not values:
+        return
+    b_simple = statistics.fmean(values)
+    ax.axvline(b_simple, color="crimson", lw=1.5, label=f"B_simple = tr(Sigma)/|G|^2 at the target gap: {b_simple:.0f}")
+    bs, steps, _ = best_steps(reached, keys)
+    if len(bs) < 2:
+        return
+    xs = [bs[0] * (bs[-1] / bs[0]) ** (i / 200) for i in range(201)]
+    s_min, _ = fit_steps(bs, steps, b_simple)
+    ax.plot(xs, [s_min * (1 + b_simple / x) for x in xs], "--", color="crimson", lw=1.2,
+            label=f"S_min (1 + B_simple / B), S_min = {s_min:.3g} fitted")
+    s_fit, b_fit = fit_steps(bs, steps)
+    ax.plot(xs, [s_fit * (1 + b_fit / x) for x in xs], "-.", color="dimgray", lw=1.2,
+            label=f"S_min (1 + B_noise / B), both fitted: S_min = {s_fit:.3g}, B_noise = {b_fit:.0f}")
+
+
+def _batch_regimes(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    if LR not in keys:
+        return "needs 2 or more learning rates (grid optim.lr) to tune at each batch size"
+    reached = [r for r in rows if r["target_step"] is not None and update_batch(r) is not None]
+    if len({update_batch(r) for r in reached}) < 2 or len({r[LR] for r in reached}) < 2:
+        return "needs runs reaching the target at 2 or more batch sizes and learning rates"
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    ax, ax_lr = fig.subplots(1, 2, width_ratios=[1.6, 1])
+    for i, (lr, group) in enumerate(_by(reached, lambda r: float(r[LR])).items()):
+        per_b = _by(group, update_batch)
+        bs = sorted(per_b)
+        ax.plot(bs, [statistics.fmean(r["target_step"] for r in per_b[b]) for b in bs], ".-", lw=0.8, ms=4,
+                alpha=0.45, color=f"C{i % 10}", label=f"lr {lr:g}")
+    bs, steps, best = best_steps(reached, keys)
+    ax.plot(bs, steps, "ko-", lw=2, ms=5, label="fewest steps over the learning rates (tuned per batch)")
+    ax.plot(bs, [steps[0] * bs[0] / b for b in bs], "k:", lw=1, label="perfect scaling from the smallest batch")
+    _noise_scale_overlay(ax, reached, keys)
+    top = max(r["target_step"] for r in reached)
+    ax.set(xscale="log", yscale="log", xlabel="global batch size B (rows per update)", ylabel="steps to the target gap",
+           ylim=(max(0.5, min(steps) / 2), top * 2),
+           title=f"steps to relative gap {target} against batch size (runs that diverged or never reached it left out)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax_lr.plot(bs, [float(r[LR]) for r in best], "ko-")
+    ax_lr.set(xscale="log", yscale="log", xlabel="global batch size B", ylabel="learning rate",
+              title="the learning rate of the fewest steps")
+    ax_lr.grid(True, which="both", alpha=0.3)
+    _save(fig, path)
+    return None
+
+
+def _local_sgd(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    local = [r for r in rows if r["mode"] == "local_sgd" and r["target_step"] is not None]
+    if LOCAL_STEPS not in keys or len({r[LOCAL_STEPS] for r in local}) < 2:
+        return "needs local_sgd runs reaching the target at 2 or more train.local_steps"
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    ax_rounds = ax.twinx()
+    for i, (key, group) in enumerate(_by(local, lambda r: series(r, keys, (LOCAL_STEPS,))).items()):
+        per_h = _by(group, lambda r: int(r[LOCAL_STEPS]))
+        hs = sorted(per_h)
+        samples = [statistics.fmean(r["target_samples"] for r in per_h[h]) for h in hs]
+        rounds = [statistics.fmean(r["target_step"] for r in per_h[h]) for h in hs]
+        label = _label(key)
+        ax.plot(hs, samples, "o-", color=f"C{i % 10}", label=f"samples to target ({label})")
+        ax_rounds.plot(hs, rounds, "s--", color=f"C{i % 10}", alpha=0.6, label=f"rounds to target ({label})")
+        ax_rounds.plot(hs, [rounds[0] / h for h in hs], ":", color=f"C{i % 10}", lw=1,
+                       label="rounds / H from H = 1 (H-fold fewer rounds)")
+    ax.set(xscale="log", xlabel="local steps H between two averagings", ylabel="samples to the target gap (solid)",
+           title=f"local SGD: samples and communication rounds to relative gap {target}")
+    ax.set_xticks(sorted({int(r[LOCAL_STEPS]) for r in local}), labels=[str(h) for h in sorted({int(r[LOCAL_STEPS]) for r in local})])
+    ax.set_ylim(bottom=0)
+    ax_rounds.set(yscale="log", ylabel="communication rounds to the target gap (dashed)")
+    ax.grid(True, which="both", alpha=0.3)
+    lines = ax.get_legend_handles_labels()[0] + ax_rounds.get_legend_handles_labels()[0]
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="upper center")
+    _save(fig, path)
+    return None
+
+
+MODE_ORDER = ["sync", "backup", "ssp", "local_sgd", "async"]
+
+
+def _modes_time(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str | None:
+    reached = [r for r in rows if r["target_time_s"] is not None]
+    modes = sorted({r["mode"] for r in reached}, key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else 99)
+    if len(modes) < 2:
+        return "needs runs of 2 or more train.mode reaching the target"
+    mode_keys = tuple(k for k in keys if "train.mode" in [part.strip() for part in k.split(",")])
+    groups = _by(reached, lambda r: series(r, keys, mode_keys))
+    fig = Figure(figsize=(max(7.0, 2.2 * len(groups) + 2), 5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(modes)
+    for g, group in enumerate(groups.values()):
+        for m, mode in enumerate(modes):
+            times = [r["target_time_s"] for r in group if r["mode"] == mode]
+            if not times:
+                continue
+            x, mean = g + (m - (len(modes) - 1) / 2) * width, statistics.fmean(times)
+            ax.bar(x, mean, width * 0.9, color=f"C{m}", label=f"mode {mode}" if g == 0 else None)
+            ax.plot([x] * len(times), times, "k.", ms=5)
+            ax.annotate(f"{mean:.3g} s", (x, mean), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    ax.set_xticks(range(len(groups)), [_label(key) for key in groups], fontsize=8)
+    ax.set(ylabel="seconds to the target gap",
+           title=f"wall time to relative gap {target} by mode\n(bars: mean over repeats; dots: each repeat)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
     return None

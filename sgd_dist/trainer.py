@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import sgd_dist
-from sgd_dist import objectives
+from sgd_dist import noise_scale, objectives
 from sgd_dist.backends import Backend, make_backend
 from sgd_dist.backends.base import policy_for
 from sgd_dist.config import Config
@@ -118,6 +118,27 @@ def compute_reference(config: Config, backend: Backend) -> Reference:
         w, value, iterations = objectives.newton_logistic_optimum(backend.newton_terms, config.data.dim, wd)
         method = f"damped Newton on the full data, sums over the shards in float64 ({iterations} iterations)"
     return Reference(w, value, value - objectives.penalty(w, wd), method)
+
+
+def measure_noise_scale(config: Config, backend: Backend, reference: Reference) -> dict:
+    """The gradient noise scale at the initial weights and at each train.gradient_noise_scale relative gap on the
+    segment from them to the optimum, from the workers' per-example gradient moments summed over the shards."""
+    wd = config.optim.weight_decay
+    init = config.model.init
+    w0 = torch.zeros(config.data.dim, dtype=torch.float64) if init == "zeros" else torch.tensor(init, dtype=torch.float64)
+    if reference.weights is None or not reference.loss:
+        return {"initial": noise_scale.noise_scale(backend.gradient_moments(w0), w0, wd).as_dict(), "at_gap": [],
+                "why": "no exact optimum to measure the gap from"}
+
+    def objective(w: torch.Tensor) -> float:
+        total, rows = backend.loss_sum(w)
+        return total / rows + objectives.penalty(w, wd)
+
+    t0 = time.perf_counter()
+    report = noise_scale.along_the_way(backend.gradient_moments, objective, w0, reference.weights,
+                                       reference.objective, reference.loss, config.train.gradient_noise_scale, wd)
+    return {**report, "where": "initial: model.init; at_gap: the point w* + s (w0 - w*) with that relative gap; "
+                               "final: the last weights", "seconds": time.perf_counter() - t0}
 
 
 class Recorder:
@@ -282,6 +303,7 @@ def train(
         say(f"sgd-dist: run directory {run_dir}  (setup {t_setup:.1f} s, device {backend.device})")
         reference = compute_reference(config, backend)
         t_reference = time.perf_counter() - t_start - t_setup
+        noise = measure_noise_scale(config, backend, reference) if config.train.gradient_noise_scale else None
         recorder = Recorder(run_dir, config, reference, console, progress)
         if restore is not None:
             step = int(restore["server"]["step"])
@@ -295,6 +317,9 @@ def train(
         backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
         summary = _summary(config, backend, reference, recorder, weights, t_setup, t_reference, train_time,
                            time.perf_counter() - t_start, restore)
+        if noise is not None:
+            final = noise_scale.noise_scale(backend.gradient_moments(weights), weights, config.optim.weight_decay)
+            summary["gradient_noise_scale"] = {**noise, "final": final.as_dict()}
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
     except BaseException as exc:
         if run_dir.exists() and (run_dir / CONFIG_FILE).exists():

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from sgd_dist import network, objectives, stragglers
+from sgd_dist import network, noise_scale, objectives, stragglers
 from sgd_dist.config import DataConfig, NetworkConfig, OptimConfig, StragglersConfig
 from sgd_dist.data import MiniBatchSampler, generate
 from sgd_dist.optim import learning_rate, sgd_update_
@@ -123,6 +123,10 @@ class ShardWorker:
 
     def newton_terms(self, weights: torch.Tensor) -> objectives.NewtonTerms:
         return objectives.logistic_newton_terms(weights, self.X, self.y)
+
+    def gradient_moments(self, weights: torch.Tensor) -> noise_scale.GradientMoments:
+        """The shard's per-example gradient moments at ``weights`` (for the gradient noise scale)."""
+        return noise_scale.gradient_moments(self.kind, weights, self.X, self.y)
 
     def info(self) -> dict:
         return {

@@ -144,8 +144,9 @@ def test_figures_from_a_hand_written_sweep_directory(tmp_path):
         writer.writerows(rows)
     figures = plot_sweep(tmp_path)
     # no run directory holds a config.yaml or summary.json here: nothing to fit the cost model on
-    assert [name for name, _ in figures.skipped] == ["predicted_speedup.png"]
-    assert "cannot be fitted" in figures.skipped[0][1]
+    skipped = dict(figures.skipped)
+    assert set(skipped) == {"batch_regimes.png", "local_sgd.png", "modes_time.png", "predicted_speedup.png"}
+    assert "cannot be fitted" in skipped["predicted_speedup.png"]
     assert {p.name for p in figures.drawn} == {"scaling.png", "time_to_target.png", "loss_time.png", "crossover.png", "batch.png"}
     for path in figures.drawn:
         assert_png(path)
@@ -246,7 +247,7 @@ def test_plot_draws_the_sweeps_figures_and_reports_the_rest(smoke, capsys):
         assert path.read_bytes()[:8] == PNG
         assert_png(path)
     assert "skipped crossover.png: needs 2 or more problem sizes (grid data.n_features)" in skipped
-    assert len(drawn) + len(skipped) == 6
+    assert len(drawn) + len(skipped) == 9
 
 
 def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):

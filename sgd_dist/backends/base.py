@@ -16,6 +16,7 @@ import torch
 from sgd_dist.config import Config
 from sgd_dist.consistency import make_policy
 from sgd_dist.data import shard_bounds, torch_dtype
+from sgd_dist.noise_scale import GradientMoments
 from sgd_dist.objectives import LinearStats, NewtonTerms
 
 Handle = Any  # a value (serial) or a ray.ObjectRef (ray)
@@ -72,6 +73,16 @@ class Backend(ABC):
     def newton_terms(self, weights: torch.Tensor) -> NewtonTerms:
         parts = self._get([self._call(w, "newton_terms", weights) for w in self.workers])
         return sum(parts[1:], parts[0])
+
+    def gradient_moments(self, weights: torch.Tensor) -> GradientMoments:
+        """The per-example gradient moments at ``weights``, each worker's on its shard, summed (float64)."""
+        parts = self._get([self._call(w, "gradient_moments", weights) for w in self.workers])
+        return sum(parts[1:], parts[0])
+
+    def loss_sum(self, weights: torch.Tensor) -> tuple[float, int]:
+        """(sum of the per-row loss over every shard, rows), in float64."""
+        parts = self._get([self._call(w, "evaluate", weights) for w in self.workers])
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     # -- the training loop ----------------------------------------------------------------------
     @abstractmethod
