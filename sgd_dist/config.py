@@ -143,6 +143,18 @@ class OptimConfig(_Section):
         return self
 
 
+class NetworkConfig(_Section):
+    latency_ms: float = Field(0.0, ge=0)
+    """One-way latency of every message between the server and a worker, in ms: a command and its answer are one message each (on any backend, simulated nodes or not)."""
+    bandwidth_gbps: float | None = Field(None, gt=0)
+    """Bandwidth of each worker's link to the server, in gigabits per second (a message of B bytes takes B * 8 / (bandwidth_gbps * 1e9) s more); null: unlimited."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model delays anything."""
+        return self.latency_ms > 0 or self.bandwidth_gbps is not None
+
+
 class ClusterConfig(_Section):
     backend: Literal["ray", "serial"] = "ray"
     """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference)."""
@@ -160,6 +172,27 @@ class ClusterConfig(_Section):
     """GPUs Ray reserves for each worker when it runs on cuda; fractions pack several workers on one GPU."""
     placement_timeout_s: float = Field(60.0, gt=0)
     """Seconds to wait for free CPUs (and GPUs) to place the workers; then the run fails naming what is missing."""
+    simulated_nodes: Count | None = Field(None, ge=1)
+    """Start a Ray cluster of this many nodes on this machine (Ray's cluster_utils.Cluster, on 127.0.0.1) and put worker r on node r mod N (the server on node 0, the head); null: off. Needs backend=ray and address null."""
+    network: NetworkConfig = NetworkConfig()
+    """A simulated network between the server and each worker: every message is delayed, wall time only."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        nodes = self.simulated_nodes
+        if nodes is None:
+            return self
+        if self.backend != "ray":
+            raise ValueError(f"cluster.simulated_nodes={nodes} applies only to cluster.backend=ray (it starts a Ray "
+                             "cluster); set it to null for the serial backend")
+        if self.address is not None:
+            raise ValueError(f"cluster.simulated_nodes={nodes} starts its own Ray cluster on this machine: it needs "
+                             f"cluster.address=null (got {self.address!r})")
+        spread = min(nodes, self.num_workers)
+        if self.transport == "shm" and spread > 1:
+            raise ValueError(f"cluster.transport=shm needs every worker on one node; cluster.simulated_nodes={nodes} "
+                             f"puts the {self.num_workers} workers on {spread} nodes (use cluster.transport=ray or auto)")
+        return self
 
 
 class TrainConfig(_Section):

@@ -54,10 +54,13 @@ def replay(run_dir: str | Path, out: str | Path | None = None) -> ReplayReport:
                           "only a completed run's schedule can be replayed")
     schedule = read_schedule(run_dir)
     out = Path(out) if out is not None else run_dir.with_name(f"{run_dir.name}-replay-{time.strftime('%H%M%S')}")
-    # the numbers only: injected faults and straggler delays change wall time, never a value
+    # the numbers only: injected faults, straggler delays, the simulated network and nodes change wall time, never
+    # a value
     config = load_config(run_dir / CONFIG_FILE, ["cluster.backend=serial", "cluster.address=null", "faults=[]",
                                                  "stragglers.slowdown={}", "stragglers.delay=none",
-                                                 "stragglers.delay_ms=0", f"output.dir={out}"])
+                                                 "stragglers.delay_ms=0", "cluster.simulated_nodes=null",
+                                                 "cluster.network.latency_ms=0", "cluster.network.bandwidth_gbps=null",
+                                                 f"output.dir={out}"])
     policy = ReplayPolicy(schedule, config.cluster.num_workers, dropped=original.get("dropped", []),
                           local_steps=config.train.local_steps, model_deltas=config.train.mode == "local_sgd")
     from sgd_dist.trainer import train  # the trainer imports the backends; keep this module light

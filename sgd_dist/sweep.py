@@ -516,6 +516,8 @@ def add_predictions(out: Path, experiment: Experiment, rows: list[dict]) -> list
 def _start_ray(sweep: Sweep) -> bool:
     if all(plan.config.cluster.backend != "ray" for plan in sweep.runs):
         return False
+    if any(plan.config.cluster.simulated_nodes for plan in sweep.runs):
+        return False  # a simulated cluster needs a process without Ray: every run starts and stops its own
     from sgd_dist.backends.ray_backend import init_ray
 
     cpus = max(math.ceil(p.config.cluster.num_workers * p.config.cluster.cpus_per_worker) for p in sweep.runs)

@@ -291,7 +291,7 @@ def train(
     else:
         run_dir = resolve_run_dir(config, config_path)
     say = print if console else (lambda *a, **k: None)
-    say(f"sgd-dist: {config.cluster.backend} backend, {config.cluster.num_workers} workers, "
+    say(f"sgd-dist: {config.cluster.backend} backend, {config.cluster.num_workers} workers{_where(config)}, "
         f"{config.data.n_samples:,} rows x {config.data.dim} parameters; generating the shards where they live")
     backend = make_backend(config)
     recorder: Recorder | None = None
@@ -377,6 +377,8 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "num_workers": config.cluster.num_workers,
         "backend": backend.name,
         "transport": backend.transport,
+        "simulated_nodes": config.cluster.simulated_nodes,
+        "network": config.cluster.network.model_dump(),
         "mode": config.train.mode,
         **_mode_summary(config, backend.loop_stats),
         "device": backend.device,
@@ -398,6 +400,15 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "versions": {"sgd_dist": sgd_dist.__version__, "torch": torch.__version__, "python": platform.python_version(),
                      **_ray_version(backend)},
     }
+
+
+def _where(config: Config) -> str:
+    """' on 2 simulated nodes (network: 1 ms latency, unlimited bandwidth)' for the console's first line."""
+    from sgd_dist.network import describe
+
+    cluster = config.cluster
+    nodes = f" on {cluster.simulated_nodes} simulated nodes" if cluster.simulated_nodes else ""
+    return nodes + (f" (network: {describe(cluster.network)})" if cluster.network.enabled else "")
 
 
 def _mode_summary(config: Config, stats: dict) -> dict:

@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-from sgd_dist import noise_scale, objectives, stragglers
-from sgd_dist.config import DataConfig, OptimConfig, StragglersConfig
+from sgd_dist import network, noise_scale, objectives, stragglers
+from sgd_dist.config import DataConfig, NetworkConfig, OptimConfig, StragglersConfig
 from sgd_dist.data import MiniBatchSampler, generate
 from sgd_dist.optim import learning_rate, sgd_update_
 from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command
@@ -48,6 +48,7 @@ class ShardWorker:
         total_steps: int = 1,
         global_batch_size: int = 1,
         stragglers: StragglersConfig | None = None,
+        network: NetworkConfig | None = None,
         delays: dict[int, float] | None = None,
     ) -> None:
         if num_threads is not None:
@@ -55,6 +56,7 @@ class ShardWorker:
         # local SGD's own steps follow the run's learning-rate schedule over every local step
         self.optim, self.total_steps, self.global_batch_size = optim, total_steps, global_batch_size
         self.stragglers = stragglers
+        self.network = network if network is not None and network.enabled else None
         self.delays = dict(delays or {})  # injected one-off delays: local step -> seconds
         self.rank, self.start, self.stop = rank, start, stop
         self.kind = data.kind
@@ -85,10 +87,16 @@ class ShardWorker:
         else:
             assert command.kind == EVALUATE, command
             grad, (loss, count) = None, self.evaluate(weights)
-        if self.stragglers is not None and command.kind != EVALUATE:  # wall time only: the numbers stay the same
-            time.sleep(stragglers.extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0))
+        # stragglers and the network cost wall time only: the numbers stay the same
+        delay = 0.0
+        if self.stragglers is not None and command.kind != EVALUATE:
+            delay += stragglers.extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0)
+        if self.network is not None:  # the command's and the answer's time on this worker's link
+            delay += network.round_trip_delay_s(self.network, weights.numel(), weights.element_size(), command.kind)
         if command.kind != EVALUATE and command.step in self.delays:  # a fault: once
-            time.sleep(self.delays.pop(command.step))
+            delay += self.delays.pop(command.step)
+        if delay > 0:
+            time.sleep(delay)
         return Arrival(self.rank, command.kind, command.step, command.version, grad, loss, count,
                        time.perf_counter() - t0)
 

@@ -2,7 +2,8 @@
 
 Without an address (and without RAY_ADDRESS) it starts an embedded local Ray bound to 127.0.0.1 with the
 dashboard off; with one it joins that cluster. If Ray is already initialised in this process (a notebook, a
-test session) it is used as it is and left running, and an address naming another cluster is refused.
+test session) it is used as it is and left running, and an address naming another cluster is refused. With
+``cluster.simulated_nodes`` it starts a multi-node cluster on this machine instead (``backends/simulated.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sgd_dist.backends import simulated
 from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
 from sgd_dist.server import LoopHooks, ParameterServer, serve
@@ -161,11 +163,14 @@ class _Server:
             ray.kill(self.workers[r], no_restart=True)
         except Exception:
             pass
-        worker = _WorkerActor.options(**options).remote(**kwargs)
-        try:
-            info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:  # its reserved place went with a node: take any live node's CPU
-            ray.kill(worker)
+        info = None
+        if not simulated.pinned_node_lost(options.get("scheduling_strategy")):
+            worker = _WorkerActor.options(**options).remote(**kwargs)
+            try:
+                info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(worker)
+        if info is None:  # its reserved place went with a node: take any live node's CPU
             worker = _WorkerActor.options(num_cpus=0, num_gpus=options.get("num_gpus", 0)).remote(**kwargs)
             info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
         self.workers[r], self.pids[r] = worker, info["pid"]
@@ -327,10 +332,15 @@ class RayBackend(Backend):
         self._faults = list(config.faults)  # those not injected yet
         cluster = config.cluster
         cpus_needed = cluster.num_workers * cluster.cpus_per_worker
-        # The embedded Ray is a simulation: give it enough logical CPUs for every actor even on 2 cores.
-        self._started = init_ray(cluster.address, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)))
         self._segment: str | None = None
         self._semaphores: set[str] | None = None  # /dev/shm semaphores before this run made its channels
+        self.simulated = None  # cluster.simulated_nodes: the ray.cluster_utils.Cluster this run started
+        self._simulated_nodes: list[Any] = []  # its nodes in index order (the head first); None once removed
+        if cluster.simulated_nodes:
+            self._started = self._start_simulated()
+        else:
+            # The embedded Ray is a simulation: give it enough logical CPUs for every actor even on 2 cores.
+            self._started = init_ray(cluster.address, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)))
         try:
             self._create_actors(config, cpus_needed)
         except BaseException:
@@ -361,13 +371,47 @@ class RayBackend(Backend):
                        for args, strategy in zip(worker_args(config), strategies)]
         self.workers = [_WorkerActor.options(**options).remote(**kwargs) for kwargs, options in self._specs]
         nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-        if len(nodes) == 1:  # every actor shares the one node: start the server while the shards generate
+        if self.simulated is not None:  # the server goes on the head, which is never removed
+            self._start_server(self.simulated_node_ids[0])
+        elif len(nodes) == 1:  # every actor shares the one node: start the server while the shards generate
             self._start_server(nodes[0])
         self.info = self.worker_info()  # waits until every shard is generated; raises if a worker died
         self.transport = pick_transport(cluster.transport, {info["node_id"] for info in self.info})
         if self.server is None:  # on shm the server shares the workers' node; on ray it may go anywhere
             self._start_server(self.info[0]["node_id"] if self.transport == "shm" else None)
         self.address = ray.get_runtime_context().gcs_address
+
+    def _start_simulated(self) -> bool:
+        cluster = self.config.cluster
+        if ray.is_initialized():
+            raise ClusterError(
+                f"cluster.simulated_nodes={cluster.simulated_nodes} starts its own Ray cluster, but this process is "
+                f"already connected to Ray at {ray.get_runtime_context().gcs_address}: run it in a fresh process "
+                "(or call ray.shutdown() first)")
+        _stay_on_loopback()
+        cpus = simulated.cpus_per_node(cluster.num_workers, cluster.cpus_per_worker, cluster.simulated_nodes)
+        self.simulated, self._simulated_nodes = simulated.start(cluster.simulated_nodes, cpus, cluster.num_workers)
+        return True
+
+    @property
+    def simulated_node_ids(self) -> list[str | None]:
+        """The simulated nodes' Ray node ids in index order (None for a removed node); empty when not simulated."""
+        return [None if node is None else node.node_id for node in self._simulated_nodes]
+
+    def remove_node(self, index: int) -> None:
+        """Remove simulated node ``index`` (1..N-1) as a machine failure would: its raylet and every process on it
+        are killed, and so are the workers Ray placed there. The head (0) holds the driver's connection and
+        the server, so it cannot be removed."""
+        if self.simulated is None:
+            raise ClusterError("remove_node needs a simulated cluster (cluster.simulated_nodes)")
+        count = len(self._simulated_nodes)
+        if not 1 <= index < count or self._simulated_nodes[index] is None:
+            removed = [i for i, node in enumerate(self._simulated_nodes) if node is None]
+            raise ValueError(f"simulated node {index} cannot be removed: nodes 1..{count - 1} can"
+                             + (f", and {removed} already were" if removed else "")
+                             + " (node 0, the head, holds the server and the driver's connection)")
+        node, self._simulated_nodes[index] = self._simulated_nodes[index], None
+        self.simulated.remove_node(node)
 
     def _start_server(self, node: str | None) -> None:
         config = self.config
@@ -384,9 +428,13 @@ class RayBackend(Backend):
         Returns each worker's scheduling strategy (its bundle, or SPREAD for a worker that reserves nothing).
         """
         bundle = {key: value for key, value in [("CPU", cluster.cpus_per_worker), ("GPU", gpus_per_worker)] if value}
-        if not bundle:  # nothing to reserve (cpus_per_worker=0 on cpu): Ray places such actors at once
+        bundles = [dict(bundle) for _ in range(cluster.num_workers)]
+        if self.simulated is not None:  # pin worker r to simulated node r mod N
+            for rank, item in enumerate(bundles):
+                item[simulated.node_resource(simulated.node_of(rank, cluster.simulated_nodes))] = 1
+        if not bundles[0]:  # nothing to reserve (cpus_per_worker=0 on cpu): Ray places such actors at once
             return ["SPREAD"] * cluster.num_workers
-        self._group = placement_group([bundle] * cluster.num_workers, strategy="SPREAD")
+        self._group = placement_group(bundles, strategy="SPREAD")
         if not self._group.wait(timeout_seconds=cluster.placement_timeout_s):
             free, total = ray.available_resources(), ray.cluster_resources()
             missing = [f"{cpus_needed:g} free CPUs"] + ([f"{gpus_needed:g} free GPUs"] if gpus_needed else [])
@@ -532,7 +580,16 @@ class RayBackend(Backend):
             if self._started:  # only a Ray this run started: a joined cluster's /dev/shm is not ours to tidy
                 ray.shutdown()
                 self._started = False
+                self._stop_simulated()
                 if self._semaphores is not None:  # the ones this run's channels made go with its raylet
                     channel.sweep_stale_semaphores(channel.semaphores() - self._semaphores, wait_s=3.0)
                 channel.sweep_stale_semaphores()
+        self._stop_simulated()  # Ray may have gone down under the run
         self._semaphores = None
+
+    def _stop_simulated(self) -> None:
+        if self.simulated is not None:
+            if ray.is_initialized():
+                ray.shutdown()
+            simulated.stop(self.simulated)
+            self.simulated, self._simulated_nodes = None, []

@@ -44,8 +44,10 @@ class Arrival:
     GRADIENT: ``grad`` is the mean gradient over ``count`` rows and ``loss`` their mean loss. LOCAL: ``grad`` is
     the model delta (weights sent minus weights after the local steps), ``loss`` the mean loss. EVALUATE:
     ``loss`` is the float64 sum of the per-row loss over the worker's ``count`` rows and ``grad`` is None.
-    ``seconds`` is the worker's compute time. On the shm transport ``grad`` is a view of the worker's slot,
-    valid until that worker is sent its next command (the server clones what it keeps longer).
+    ``seconds`` is the worker's time on the command: its compute time plus any straggler or network delay
+    (``cluster.network``: the command's and the answer's time on its link). On the shm transport ``grad`` is a
+    view of the worker's slot, valid until that worker is sent its next command (the server clones what it
+    keeps longer).
     """
 
     worker: int
