@@ -72,6 +72,8 @@ def describe_fault(entry: dict) -> str:
                 f"({entry['steps_redone']} steps to redo) in {entry['recovery_s']:.2f} s")
     if kind == "resumed":
         return f"resumed from the checkpoint at step {entry['step']}"
+    if "skipped" in entry:
+        return f"{kind} at step {entry['step']} not injected: {entry['skipped']}"
     where = f"worker {entry['worker']}" if "worker" in entry else f"node {entry.get('node')}" if "node" in entry else "server"
     return f"injected {kind} ({where}) at step {entry['step']}"
 

@@ -268,18 +268,23 @@ def test_removing_a_simulated_node_kills_the_workers_on_it(tmp_path):
 
 def test_a_worker_on_a_removed_node_is_replaced_in_seconds(tmp_path):
     """A remove_node fault mid-run: the lost worker's bundle was pinned to that node, so its replacement goes
-    straight to a live node instead of waiting out the replacement timeout (30 s); the run stays exact."""
+    straight to a live node instead of waiting out the replacement timeout (30 s); then the server is killed
+    too, and rebuilt with its workers on the surviving node from the latest checkpoint. The run stays exact."""
     steps = ["train.steps=3000", "train.eval_every=500"]  # long enough for the driver to see step 20 mid-run
     (tmp_path / "tiny.yaml").write_text(dump_config(make_config(*steps)))
     proc = subprocess.run(
         [str(BIN / "sgd-dist"), "train", "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run"),
-         "cluster.simulated_nodes=2", "faults=[{kind: remove_node, node: 1, step: 20}]"],
+         "cluster.simulated_nodes=2", "train.checkpoint_every=500",
+         "faults=[{kind: remove_node, node: 1, step: 20}, {kind: kill_server, step: 1800}]"],
         capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     kinds = [f["fault"] for f in summary["faults"]]
-    assert kinds == ["remove_node", "worker_lost"], summary["faults"]
+    assert kinds == ["remove_node", "worker_lost", "kill_server", "server_lost"], summary["faults"]
     lost = summary["faults"][1]
     assert lost["worker"] == 1 and lost["recovery_s"] < 15, lost
+    assert summary["faults"][3]["restored_step"] == 1500 and summary["status"] == "completed"
+    steps_recorded = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_recorded == list(range(3001))
     serial, _ = _run(make_config(*steps, "cluster.backend=serial"), tmp_path, "serial")
     assert summary["weights"] == serial["weights"]

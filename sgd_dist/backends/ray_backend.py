@@ -355,7 +355,9 @@ class RayBackend(Backend):
             raise ClusterError("cluster.device=cuda, but the Ray cluster has no GPU; use cpu or auto")
         self.device = "cuda" if cluster.device == "cuda" or (cluster.device == "auto" and gpus > 0) else "cpu"
         gpus_needed = cluster.num_workers * cluster.gpus_per_worker if self.device == "cuda" else 0
-        if resources.get("CPU", 0) < cpus_needed or gpus < gpus_needed:
+        live = [node for node in self.simulated_node_ids if node is not None]
+        degraded = self.simulated is not None and len(live) < cluster.simulated_nodes
+        if not degraded and (resources.get("CPU", 0) < cpus_needed or gpus < gpus_needed):
             raise ClusterError(
                 f"cluster.num_workers={cluster.num_workers} needs {cpus_needed:g} CPUs"
                 + (f" and {gpus_needed:g} GPUs" if gpus_needed else "")
@@ -363,11 +365,19 @@ class RayBackend(Backend):
                 " (lower cluster.cpus_per_worker or cluster.num_workers)"
             )
         gpus_per_worker = cluster.gpus_per_worker if self.device == "cuda" else 0
-        strategies = self._reserve(cluster, gpus_per_worker, cpus_needed, gpus_needed)
+        if degraded:
+            # rebuilt after a node was removed: the survivors take its workers, over their CPUs (as they would on
+            # a cluster that lost a machine), round-robin
+            strategies = [NodeAffinitySchedulingStrategy(live[r % len(live)], soft=False)
+                          for r in range(cluster.num_workers)]
+            cpus = 0
+        else:
+            strategies = self._reserve(cluster, gpus_per_worker, cpus_needed, gpus_needed)
+            cpus = cluster.cpus_per_worker
         threads = worker_threads(config)
         # each worker's constructor arguments and actor options: the server builds a replacement from them
         self._specs = [({**args, "device": self.device, "num_threads": threads},
-                        dict(num_cpus=cluster.cpus_per_worker, num_gpus=gpus_per_worker, scheduling_strategy=strategy))
+                        dict(num_cpus=cpus, num_gpus=gpus_per_worker, scheduling_strategy=strategy))
                        for args, strategy in zip(worker_args(config), strategies)]
         self.workers = [_WorkerActor.options(**options).remote(**kwargs) for kwargs, options in self._specs]
         nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
@@ -464,6 +474,9 @@ class RayBackend(Backend):
         while True:
             try:
                 self._run_once(policy, eval_at, sink, self._latest)
+                for fault in [f for f in self._faults if f.kind == "remove_node"]:  # the driver saw it too late
+                    sink.fault({"fault": "remove_node", "node": fault.node, "step": fault.step,
+                                "skipped": "the run ended before the driver saw this step"})
                 return
             except _ServerLost as lost:
                 noticed, t0 = time.time(), time.perf_counter()
@@ -504,7 +517,8 @@ class RayBackend(Backend):
             while True:
                 ready, _ = ray.wait([run], timeout=DRAIN_EVERY_S)
                 self._deliver(sink, self._drain())
-                self._remove_nodes(sink)
+                if not ready:  # a removal seen only once the run is over would only break the final calls
+                    self._remove_nodes(sink)
                 if ready:
                     try:
                         stats = ray.get(run)
