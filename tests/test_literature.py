@@ -56,6 +56,16 @@ def test_scaling_plans_strong_and_weak_over_1_2_4_workers():
         (s, k) for s in ("strong", "weak") for k in (1, 2, 4)}
 
 
+def test_faults_plans_each_fault_in_sync_and_async():
+    """Faults are available to sweeps: the faults experiment's grid puts a kill in some runs and none in others."""
+    sweep = load_experiment(EXPERIMENTS / "faults.yaml")
+    seen = {(r.config.train.mode, tuple((f.kind, f.step) for f in r.config.faults)) for r in sweep.runs}
+    assert seen == {(mode, faults) for mode in ("sync", "async")
+                    for faults in [(), (("kill_worker", 200),), (("kill_server", 350),)]}
+    assert all(r.config.train.checkpoint_every == 100 for r in sweep.runs)
+    assert len({r.name for r in sweep.runs}) == 6
+
+
 def _experiment(tmp_path: Path, grid: dict) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"base": str(REPO / "configs" / "default.yaml"), "grid": grid,

@@ -329,6 +329,7 @@ class RayBackend(Backend):
         self._latest: dict | None = None  # the latest checkpoint
         self._last_step = 0  # the last step whose row the driver has
         self._server_killed: tuple[int, float] | None = None  # an injected server kill: (step, when)
+        self._node_removed_at: float | None = None  # when the driver last removed a simulated node
         self._faults = list(config.faults)  # those not injected yet
         cluster = config.cluster
         cpus_needed = cluster.num_workers * cluster.cpus_per_worker
@@ -557,13 +558,15 @@ class RayBackend(Backend):
                                                                     and f.worker == payload.get("worker"))]
                     if payload["fault"] == "kill_server":
                         self._server_killed = (payload["step"], payload["at_unix"])
+                elif payload["fault"] == "worker_lost" and "noticed_s" not in payload and self._node_removed_at:
+                    payload["noticed_s"] = payload["noticed_unix"] - self._node_removed_at  # lost with its node
                 sink.fault(payload)
 
     def _remove_nodes(self, sink: Sink) -> None:
         """The configured node removals due by the last step the driver has seen."""
         for fault in [f for f in self._faults if f.kind == "remove_node" and f.step <= self._last_step]:
             self._faults.remove(fault)
-            at = time.time()
+            at = self._node_removed_at = time.time()
             self.remove_node(fault.node)
             sink.fault({"fault": "remove_node", "node": fault.node, "step": self._last_step, "at_unix": at})
 
