@@ -7,6 +7,7 @@ rejected, values are range-checked on construction, and the errors name the dott
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
@@ -468,9 +469,13 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
+        items = typing.get_args(annotation) if typing.get_origin(annotation) is tuple else ()
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe_fields(annotation, prefix=f"{key}."))
+        elif items and isinstance(items[0], type) and issubclass(items[0], BaseModel):  # a list of sections
+            rows.append((key, "[]", field.description or ""))
+            rows.extend(describe_fields(items[0], prefix=f"{key}[]."))
         else:
-            default = field.default
-            rows.append((key, "null" if default is None else str(default), field.description or ""))
+            default = "(required)" if field.is_required() else "null" if field.default is None else str(field.default)
+            rows.append((key, default, field.description or ""))
     return rows
