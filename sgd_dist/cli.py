@@ -307,7 +307,8 @@ def _model(args: argparse.Namespace) -> int:
     for line in cost_model.error_lines(result.observations, result.predictions):
         print(line)
     print("predicted on a cluster (a core per process, the measured transport's costs):")
-    for line in cost_model.curve_lines(found, table=True):
+    caveat = cost_model.extrapolation_caveat(result.observations)
+    for line in [caveat] if caveat else cost_model.curve_lines(found, table=True):
         print(line)
     return EXIT_OK
 

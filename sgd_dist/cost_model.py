@@ -725,6 +725,16 @@ def repeat_spread(observations: Sequence[Observation]) -> dict[str, float]:
     return out
 
 
+def extrapolation_caveat(observations: Sequence[Observation]) -> str | None:
+    """Why the 1 to 1,024-worker curves mean little, if they do: a fit on one worker count cannot separate the
+    per-answer cost (what stops a parameter server scaling) from the rest."""
+    counts = {o.scenario.num_workers for o in observations}
+    if len(counts) < 2:
+        return (f"  not shown: every run had {counts.pop() if counts else '?'} workers, so the per-answer cost that "
+                "stops scaling cannot be fitted (vary cluster.num_workers in the grid)")
+    return None
+
+
 def curve_lines(found: Sequence[Curve], table: bool = False) -> list[str]:
     """One line per curve saying where it stops paying; with ``table``, its numbers per worker count too."""
     lines = []

@@ -497,7 +497,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
 def add_predictions(out: Path, experiment: Experiment, rows: list[dict]) -> list[str]:
     """Fit the cost model on the sweep's runs, put each run's leave-one-point-out prediction and its error in
     its row, rewrite results.csv; return the lines to print (the coefficients, the table, the errors)."""
-    from sgd_dist.cost_model import curve_lines, error_lines, write_sweep_model
+    from sgd_dist.cost_model import curve_lines, error_lines, extrapolation_caveat, write_sweep_model
 
     try:
         result, found = write_sweep_model(out)
@@ -510,7 +510,8 @@ def add_predictions(out: Path, experiment: Experiment, rows: list[dict]) -> list
             + [f"  {line}" for line in result.model.describe()]
             + ["measured against predicted, each run from a fit on the other grid points' runs:"]
             + error_lines(result.observations, result.predictions)
-            + ["predicted on a cluster (a core per process), 1 to 1,024 workers:"] + curve_lines(found))
+            + ["predicted on a cluster (a core per process), 1 to 1,024 workers:"]
+            + ([caveat] if (caveat := extrapolation_caveat(result.observations)) else curve_lines(found)))
 
 
 def _start_ray(sweep: Sweep) -> bool:

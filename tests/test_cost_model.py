@@ -190,3 +190,11 @@ def test_steps_to_target_are_kept_apart_per_problem():
     eff = steps_to_target([small, wide])
     assert eff.steps("sync", 128) == 100
     assert eff.steps("sync", 128, (("data.n_features", 1000),)) == 300
+
+
+def test_no_extrapolation_to_1024_workers_from_one_worker_count():
+    from sgd_dist.cost_model import extrapolation_caveat
+
+    one_count = grid(TRUE, workers=(2,))
+    assert "every run had 2 workers" in extrapolation_caveat(one_count)
+    assert extrapolation_caveat(grid(TRUE, workers=(1, 2))) is None
