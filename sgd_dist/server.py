@@ -47,7 +47,7 @@ class ParameterServer:
         """Start the clock (``elapsed`` seconds in: a restored run goes on from its checkpoint's time); return the
         weights and the current step's row."""
         self._t0 = time.perf_counter() - elapsed
-        row = {"step": self.step, "wall_time_s": 0.0, "samples_seen": self.samples_seen, "loss": None,
+        row = {"step": self.step, "wall_time_s": elapsed, "samples_seen": self.samples_seen, "loss": None,
                "lr": None, "grad_norm": None, "weight_norm": self.weights.norm().item()}
         return self.weights.clone(), row
 
@@ -140,6 +140,7 @@ def serve(
     staleness_lr: bool = False,
     hooks: LoopHooks | None = None,
     restore: dict | None = None,
+    elapsed_s: float = 0.0,
 ) -> dict:
     """Run ``policy`` to completion on ``end``: the whole training loop, driven by the server.
 
@@ -156,7 +157,8 @@ def serve(
     have moved without it; in the other modes the schedule records the version actually used, so the run still
     replays exactly). A checkpoint is taken at the first moment after each ``checkpoint_every``-th update when
     no evaluation is pending; ``restore`` (such a checkpoint) goes on from it: its pending answers are put back
-    and its commands in flight are sent again, on the restored weights.
+    and its commands in flight are sent again, on the restored weights. ``elapsed_s``: where the rows' clock
+    starts without a checkpoint (a server started over after a loss goes on with the run's time).
     """
     hooks = hooks or LoopHooks()
     rows: list[dict] = []
@@ -242,7 +244,7 @@ def serve(
                             "redone": {"kind": command.kind, "step": command.step, "version": command.version}})
 
     if restore is None:
-        _, row = server.start()
+        _, row = server.start(elapsed_s)
         end.publish(server.step, server.weights)
         rows.append(row)
         actions = deque(policy.start())

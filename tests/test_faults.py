@@ -129,6 +129,8 @@ def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal
     (lost,) = faults_of(result.summary, "server_lost")
     assert lost["step"] == 25 and lost["restored_step"] == 20 and lost["steps_redone"] == 5
     assert lost["noticed_s"] < 2.0 and lost["recovery_s"] > 0
+    times = [r["wall_time_s"] for r in read_metrics(result.run_dir)]
+    assert times == sorted(times)  # the rebuilt server's clock goes on with the run's: recovery counts
     assert result.summary["checkpoints"] >= STEPS // 10
     state, manifest = load_checkpoint(result.run_dir, config)  # loads with weights_only=True
     assert manifest["step"] == STEPS and state["server"]["weights"].tolist() == reference.summary["weights"]
@@ -141,6 +143,7 @@ def test_a_server_killed_before_any_checkpoint_starts_over_and_sync_ends_bit_equ
     assert_same_run(result.run_dir, reference)
     (lost,) = faults_of(result.summary, "server_lost")
     assert lost["restored_step"] == 0 and result.summary["checkpoints"] == 0
+    assert read_metrics(result.run_dir)[0]["wall_time_s"] >= lost["recovery_s"]  # time lost to the fault counts
     assert not (result.run_dir / CHECKPOINT_DIR).exists()
 
 

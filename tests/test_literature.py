@@ -61,8 +61,8 @@ def test_faults_plans_each_fault_in_sync_and_async():
     sweep = load_experiment(EXPERIMENTS / "faults.yaml")
     seen = {(r.config.train.mode, tuple((f.kind, f.step) for f in r.config.faults)) for r in sweep.runs}
     assert seen == {(mode, faults) for mode in ("sync", "async")
-                    for faults in [(), (("kill_worker", 200),), (("kill_server", 350),)]}
-    assert all(r.config.train.checkpoint_every == 100 for r in sweep.runs)
+                    for faults in [(), (("kill_worker", 40),), (("kill_server", 60),)]}
+    assert all(r.config.train.checkpoint_every == 25 for r in sweep.runs)
     assert len({r.name for r in sweep.runs}) == 6
 
 

@@ -101,7 +101,7 @@ class _Server:
         self.end = ChannelServerEnd(go, answers)
 
     def run(self, policy, eval_at: Collection[int], workers: Sequence[Any], pids: Sequence[int],
-            restore: dict | None = None) -> dict:
+            restore: dict | None = None, elapsed_s: float = 0.0) -> dict:
         assert self.end is not None
         self.workers, self.pids = list(workers), list(pids)
         if isinstance(self.end, ShmServerEnd):
@@ -118,7 +118,7 @@ class _Server:
         try:
             stats = serve(self.server, self.end, policy, self.num_workers, eval_at,
                           lambda rows: self.outbox.append(("rows", rows)), staleness_lr=self.staleness_lr,
-                          hooks=hooks, restore=restore)
+                          hooks=hooks, restore=restore, elapsed_s=elapsed_s)
         finally:
             self.end.stop()
         ray.get(self.loops)
@@ -472,9 +472,11 @@ class RayBackend(Backend):
         initial = copy.deepcopy(policy)  # a restored server's policy: this one, loaded with the checkpoint's state
         self._latest = restore
         restarts = 0
+        t_run = time.perf_counter() - (0.0 if restore is None else restore["elapsed_s"])
+        clock = None  # a rebuilt server's clock: the time since the loop first started, recovery included
         while True:
             try:
-                self._run_once(policy, eval_at, sink, self._latest)
+                self._run_once(policy, eval_at, sink, self._latest, clock)
                 for fault in [f for f in self._faults if f.kind == "remove_node"]:  # the driver saw it too late
                     sink.fault({"fault": "remove_node", "node": fault.node, "step": fault.step,
                                 "skipped": "the run ended before the driver saw this step"})
@@ -489,6 +491,7 @@ class RayBackend(Backend):
                 self._release_actors()
                 self._create_actors(self.config, self.config.cluster.num_workers * self.config.cluster.cpus_per_worker)
                 policy = copy.deepcopy(initial)
+                clock = time.perf_counter() - t_run
                 at = self._last_step if self._server_killed is None else self._server_killed[0]
                 entry = {"fault": "server_lost", "step": at, "noticed_unix": noticed, "cause": str(lost),
                          "restored_step": max(step, 0), "steps_redone": max(0, at - max(step, 0)),
@@ -498,7 +501,8 @@ class RayBackend(Backend):
                     self._server_killed = None
                 sink.fault(entry)
 
-    def _run_once(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None) -> None:
+    def _run_once(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None,
+                  clock: float | None) -> None:
         config = self.config
         if self.transport == "shm":
             layout = Layout(config.cluster.num_workers, config.data.dim, config.data.dtype)
@@ -513,7 +517,10 @@ class RayBackend(Backend):
             answers = ray.get([w.make_channel.remote(self.server, server_node, dim) for w in self.workers])
             ray.get(self.server.setup_channels.remote(go, answers))
         # the server runs the workers' loops, notices a lost worker and replaces it
-        run = self.server.run.remote(policy, frozenset(eval_at), self.workers, [i["pid"] for i in self.info], restore)
+        if clock is not None:  # rebuilt: its rows' wall times go on from the lost server's, recovery included
+            restore = {**restore, "elapsed_s": clock} if restore is not None else None
+        run = self.server.run.remote(policy, frozenset(eval_at), self.workers, [i["pid"] for i in self.info], restore,
+                                     clock or 0.0)
         try:
             while True:
                 ready, _ = ray.wait([run], timeout=DRAIN_EVERY_S)
