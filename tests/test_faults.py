@@ -53,6 +53,18 @@ def assert_same_run(run_dir: Path, reference, steps: int = STEPS) -> None:
     assert read_summary(run_dir)["weights"] == reference.summary["weights"]
 
 
+def assert_rewound_rows_kept(run_dir: Path, steps: range, everyone: bool = False) -> None:
+    """The rows recorded after the restored checkpoint were moved to metrics.rewound.jsonl, not lost; in sync
+    mode the redone steps computed the same losses."""
+    path = run_dir / "metrics.rewound.jsonl"  # absent if no row after the checkpoint had reached the driver
+    rewound = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() or everyone else []
+    assert {r["step"] for r in rewound} <= set(steps)
+    if everyone:
+        assert [r["step"] for r in rewound] == list(steps)
+    final = {r["step"]: r for r in read_metrics(run_dir)}
+    assert all(r["loss"] == final[r["step"]]["loss"] for r in rewound)
+
+
 def faults_of(summary: dict, kind: str) -> list[dict]:
     return [f for f in summary["faults"] if f["fault"] == kind]
 
@@ -131,6 +143,7 @@ def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal
     assert lost["noticed_s"] < 2.0 and lost["recovery_s"] > 0
     times = [r["wall_time_s"] for r in read_metrics(result.run_dir)]
     assert times == sorted(times)  # the rebuilt server's clock goes on with the run's: recovery counts
+    assert_rewound_rows_kept(result.run_dir, range(21, 26))
     assert result.summary["checkpoints"] >= STEPS // 10
     state, manifest = load_checkpoint(result.run_dir, config)  # loads with weights_only=True
     assert manifest["step"] == STEPS and state["server"]["weights"].tolist() == reference.summary["weights"]
@@ -193,6 +206,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeate
     assert summary["status"] == "completed" and 150 <= summary["resumed_from"] < steps
     assert faults_of(summary, "resumed")[0]["step"] == summary["resumed_from"]
     assert len((run / "schedule.jsonl").read_text().splitlines()) == steps
+    assert_rewound_rows_kept(run, range(summary["resumed_from"] + 1, recorded[-1]["step"] + 1), everyone=True)
 
 
 @pytest.fixture
