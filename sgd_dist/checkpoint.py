@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from sgd_dist.config import Config, dump_config
+from sgd_dist.recording import write_bytes_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "latest.json"
@@ -42,24 +42,6 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_checkpoint(run_dir: str | Path, state: dict, config: Config) -> Path:
     """Write ``state`` (from ``server.serve``) as the run's latest checkpoint; return the file's path."""
     import sgd_dist
@@ -71,11 +53,11 @@ def write_checkpoint(run_dir: str | Path, state: dict, config: Config) -> Path:
     data = buffer.getvalue()
     step = int(state["server"]["step"])
     path = folder / f"step-{step:08d}.pt"
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data, sync_dir=True)
     manifest = {"format": FORMAT, "file": path.name, "step": step, "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(), "config_sha256": config_digest(config),
                 "sgd_dist": sgd_dist.__version__}
-    _write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes_atomic(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), sync_dir=True)
     for old in sorted(folder.glob("step-*.pt"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return path

@@ -47,14 +47,25 @@ def write_config(run_dir: Path, config: Config) -> None:
     write_text_atomic(run_dir / CONFIG_FILE, dump_config(config))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, fsync, then rename: readers see the old file or the whole new one."""
+def write_bytes_atomic(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
+    """Write to a temporary file, fsync, then rename: readers see the old file or the whole new one. ``sync_dir``
+    also fsyncs the directory, so that the rename itself survives a crash (checkpoints)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    if sync_dir:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

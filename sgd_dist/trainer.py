@@ -22,7 +22,7 @@ from tqdm import tqdm
 import sgd_dist
 from sgd_dist import noise_scale, objectives
 from sgd_dist.backends import Backend, make_backend
-from sgd_dist.backends.base import policy_for
+from sgd_dist.backends.base import one_line, policy_for  # noqa: F401 (one_line: the CLI's and the sweep's)
 from sgd_dist.config import Config
 from sgd_dist.data import true_weights
 from sgd_dist.stragglers import find_stragglers
@@ -442,15 +442,6 @@ def _mode_summary(config: Config, stats: dict) -> dict:
         "dropped": dropped,
         "policy": stats.get("policy", {}),
     }
-
-
-def one_line(exc: BaseException) -> str:
-    """The exception's type and the first line of its message (Ray's errors carry whole remote tracebacks)."""
-    cause = getattr(exc, "cause", None)  # a Ray task's error: its first line is Ray's header, the cause says why
-    if isinstance(cause, BaseException):
-        exc = cause
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _ray_version(backend: Backend) -> dict:

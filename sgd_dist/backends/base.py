@@ -22,6 +22,15 @@ from sgd_dist.objectives import LinearStats, NewtonTerms
 Handle = Any  # a value (serial) or a ray.ObjectRef (ray)
 
 
+def one_line(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (Ray's errors carry whole remote tracebacks)."""
+    cause = getattr(exc, "cause", None)  # a Ray task's error: its first line is Ray's header, the cause says why
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class Sink(Protocol):
     """Where a run's records go (the trainer's Recorder)."""
 

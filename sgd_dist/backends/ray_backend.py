@@ -26,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sgd_dist.backends import simulated
-from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
+from sgd_dist.backends.base import Backend, Sink, one_line, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
 from sgd_dist.server import LoopHooks, ParameterServer, serve
 from sgd_dist.transports import channel
@@ -212,11 +212,6 @@ MAX_SERVER_RESTARTS = 3
 
 class _ServerLost(Exception):
     """The server actor died (its process was killed, or its node was removed)."""
-
-
-def one_line_error(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class ClusterError(RuntimeError):
@@ -531,7 +526,7 @@ class RayBackend(Backend):
                     try:
                         stats = ray.get(run)
                     except ray.exceptions.RayActorError as exc:
-                        raise _ServerLost(one_line_error(exc)) from None
+                        raise _ServerLost(one_line(exc)) from None
                     self.workers = stats.pop("workers")
                     self.loop_stats = stats
                     return
@@ -548,7 +543,7 @@ class RayBackend(Backend):
         try:
             return ray.get(self.server.drain.remote())
         except ray.exceptions.RayActorError as exc:
-            raise _ServerLost(one_line_error(exc)) from None
+            raise _ServerLost(one_line(exc)) from None
 
     def _deliver(self, sink: Sink, items: list) -> None:
         for kind, payload in items:
