@@ -64,10 +64,12 @@ def write_checkpoint(run_dir: str | Path, state: dict, config: Config) -> Path:
 
 
 def load_checkpoint(run_dir: str | Path, config: Config) -> tuple[dict, dict]:
-    """The latest checkpoint of ``run_dir`` and its manifest, checked against ``config``.
+    """The latest checkpoint of ``run_dir`` and its manifest, checked against ``config`` and this sgd_dist.
 
     Raises CheckpointError with one line naming the file and what is wrong with it.
     """
+    import sgd_dist
+
     folder = Path(run_dir) / CHECKPOINT_DIR
     manifest_path = folder / MANIFEST
     try:
@@ -81,6 +83,9 @@ def load_checkpoint(run_dir: str | Path, config: Config) -> tuple[dict, dict]:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: checkpoint format {manifest.get('format')!r}, this sgd_dist reads "
                               f"format {FORMAT}")
+    if manifest.get("sgd_dist") != sgd_dist.__version__:  # other code may compute other numbers from the same state
+        raise CheckpointError(f"{manifest_path}: written by sgd_dist {manifest.get('sgd_dist')}, this is sgd_dist "
+                              f"{sgd_dist.__version__}: resume with the version that wrote it")
     if manifest.get("config_sha256") != config_digest(config):
         raise CheckpointError(f"{manifest_path}: the checkpoint belongs to another config than {run_dir}/config.yaml")
     path = folder / name

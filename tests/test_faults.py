@@ -233,6 +233,8 @@ def _snapshot(run: Path) -> dict[str, str]:
     ("truncate", r"checkpoints/step-00000020\.pt: corrupt or truncated"),
     ("config", r"checkpoints/latest\.json: the checkpoint belongs to another config"),
     ("format", r"checkpoints/latest\.json: checkpoint format 99, this sgd_dist reads format 1"),
+    ("version", r"checkpoints/latest\.json: written by sgd_dist 0\.0\.1, this is sgd_dist \S+: resume with the "
+                r"version that wrote it"),
     ("manifest", r"checkpoints/latest\.json: not a checkpoint manifest"),
     ("missing", r"checkpoints/latest\.json: no checkpoint"),
 ])
@@ -254,6 +256,8 @@ def test_a_bad_checkpoint_is_a_one_line_error_naming_the_file_and_nothing_is_ove
         (checkpointed / "config.yaml").write_text(text.replace("lr: 0.1", "lr: 0.2"))
     elif damage == "format":
         (folder / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
+    elif damage == "version":
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "sgd_dist": "0.0.1"}))
     elif damage == "manifest":
         (folder / MANIFEST).write_text("{not json")
     else:
