@@ -112,21 +112,36 @@ class ParameterServer:
 class LoopHooks:
     """What the loop calls beyond its transport, for fault tolerance; every field is optional.
 
-    ``recover(worker)`` replaces a lost worker and returns once the transport reaches the new one (its shard is
-    regenerated from the seed: a batch is a pure function of seed, worker and step); the loop then re-sends the
-    lost command. ``on_checkpoint(state)`` receives a checkpoint every ``checkpoint_every`` updates, after every
+    ``recover(worker)`` starts replacing a lost worker (its shard is regenerated from the seed: a batch is a pure
+    function of seed, worker and step) and returns at once a ``ready()`` to poll: True once the transport reaches
+    the new worker. The loop goes on with the other workers meanwhile, polls, and then re-sends the lost command.
+    ``on_checkpoint(state)`` receives a checkpoint every ``checkpoint_every`` updates, after every
     row up to it went to ``emit``. ``on_update(version)`` runs after each update is published (fault injection).
     ``on_fault(entry)`` receives a record of each fault the loop survived, when it happens.
     """
 
-    recover: Callable[[int], None] | None = None
+    recover: Callable[[int], Callable[[], bool]] | None = None
     checkpoint_every: int = 0
     on_checkpoint: Callable[[dict], None] | None = None
     on_update: Callable[[int], None] | None = None
     on_fault: Callable[[dict], None] | None = None
 
 
+@dataclass
+class _Recovery:
+    """A lost worker whose replacement is starting: poll ``ready``, then re-send ``command``."""
+
+    ready: Callable[[], bool]
+    command: Command
+    t0: float  # perf_counter at the notice
+    noticed: float  # unix time of the notice
+    noticed_step: int  # the server's step then
+    answers: int  # the loop's arrivals then
+    cause: str
+
+
 MAX_REPLACEMENTS = 3  # per worker: a worker that keeps dying (on its own data, say) fails the run instead
+RECOVERY_POLL_S = 0.005  # while a replacement starts: how often the loop asks whether it is up
 
 
 def serve(
@@ -173,6 +188,10 @@ def serve(
     dropped: list[list[int]] = []
     answer_s: dict[int, list[float]] = {r: [] for r in range(num_workers)}  # each worker's answer times
     replacements: dict[int, int] = {r: 0 for r in range(num_workers)}
+    # lost workers whose replacement is starting; they stay in `busy` (owing the lost command) so that nothing
+    # else is sent to them meanwhile
+    recovering: dict[int, _Recovery] = {}
+    answers = 0  # arrivals so far: how many came from the others while a worker was replaced
     kind = LOCAL if policy.model_deltas else GRADIENT
     every = hooks.checkpoint_every if hooks.on_checkpoint is not None else 0
 
@@ -227,21 +246,30 @@ def serve(
         }
 
     def recover(lost: WorkerLost) -> None:
+        """Start replacing the lost worker; the loop goes on with the others until it is up."""
         r = lost.worker
         noticed = time.time()
         if hooks.recover is None or r is None or r not in busy or replacements[r] >= MAX_REPLACEMENTS:
             raise lost
         replacements[r] += 1
         t0 = time.perf_counter()
-        command = busy.pop(r)
         end.forget(r)
-        hooks.recover(r)
-        redo = command if command.kind == EVALUATE else replace(command, version=server.step)
-        send(r, redo, None if redo.version == server.step else snapshots[redo.version])
-        if hooks.on_fault is not None:
-            hooks.on_fault({"fault": "worker_lost", "worker": r, "step": server.step, "noticed_unix": noticed,
-                            "recovery_s": time.perf_counter() - t0, "cause": str(lost),
-                            "redone": {"kind": command.kind, "step": command.step, "version": command.version}})
+        recovering[r] = _Recovery(hooks.recover(r), busy[r], t0, noticed, server.step, answers, str(lost))
+
+    def resume_recovered() -> None:
+        """Send each replacement that is up its predecessor's lost command."""
+        for r, lost in list(recovering.items()):
+            if not lost.ready():
+                continue
+            del recovering[r]
+            command = lost.command
+            redo = command if command.kind == EVALUATE else replace(command, version=server.step)
+            send(r, redo, None if redo.version == server.step else snapshots[redo.version])
+            if hooks.on_fault is not None:
+                hooks.on_fault({"fault": "worker_lost", "worker": r, "step": server.step, "noticed_unix": lost.noticed,
+                                "noticed_step": lost.noticed_step, "recovery_s": time.perf_counter() - lost.t0,
+                                "answers_meanwhile": answers - lost.answers, "cause": lost.cause,
+                                "redone": {"kind": command.kind, "step": command.step, "version": command.version}})
 
     if restore is None:
         _, row = server.start(elapsed_s)
@@ -306,14 +334,19 @@ def serve(
                 flush(force=True)  # every row up to the checkpoint reaches the driver before it
                 hooks.on_checkpoint(checkpoint())
                 next_checkpoint = (server.step // every + 1) * every
+            if recovering:
+                resume_recovered()
             if policy.done and not busy:
                 break
             try:
-                arrival = end.receive()
+                arrival = end.receive(RECOVERY_POLL_S) if recovering else end.receive()
             except WorkerLost as lost:
                 recover(lost)
                 continue
+            if arrival is None:  # no answer while a replacement starts: ask again whether it is up
+                continue
             busy.pop(arrival.worker)
+            answers += 1
             if arrival.kind == EVALUATE:
                 parts = evals[arrival.version]
                 parts.append(arrival)

@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections import deque
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import ray
 import torch
@@ -29,7 +29,7 @@ from sgd_dist.backends import simulated
 from sgd_dist.backends.base import Backend, Sink, one_line, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
 from sgd_dist.server import LoopHooks, ParameterServer, serve
-from sgd_dist.transports import channel
+from sgd_dist.transports import WorkerLost, channel
 from sgd_dist.transports.channel import ChannelServerEnd
 from sgd_dist.transports.shm import SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker
 from sgd_dist.worker import ShardWorker
@@ -156,23 +156,42 @@ class _Server:
                     time.sleep(0.005)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    def _replace(self, r: int) -> None:
-        """Start a new worker r (its shard regenerated from the seed) and connect it to the transport."""
+    def _replace(self, r: int) -> Callable[[], bool]:
+        """Start a new worker r (its shard regenerated from the seed); return a poll that connects it to the
+        transport once it is up and then says True. The loop serves the other workers meanwhile."""
         kwargs, options = self.specs[r]
         try:
             ray.kill(self.workers[r], no_restart=True)
         except Exception:
             pass
-        info = None
-        if not simulated.pinned_node_lost(options.get("scheduling_strategy")):
-            worker = _WorkerActor.options(**options).remote(**kwargs)
-            try:
-                info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
-            except ray.exceptions.GetTimeoutError:
+        anywhere = {"num_cpus": 0, "num_gpus": options.get("num_gpus", 0)}  # any live node's CPU
+
+        def launch(opts: dict) -> tuple[Any, ray.ObjectRef, float]:
+            worker = _WorkerActor.options(**opts).remote(**kwargs)
+            return worker, worker.info.remote(), time.monotonic() + REPLACE_TIMEOUT_S
+
+        # its reserved place went with a node: straight to any live node
+        fallback = simulated.pinned_node_lost(options.get("scheduling_strategy"))
+        pending = launch(anywhere if fallback else options)
+
+        def ready() -> bool:
+            nonlocal pending, fallback
+            worker, info_ref, deadline = pending
+            if not ray.wait([info_ref], timeout=0)[0]:
+                if time.monotonic() < deadline:
+                    return False
                 ray.kill(worker)
-        if info is None:  # its reserved place went with a node: take any live node's CPU
-            worker = _WorkerActor.options(num_cpus=0, num_gpus=options.get("num_gpus", 0)).remote(**kwargs)
-            info = ray.get(worker.info.remote(), timeout=REPLACE_TIMEOUT_S)
+                if fallback:
+                    raise WorkerLost(f"worker {r}'s replacement did not start within {REPLACE_TIMEOUT_S:g} s", r)
+                fallback, pending = True, launch(anywhere)  # its reserved place may be gone: try any node
+                return False
+            self._connect(r, worker, ray.get(info_ref))
+            return True
+
+        return ready
+
+    def _connect(self, r: int, worker: Any, info: dict) -> None:
+        """Put a started replacement in worker r's place on the transport and start its loop."""
         self.workers[r], self.pids[r] = worker, info["pid"]
         if isinstance(self.end, ShmServerEnd):
             name, layout = self._shm

@@ -84,8 +84,9 @@ class ServerEnd(ABC):
         published weights, or on ``weights`` when given (an evaluation of an earlier version)."""
 
     @abstractmethod
-    def receive(self) -> Arrival:
-        """Block until some worker answers; arrivals of one worker come in the order it was sent commands."""
+    def receive(self, timeout: float | None = None) -> Arrival | None:
+        """Block until some worker answers, or ``timeout`` seconds (then None); arrivals of one worker come in the
+        order it was sent commands."""
 
     def forget(self, worker: int) -> None:
         """``worker`` was lost: drop its command in flight (a replacement will be connected and sent it again)."""

@@ -95,9 +95,10 @@ class ChannelServerEnd(ServerEnd):
         array = self._weights if weights is None else weights.numpy()
         self.go[worker].write((command.kind, command.step, command.version, command.local_steps, array))
 
-    def receive(self) -> Arrival:
+    def receive(self, timeout: float | None = None) -> Arrival | None:
         k = len(self.answers)
         t0, sleep = time.perf_counter(), 0.0
+        deadline = None if timeout is None else t0 + timeout
         if time.perf_counter() > self._next_check:  # also when answers keep coming without a wait
             self._next_check = time.perf_counter() + LIVENESS_EVERY_S
             self._check_workers()
@@ -121,6 +122,8 @@ class ChannelServerEnd(ServerEnd):
             if now > self._next_check:  # across calls: with others answering, every call may be short
                 self._next_check = now + LIVENESS_EVERY_S
                 self._check_workers()
+            if deadline is not None and now >= deadline:
+                return None
 
     def _take(self, r: int, message: tuple) -> Arrival:
         command, self._sent[r] = self._sent[r], None

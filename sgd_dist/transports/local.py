@@ -31,5 +31,5 @@ class LocalServerEnd(ServerEnd):
         assert weights is not None or command.version == self.version, (command, self.version)
         self._answers.append(self.workers[worker].execute(command, self.weights if weights is None else weights))
 
-    def receive(self) -> Arrival:
+    def receive(self, timeout: float | None = None) -> Arrival:
         return self._answers.popleft()

@@ -185,13 +185,14 @@ class ShmServerEnd(ServerEnd):
         self._seq[worker] += 1
         ctrl[_CMD_SEQ] = self._seq[worker]  # last: the worker starts when it sees this
 
-    def receive(self) -> Arrival:
+    def receive(self, timeout: float | None = None) -> Arrival | None:
         ctrl, k = self.segment.ctrl, self.layout.num_workers
         answers = ctrl[:, _ANS_SEQ]
         if time.perf_counter() > self._next_check:  # also when answers keep coming without a wait
             self._next_check = time.perf_counter() + LIVENESS_EVERY_S
             self._check_workers()
         waiter = _Waiter()
+        deadline = None if timeout is None else waiter.t0 + timeout
         while True:
             for i in range(k):
                 r = (self._next + i) % k
@@ -202,6 +203,8 @@ class ShmServerEnd(ServerEnd):
             if now > self._next_check:  # across calls: with others answering, every call may be short
                 self._next_check = now + LIVENESS_EVERY_S
                 self._check_workers()
+            if deadline is not None and now >= deadline:
+                return None
 
     def _take(self, r: int) -> Arrival:
         command, self._sent[r] = self._sent[r], None
