@@ -68,7 +68,9 @@ def row_of(fault: str, mode: str, transport: str, summary: dict, kind: str, matc
     complete = [r["step"] for r in read_metrics(summary["_dir"])] == list(range(summary["steps"] + 1))
     return {"fault": fault, "mode": mode, "transport": transport,
             "noticed_s": first.get("noticed_s"), "recovery_s": first.get("recovery_s"),
-            "every_step_once": complete, "result": matched if entries else "fault not seen"}
+            # a lost worker: what the others did while it was replaced
+            "updates_meanwhile": first["step"] - first["noticed_step"] if "noticed_step" in first else None,
+            "answers_meanwhile": first.get("answers_meanwhile"), "every_step_once": complete, "result": matched if entries else "fault not seen"}
 
 
 def driver_loss(transport: str, scratch: Path) -> dict:
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row_of(fault, mode, transport, summary, kind, matches(run_dir, raw, mode, scratch)))
     for transport in ("shm", "ray"):
         rows.append(driver_loss(transport, scratch))
-    columns = ["fault", "mode", "transport", "noticed_s", "recovery_s", "every_step_once", "result", "note"]
+    columns = ["fault", "mode", "transport", "noticed_s", "recovery_s", "updates_meanwhile", "answers_meanwhile",
+               "every_step_once", "result", "note"]
     with open(out / "faults.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
