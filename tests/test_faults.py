@@ -196,10 +196,12 @@ def _wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: 
     raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
 
 
-def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeated(ray_session, tmp_path):
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeated(ray_session, tmp_path, transport):
     """SIGKILL to `sgd-dist train` (its embedded Ray goes with it), then `sgd-dist train --resume RUN_DIR`."""
     steps = 600
-    args = [f"train.steps={steps}", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=0"]
+    args = [f"train.steps={steps}", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=0",
+            f"cluster.transport={transport}"]
     config_file = tmp_path / "c.yaml"
     config_file.write_text("data: {n_samples: 512, n_features: 3, seed: 7}\ncluster: {num_workers: 2}\n"
                            "train: {batch_size: 16}\noutput: {plots: false}\n")
@@ -230,6 +232,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeate
     assert_same_run(run, reference, steps)
     summary = read_summary(run)
     assert summary["status"] == "completed" and 100 <= summary["resumed_from"] < recorded[-1]["step"]
+    assert summary["transport"] == transport
     assert faults_of(summary, "resumed")[0]["step"] == summary["resumed_from"]
     assert len((run / "schedule.jsonl").read_text().splitlines()) == steps
     assert_rewound_rows_kept(run, range(summary["resumed_from"] + 1, recorded[-1]["step"] + 1), everyone=True)
@@ -295,6 +298,35 @@ def test_resume_takes_the_runs_own_config_only(checkpointed, capsys):
     assert "drop --config" in capsys.readouterr().err
     assert main(["train", "--resume", str(checkpointed.parent / "nowhere")]) == 1
     assert "config.yaml: not found" in capsys.readouterr().err
+
+
+# -- records in transit ---------------------------------------------------------------------------------------
+
+def test_rows_in_a_drain_reply_lost_to_ctrl_c_are_sent_again(ray_session, tmp_path, monkeypatch):
+    """Ctrl-C while the driver waits for a drain: the server had already handed those rows out. They stay in its
+    outbox until a later drain confirms them, so the final drain brings them again: no gap, no row twice."""
+    import sgd_dist.backends.ray_backend as ray_backend
+
+    original = ray_backend.RayBackend._drain
+    lost: dict = {}
+
+    def drain_then_ctrl_c(self):
+        items = original(self)  # the server has handed these out; the driver never sees them
+        rows = [row for _, kind, payload in items if kind == "rows" for row in payload]
+        if rows and rows[-1]["step"] >= 20 and not lost:
+            lost["steps"] = [rows[0]["step"], rows[-1]["step"]]
+            raise KeyboardInterrupt
+        return items
+
+    monkeypatch.setattr(ray_backend.RayBackend, "_drain", drain_then_ctrl_c)
+    config = make_config("train.steps=1000000", "train.eval_every=0", *SLOW, f"output.dir={tmp_path / 'r'}")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, console=False, progress=False)
+    steps = [row["step"] for row in read_metrics(tmp_path / "r")]
+    assert steps == list(range(len(steps))) and steps[-1] >= lost["steps"][1], (lost, steps[-3:])
+    summary = read_summary(tmp_path / "r")
+    assert summary["status"] == "interrupted" and summary["steps_recorded"] == steps[-1]
+    assert len((tmp_path / "r" / "schedule.jsonl").read_text().splitlines()) == steps[-1]
 
 
 # -- the restore logic without Ray: every mode -------------------------------------------------------------

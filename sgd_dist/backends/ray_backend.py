@@ -8,6 +8,7 @@ test session) it is used as it is and left running, and an address naming anothe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import logging
@@ -15,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Collection, Sequence
@@ -67,7 +69,9 @@ class _Worker(ShardWorker):
 class _Server:
     """The parameter server as a Ray actor: runs ``server.serve`` on its transport and the workers' loops, replaces
     a lost worker, injects the configured faults; the driver drains its records concurrently (the actor has two
-    threads: the loop and the drain)."""
+    threads: the loop and the drain). Every record keeps its place in the outbox until the driver confirms it has
+    delivered it, so a drain whose reply never arrived (the driver interrupted while waiting) loses nothing: the
+    next drain sends those records again."""
 
     def __init__(self, server_kwargs: dict, num_workers: int, staleness_lr: bool, specs: list[tuple[dict, dict]],
                  checkpoint_every: int, faults: Sequence) -> None:
@@ -77,12 +81,14 @@ class _Server:
         self.checkpoint_every = checkpoint_every
         self.faults = [f for f in faults if f.kind in ("kill_worker", "kill_server")]
         self.end: ShmServerEnd | ChannelServerEnd | None = None
-        self.outbox: deque[tuple[str, Any]] = deque()
+        self.outbox: deque[tuple[int, str, Any]] = deque()  # (sequence number, kind, payload), oldest first
+        self._posted = 0  # the sequence number of the newest record
+        self._acked = 0  # the newest one the driver has delivered
+        self._lock = threading.Lock()  # the loop posts while the driver's drain reads
         self.workers: list[Any] = []
         self.pids: list[int] = []
         self.killed_at: dict[int, float] = {}  # worker -> when an injected kill hit it
         self._shm: tuple[str, Layout] | None = None
-        self._drains = 0
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -113,11 +119,11 @@ class _Server:
                 self.end.watch(r, loop)
         self.loops = loops
         hooks = LoopHooks(recover=self._replace, checkpoint_every=self.checkpoint_every,
-                          on_checkpoint=lambda state: self.outbox.append(("checkpoint", state)),
+                          on_checkpoint=lambda state: self._post("checkpoint", state),
                           on_update=self._inject if self.faults else None, on_fault=self._fault)
         try:
             stats = serve(self.server, self.end, policy, self.num_workers, eval_at,
-                          lambda rows: self.outbox.append(("rows", rows)), staleness_lr=self.staleness_lr,
+                          lambda rows: self._post("rows", rows), staleness_lr=self.staleness_lr,
                           hooks=hooks, restore=restore, elapsed_s=elapsed_s)
         finally:
             self.end.stop()
@@ -128,7 +134,13 @@ class _Server:
         killed = self.killed_at.pop(entry.get("worker"), None)
         if entry["fault"] == "worker_lost" and killed is not None:
             entry["noticed_s"] = entry["noticed_unix"] - killed
-        self.outbox.append(("fault", entry))
+        self._post("fault", entry)
+
+    def _post(self, kind: str, payload: Any) -> int:
+        with self._lock:
+            self._posted += 1
+            self.outbox.append((self._posted, kind, payload))
+            return self._posted
 
     def _inject(self, version: int) -> None:
         """The configured kills due at this update."""
@@ -138,21 +150,17 @@ class _Server:
             if fault.kind == "kill_worker":
                 r = fault.worker
                 self.killed_at[r] = time.time()
-                self.outbox.append(("fault", {"fault": "kill_worker", "worker": r, "how": fault.how,
-                                              "step": version, "at_unix": self.killed_at[r]}))
+                self._post("fault", {"fault": "kill_worker", "worker": r, "how": fault.how, "step": version,
+                                     "at_unix": self.killed_at[r]})
                 if fault.how == "ray_kill":
                     ray.kill(self.workers[r], no_restart=True)
                 else:
                     os.kill(self.pids[r], signal.SIGKILL)
             else:
-                self.outbox.append(("fault", {"fault": "kill_server", "step": version, "at_unix": time.time()}))
-                # the driver learns of it before it happens: wait until a drain took it and the next drain
-                # began (so the reply carrying it arrived)
+                posted = self._post("fault", {"fault": "kill_server", "step": version, "at_unix": time.time()})
+                # the driver learns of it before it happens: wait until it has delivered that record
                 deadline = time.monotonic() + 2.0
-                while self.outbox and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                drains = self._drains
-                while self._drains <= drains and time.monotonic() < deadline:
+                while self._acked < posted and time.monotonic() < deadline:
                     time.sleep(0.005)
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -205,12 +213,13 @@ class _Server:
             self.loops[r] = worker.serve_channels.remote(go, answer)
             self.end.connect(r, go, answer, self.loops[r])
 
-    def drain(self) -> list[tuple[str, Any]]:
-        self._drains += 1
-        items = []
-        while self.outbox:
-            items.append(self.outbox.popleft())
-        return items
+    def drain(self, acked: int) -> list[tuple[int, str, Any]]:
+        """The records after ``acked`` (the newest the driver has delivered); those up to it are let go."""
+        with self._lock:
+            self._acked = max(self._acked, acked)
+            while self.outbox and self.outbox[0][0] <= acked:
+                self.outbox.popleft()
+            return list(self.outbox)
 
     def weights(self) -> torch.Tensor:
         return self.server.weights.clone()
@@ -219,6 +228,23 @@ class _Server:
         if self.end is not None:
             self.end.close()
             self.end = None
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Ctrl-C during the block raises KeyboardInterrupt after it (where Python's own handler is in place)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list = []
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 _WorkerActor = ray.remote(_Worker)
@@ -518,6 +544,7 @@ class RayBackend(Backend):
     def _run_once(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None,
                   clock: float | None) -> None:
         config = self.config
+        self._acked = 0  # a new server numbers its records from 1
         if self.transport == "shm":
             layout = Layout(config.cluster.num_workers, config.data.dim, config.data.dtype)
             self._segment = ray.get(self.server.setup_shm.remote(layout))
@@ -553,35 +580,44 @@ class RayBackend(Backend):
             raise
         except BaseException:
             try:  # every row the server computed before the failure
-                self._deliver(sink, ray.get(self.server.drain.remote(), timeout=10))
+                self._deliver(sink, ray.get(self.server.drain.remote(self._acked), timeout=10))
             except Exception:
                 pass
             raise
 
     def _drain(self) -> list:
         try:
-            return ray.get(self.server.drain.remote())
+            return ray.get(self.server.drain.remote(self._acked))
         except ray.exceptions.RayActorError as exc:
             raise _ServerLost(one_line(exc)) from None
 
     def _deliver(self, sink: Sink, items: list) -> None:
-        for kind, payload in items:
-            if kind == "rows":
-                if payload:
-                    self._last_step = payload[-1]["step"]
-                sink.rows(payload)
-            elif kind == "checkpoint":
-                self._latest = payload
-                sink.checkpoint(payload)
-            else:
-                if payload["fault"] in ("kill_worker", "kill_server"):  # injected: never again, not after a restore
-                    self._faults = [f for f in self._faults if not (f.kind == payload["fault"] and f.step == payload["step"]
-                                                                    and f.worker == payload.get("worker"))]
-                    if payload["fault"] == "kill_server":
-                        self._server_killed = (payload["step"], payload["at_unix"])
-                elif payload["fault"] == "worker_lost" and "noticed_s" not in payload and self._node_removed_at:
-                    payload["noticed_s"] = payload["noticed_unix"] - self._node_removed_at  # lost with its node
-                sink.fault(payload)
+        """Hand the server's records to the sink, once each: a record sent again (the reply that first carried it
+        was lost) is skipped, and the server lets go of each once a later drain confirms it. Ctrl-C waits until
+        the records are written, so that no batch is cut in two."""
+        with _sigint_deferred():
+            for seq, kind, payload in items:
+                if seq > self._acked:
+                    self._acked = seq  # first: a record whose delivery fails (a diverged row) is not tried again
+                    self._deliver_one(sink, kind, payload)
+
+    def _deliver_one(self, sink: Sink, kind: str, payload: Any) -> None:
+        if kind == "rows":
+            if payload:
+                self._last_step = payload[-1]["step"]
+            sink.rows(payload)
+        elif kind == "checkpoint":
+            self._latest = payload
+            sink.checkpoint(payload)
+        else:
+            if payload["fault"] in ("kill_worker", "kill_server"):  # injected: never again, not after a restore
+                self._faults = [f for f in self._faults if not (f.kind == payload["fault"] and f.step == payload["step"]
+                                                                and f.worker == payload.get("worker"))]
+                if payload["fault"] == "kill_server":
+                    self._server_killed = (payload["step"], payload["at_unix"])
+            elif payload["fault"] == "worker_lost" and "noticed_s" not in payload and self._node_removed_at:
+                payload["noticed_s"] = payload["noticed_unix"] - self._node_removed_at  # lost with its node
+            sink.fault(payload)
 
     def _remove_nodes(self, sink: Sink) -> None:
         """The configured node removals due by the last step the driver has seen."""
