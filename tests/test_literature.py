@@ -188,6 +188,13 @@ def test_scaling_strong_weak_plans_8192_rows_split_and_4096_per_worker():
     assert len(sweep.runs) == 18 and {r.config.train.mode for r in sweep.runs} == {"sync"}
 
 
+def test_crossover_plans_4096_rows_split_over_1_2_4_workers_at_each_problem_size():
+    sweep = load_experiment(EXPERIMENTS / "crossover.yaml")
+    plans = {(r.config.data.n_features, r.config.cluster.num_workers, r.config.train.batch_size) for r in sweep.runs}
+    assert plans == {(d, k, 4096 // k) for d in (2, 20, 200, 2000) for k in (1, 2, 4)}
+    assert len(sweep.runs) == 24 and {r.scaling for r in sweep.runs} == {"strong"}
+
+
 def test_local_sgd_counts_its_communication_rounds_and_local_steps():
     from sgd_dist.consistency import Dispatch, LocalSGDPolicy
 
