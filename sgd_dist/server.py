@@ -115,8 +115,8 @@ class LoopHooks:
     ``recover(worker)`` starts replacing a lost worker (its shard is regenerated from the seed: a batch is a pure
     function of seed, worker and step) and returns at once a ``ready()`` to poll: True once the transport reaches
     the new worker. The loop goes on with the other workers meanwhile, polls, and then re-sends the lost command.
-    ``on_checkpoint(state)`` receives a checkpoint every ``checkpoint_every`` updates, after every
-    row up to it went to ``emit``. ``on_update(version)`` runs after each update is published (fault injection).
+    ``on_checkpoint(state)`` receives a checkpoint every ``checkpoint_every`` updates, after every row up to it
+    went to ``emit``. ``on_update(version)`` runs after each update is published (fault injection).
     ``on_fault(entry)`` receives a record of each fault the loop survived, when it happens.
     """
 
