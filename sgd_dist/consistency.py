@@ -420,15 +420,20 @@ class ReplayPolicy(_Stateful):
         # worker -> its (step, version_used), in the order the worker computed them (its local-step order)
         self._queues: dict[int, list[tuple[int, int]]] = {r: [] for r in range(num_workers)}
         for w, s, v in entries:
+            if w not in self._queues:
+                raise ValueError(f"worker {w} is not one of the run's {num_workers} workers")
             self._queues[w].append((s, v))
         for r, queue in self._queues.items():
             queue.sort()
-            assert len({s for s, _ in queue}) == len(queue), f"worker {r} computed a step twice in the schedule"
+            if len({s for s, _ in queue}) != len(queue):
+                raise ValueError(f"worker {r} computed a step twice in the schedule")
             versions = [v for _, v in queue]
-            assert versions == sorted(versions), f"worker {r}'s versions {versions} break its one command slot"
+            if versions != sorted(versions):
+                raise ValueError(f"worker {r}'s versions {versions} break its one command slot")
             queue.reverse()  # pop() takes the next one
         for u, update in enumerate(schedule):
-            assert all(v <= u for _, _, v in update), f"update {u} uses a version from its future"
+            if any(v > u for _, _, v in update):
+                raise ValueError(f"update {u + 1} uses a version from its future")
         # Dispatches go out in version order, so the sent ones are always the first _num_sent of these.
         self._versions = sorted(v for w, s, v in entries)
         self._num_sent = 0

@@ -61,8 +61,11 @@ def replay(run_dir: str | Path, out: str | Path | None = None) -> ReplayReport:
                                                  "stragglers.delay_ms=0", "cluster.simulated_nodes=null",
                                                  "cluster.network.latency_ms=0", "cluster.network.bandwidth_gbps=null",
                                                  f"output.dir={out}"])
-    policy = ReplayPolicy(schedule, config.cluster.num_workers, dropped=original.get("dropped", []),
-                          local_steps=config.train.local_steps, model_deltas=config.train.mode == "local_sgd")
+    try:
+        policy = ReplayPolicy(schedule, config.cluster.num_workers, dropped=original.get("dropped", []),
+                              local_steps=config.train.local_steps, model_deltas=config.train.mode == "local_sgd")
+    except ValueError as exc:  # a schedule no run could have written: edited, or from another run
+        raise ConfigError(f"{run_dir / SCHEDULE_FILE}: {exc}") from None
     from sgd_dist.trainer import train  # the trainer imports the backends; keep this module light
 
     result = train(config, policy=policy, console=False, progress=False)

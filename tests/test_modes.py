@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sgd_dist.cli import main
 from sgd_dist.config import load_config
 from sgd_dist.recording import read_metrics
 from sgd_dist.replay import read_schedule, replay
@@ -72,14 +73,23 @@ def test_an_asynchronous_run_replays_bit_for_bit(ray_session, tmp_path, workers,
     assert report.losses_compared == 150 + 5 and report.updates == 150
 
 
-def test_a_changed_schedule_is_caught_by_the_replay(ray_session, tmp_path):
+def test_a_changed_schedule_is_caught_by_the_replay(ray_session, tmp_path, capsys):
     run(tmp_path, "run", "train.mode=async", "train.steps=60")
     path = tmp_path / "run" / "schedule.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    lines[30]["applied"], lines[31]["applied"] = lines[31]["applied"], lines[30]["applied"]  # two updates swapped
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # two updates swapped: the first pair from update 31 on where the later one's versions were already there
+    u = next(u for u in range(30, 59) if all(v <= u for _, _, v in lines[u + 1]["applied"]))
+    swapped = [dict(line) for line in lines]
+    swapped[u]["applied"], swapped[u + 1]["applied"] = lines[u + 1]["applied"], lines[u]["applied"]
+    path.write_text("".join(json.dumps(line) + "\n" for line in swapped))
     report = replay(tmp_path / "run", tmp_path / "replayed")
-    assert not report.exact and report.first_mismatch == 31
+    assert not report.exact and report.first_mismatch == u + 1
+    # a schedule no run could have written (an update using the weights of a later one) is one line, exit 2
+    lines[-1]["applied"] = [[w, s, 60] for w, s, _ in lines[-1]["applied"]]  # each worker's last step: slot kept
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["replay", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sgd-dist: error: {path}: update 60 uses a version from its future\n", err
 
 
 def test_async_records_every_gradients_staleness(ray_session, tmp_path):
