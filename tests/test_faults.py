@@ -129,6 +129,23 @@ def test_a_worker_lost_while_it_evaluates_is_replaced_and_its_evaluation_redone(
     assert lost["redone"] == {"kind": EVALUATE, "step": 0, "version": 20}
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_every_worker_lost_at_once_is_replaced_side_by_side(ray_session, tmp_path, reference, mode):
+    """Both workers killed at the same update: both replacements start together and the run goes on; sync is
+    still bit-equal, async still replays."""
+    config = make_config(*BASE, *SLOW, f"train.mode={mode}", f"output.dir={tmp_path / mode}",
+                         "faults=[{kind: kill_worker, worker: 0, step: 12}, {kind: kill_worker, worker: 1, step: 12}]")
+    result = train(config, console=False, progress=False)
+    lost = faults_of(result.summary, "worker_lost")
+    assert sorted(f["worker"] for f in lost) == [0, 1] and all(f["noticed_s"] < 2.0 for f in lost)
+    assert result.summary["replacements"] == {0: 1, 1: 1}
+    if mode == "sync":
+        assert_same_run(result.run_dir, reference)
+    else:
+        assert [r["step"] for r in read_metrics(result.run_dir)] == list(range(STEPS + 1))
+        assert replay(result.run_dir, tmp_path / "replayed").exact
+
+
 @pytest.mark.parametrize("mode, transport", [("async", "shm"), ("ssp", "ray"), ("backup", "shm")])
 def test_the_other_modes_go_on_through_a_worker_loss_and_still_replay_exactly(ray_session, tmp_path, mode, transport):
     # a staleness bound of 100: SSP's fast worker may run 100 local steps ahead while the other is replaced
