@@ -63,14 +63,18 @@ def matches(run_dir: Path, raw: dict, mode: str, scratch: Path) -> str:
 
 
 def row_of(fault: str, mode: str, transport: str, summary: dict, kind: str, matched: str) -> dict:
-    entries = [f for f in summary.get("faults", []) if f["fault"] == kind]
-    first = entries[0] if entries else {}
+    def first(kind: str) -> dict:
+        return next((f for f in summary.get("faults", []) if f["fault"] == kind), {})
+
+    noticed = first(kind)
+    # a lost worker's recovery is its own record (worker_replaced), with what the others did meanwhile
+    recovered = first("worker_replaced") if kind == "worker_lost" else noticed
     complete = [r["step"] for r in read_metrics(summary["_dir"])] == list(range(summary["steps"] + 1))
     return {"fault": fault, "mode": mode, "transport": transport,
-            "noticed_s": first.get("noticed_s"), "recovery_s": first.get("recovery_s"),
-            # a lost worker: what the others did while it was replaced
-            "updates_meanwhile": first["step"] - first["noticed_step"] if "noticed_step" in first else None,
-            "answers_meanwhile": first.get("answers_meanwhile"), "every_step_once": complete, "result": matched if entries else "fault not seen"}
+            "noticed_s": noticed.get("noticed_s"), "recovery_s": recovered.get("recovery_s"),
+            "updates_meanwhile": recovered["step"] - recovered["lost_step"] if "lost_step" in recovered else None,
+            "answers_meanwhile": recovered.get("answers_meanwhile"), "every_step_once": complete,
+            "result": matched if noticed else "fault not seen"}
 
 
 def driver_loss(transport: str, scratch: Path) -> dict:

@@ -117,7 +117,8 @@ class LoopHooks:
     the new worker. The loop goes on with the other workers meanwhile, polls, and then re-sends the lost command.
     ``on_checkpoint(state)`` receives a checkpoint every ``checkpoint_every`` updates, after every row up to it
     went to ``emit``. ``on_update(version)`` runs after each update is published (fault injection).
-    ``on_fault(entry)`` receives a record of each fault the loop survived, when it happens.
+    ``on_fault(entry)`` receives a record of each fault the loop survives, when it happens: a lost worker's
+    ``worker_lost`` at the notice, its ``worker_replaced`` once the lost command went out again.
     """
 
     recover: Callable[[int], Callable[[], bool]] | None = None
@@ -134,10 +135,8 @@ class _Recovery:
     ready: Callable[[], bool]
     command: Command
     t0: float  # perf_counter at the notice
-    noticed: float  # unix time of the notice
-    noticed_step: int  # the server's step then
+    lost_step: int  # the server's step then
     answers: int  # the loop's arrivals then
-    cause: str
 
 
 MAX_REPLACEMENTS = 3  # per worker: a worker that keeps dying (on its own data, say) fails the run instead
@@ -254,7 +253,10 @@ def serve(
         replacements[r] += 1
         t0 = time.perf_counter()
         end.forget(r)
-        recovering[r] = _Recovery(hooks.recover(r), busy[r], t0, noticed, server.step, answers, str(lost))
+        if hooks.on_fault is not None:  # recorded now: should the server die before the replacement is up
+            hooks.on_fault({"fault": "worker_lost", "worker": r, "step": server.step, "noticed_unix": noticed,
+                            "cause": str(lost)})
+        recovering[r] = _Recovery(hooks.recover(r), busy[r], t0, server.step, answers)
 
     def resume_recovered() -> None:
         """Send each replacement that is up its predecessor's lost command."""
@@ -266,9 +268,9 @@ def serve(
             redo = command if command.kind == EVALUATE else replace(command, version=server.step)
             send(r, redo, None if redo.version == server.step else snapshots[redo.version])
             if hooks.on_fault is not None:
-                hooks.on_fault({"fault": "worker_lost", "worker": r, "step": server.step, "noticed_unix": lost.noticed,
-                                "noticed_step": lost.noticed_step, "recovery_s": time.perf_counter() - lost.t0,
-                                "answers_meanwhile": answers - lost.answers, "cause": lost.cause,
+                hooks.on_fault({"fault": "worker_replaced", "worker": r, "step": server.step,
+                                "lost_step": lost.lost_step, "recovery_s": time.perf_counter() - lost.t0,
+                                "answers_meanwhile": answers - lost.answers,
                                 "redone": {"kind": command.kind, "step": command.step, "version": command.version}})
 
     if restore is None:

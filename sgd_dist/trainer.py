@@ -74,8 +74,11 @@ def describe_fault(entry: dict) -> str:
     kind = entry["fault"]
     noticed = f", noticed after {entry['noticed_s']:.2f} s" if entry.get("noticed_s") is not None else ""
     if kind == "worker_lost":
-        return (f"worker {entry['worker']} lost at step {entry['step']}{noticed}; replaced and its command redone "
-                f"in {entry['recovery_s']:.2f} s")
+        return f"worker {entry['worker']} lost at step {entry['step']}{noticed}; replacing it"
+    if kind == "worker_replaced":
+        return (f"worker {entry['worker']} replaced and its command redone in {entry['recovery_s']:.2f} s; "
+                f"meanwhile the others answered {entry['answers_meanwhile']} commands and the server made "
+                f"{entry['step'] - entry['lost_step']} updates")
     if kind == "server_lost":
         return (f"parameter server lost at step {entry['step']}{noticed}; restored from step {entry['restored_step']} "
                 f"({entry['steps_redone']} steps to redo) in {entry['recovery_s']:.2f} s")

@@ -22,10 +22,12 @@ from sgd_dist.config import ConfigError, load_config
 from sgd_dist.consistency import make_policy
 from sgd_dist.recording import last_recorded_step, read_metrics, read_summary
 from sgd_dist.replay import replay
-from sgd_dist.trainer import Recorder, train
+from sgd_dist.trainer import Recorder, eval_steps, train
 from sgd_dist.worker import ShardWorker
-from sgd_dist.backends.base import worker_args
-from sgd_dist.transports import EVALUATE, GRADIENT, Command
+from sgd_dist.backends.base import server_args, worker_args
+from sgd_dist.server import LoopHooks, ParameterServer, serve
+from sgd_dist.transports import EVALUATE, GRADIENT, Command, WorkerLost
+from sgd_dist.transports.local import LocalServerEnd
 
 from conftest import make_config
 
@@ -111,8 +113,9 @@ def test_a_worker_removed_by_ray_kill_is_replaced_and_sync_ends_bit_equal(ray_se
     assert_same_run(result.run_dir, reference)
     (injected,) = faults_of(result.summary, "kill_worker")
     (lost,) = faults_of(result.summary, "worker_lost")
+    (replaced,) = faults_of(result.summary, "worker_replaced")
     assert injected["how"] == "ray_kill" and lost["worker"] == 0 and lost["noticed_s"] < 2.0
-    assert lost["recovery_s"] > 0 and lost["redone"]["kind"] == GRADIENT
+    assert replaced["worker"] == 0 and replaced["recovery_s"] > 0 and replaced["redone"]["kind"] == GRADIENT
 
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
@@ -125,8 +128,9 @@ def test_a_worker_lost_while_it_evaluates_is_replaced_and_its_evaluation_redone(
     result = train(config, console=False, progress=False)
     assert_same_run(result.run_dir, reference)
     (lost,) = faults_of(result.summary, "worker_lost")
+    (replaced,) = faults_of(result.summary, "worker_replaced")
     assert lost["worker"] == 1 and lost["noticed_s"] < 2.0
-    assert lost["redone"] == {"kind": EVALUATE, "step": 0, "version": 20}
+    assert replaced["redone"] == {"kind": EVALUATE, "step": 0, "version": 20}
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -139,6 +143,7 @@ def test_every_worker_lost_at_once_is_replaced_side_by_side(ray_session, tmp_pat
     lost = faults_of(result.summary, "worker_lost")
     assert sorted(f["worker"] for f in lost) == [0, 1] and all(f["noticed_s"] < 2.0 for f in lost)
     assert result.summary["replacements"] == {0: 1, 1: 1}
+    assert sorted(f["worker"] for f in faults_of(result.summary, "worker_replaced")) == [0, 1]
     if mode == "sync":
         assert_same_run(result.run_dir, reference)
     else:
@@ -155,13 +160,15 @@ def test_the_other_modes_go_on_through_a_worker_loss_and_still_replay_exactly(ra
                          "faults=[{kind: kill_worker, worker: 1, step: 15}]")
     result = train(config, console=False, progress=False)
     (lost,) = faults_of(result.summary, "worker_lost")
-    assert lost["worker"] == 1 and lost["noticed_s"] < 2.0
+    (replaced,) = faults_of(result.summary, "worker_replaced")
+    assert lost["worker"] == replaced["worker"] == 1 and lost["noticed_s"] < 2.0
+    assert replaced["lost_step"] == lost["step"]
     rows = read_metrics(result.run_dir)
     assert [r["step"] for r in rows] == list(range(201))
     # the others went on while worker 1 came back (a loop that waited for the replacement would count 0 here)
-    assert lost["answers_meanwhile"] >= 5
+    assert replaced["answers_meanwhile"] >= 5
     if mode != "ssp":  # SSP's updates need every worker's gradient: the fast one runs ahead, up to the bound
-        assert lost["step"] - lost["noticed_step"] >= 5
+        assert replaced["step"] - replaced["lost_step"] >= 5
     report = replay(result.run_dir, tmp_path / f"{mode}-replay")
     assert report.exact, report
 
@@ -344,6 +351,83 @@ def test_rows_in_a_drain_reply_lost_to_ctrl_c_are_sent_again(ray_session, tmp_pa
     summary = read_summary(tmp_path / "r")
     assert summary["status"] == "interrupted" and summary["steps_recorded"] == steps[-1]
     assert len((tmp_path / "r" / "schedule.jsonl").read_text().splitlines()) == steps[-1]
+
+
+# -- the recovery logic without Ray ------------------------------------------------------------------------
+
+class _LosingEnd(LocalServerEnd):
+    """The local transport, but worker 1's first gradient command from update ``lose_at`` on is lost: the loss is
+    reported where its answer would have come."""
+
+    def __init__(self, workers, lose_at: int) -> None:
+        super().__init__(workers)
+        self.lose_at: int | None = lose_at
+
+    def send(self, worker, command, weights=None):
+        if worker == 1 and self.lose_at is not None and command.kind == GRADIENT and command.version >= self.lose_at:
+            self.lose_at = None
+            self._answers.append(WorkerLost("worker 1 died", 1))
+            return
+        super().send(worker, command, weights)
+
+    def receive(self, timeout=None):
+        item = super().receive(timeout)
+        if isinstance(item, WorkerLost):
+            raise item
+        return item
+
+    def forget(self, worker):
+        pass
+
+
+def _serve_losing_worker_1(config, lose_at: int, polls: int, faults: list, on_update=None):
+    """serve() with worker 1 lost at update ``lose_at``, its replacement up after ``polls`` polls; the fault
+    records go to ``faults`` as they happen. Returns the rows and the final weights."""
+    workers = [ShardWorker(**args) for args in worker_args(config)]
+    server = ParameterServer(**server_args(config))
+    rows: list[dict] = []
+
+    def recover(r):
+        asked = iter(range(polls, -1, -1))
+        return lambda: next(asked) == 0
+
+    hooks = LoopHooks(recover=recover, on_fault=faults.append, on_update=on_update)
+    policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
+    serve(server, _LosingEnd(workers, lose_at), policy, config.cluster.num_workers,
+          eval_steps(config.train.steps, config.train.eval_every), rows.extend, hooks=hooks)
+    return rows, server.weights
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_loop_serves_the_others_while_a_replacement_starts(mode):
+    config = make_config(f"train.mode={mode}", "train.steps=40", "train.eval_every=10")
+    faults: list[dict] = []
+    rows, weights = _serve_losing_worker_1(config, lose_at=12, polls=6, faults=faults)
+    assert [f["fault"] for f in faults] == ["worker_lost", "worker_replaced"]
+    lost, replaced = faults
+    assert lost["worker"] == replaced["worker"] == 1 and replaced["lost_step"] == lost["step"]
+    assert [r["step"] for r in rows] == list(range(41))
+    if mode == "sync":  # nothing moves without worker 1, and its redone gradient is the very same
+        assert replaced["answers_meanwhile"] == 0 and replaced["step"] == lost["step"] == 12
+        plain, plain_weights = _serve_losing_worker_1(config, lose_at=10 ** 9, polls=0, faults=[])
+        assert [r["loss"] for r in rows] == [r["loss"] for r in plain] and torch.equal(weights, plain_weights)
+    else:  # worker 0 answered while the replacement was polled, one answer (and update) each time
+        assert replaced["answers_meanwhile"] >= 5 and replaced["step"] - replaced["lost_step"] >= 5
+
+
+def test_a_lost_worker_is_recorded_at_the_notice_even_if_the_server_dies_before_its_replacement():
+    class ServerDied(Exception):
+        pass
+
+    def die_at_20(version):
+        if version == 20:
+            raise ServerDied
+
+    faults: list[dict] = []
+    with pytest.raises(ServerDied):
+        _serve_losing_worker_1(make_config("train.mode=async", "train.steps=40"), lose_at=12, polls=10 ** 6,
+                               faults=faults, on_update=die_at_20)
+    assert [f["fault"] for f in faults] == ["worker_lost"] and faults[0]["worker"] == 1
 
 
 # -- the restore logic without Ray: every mode -------------------------------------------------------------

@@ -280,10 +280,11 @@ def test_a_worker_on_a_removed_node_is_replaced_in_seconds(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     kinds = [f["fault"] for f in summary["faults"]]
-    assert kinds == ["remove_node", "worker_lost", "kill_server", "server_lost"], summary["faults"]
-    lost = summary["faults"][1]
-    assert lost["worker"] == 1 and lost["recovery_s"] < 15 and lost["noticed_s"] < 2, lost
-    assert summary["faults"][3]["restored_step"] == 1500 and summary["status"] == "completed"
+    assert kinds == ["remove_node", "worker_lost", "worker_replaced", "kill_server", "server_lost"], summary["faults"]
+    lost, replaced = summary["faults"][1:3]
+    assert lost["worker"] == replaced["worker"] == 1 and lost["noticed_s"] < 2, lost
+    assert replaced["recovery_s"] < 15, replaced
+    assert summary["faults"][4]["restored_step"] == 1500 and summary["status"] == "completed"
     steps_recorded = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps_recorded == list(range(3001))
     serial, _ = _run(make_config(*steps, "cluster.backend=serial"), tmp_path, "serial")

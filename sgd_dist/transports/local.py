@@ -31,5 +31,7 @@ class LocalServerEnd(ServerEnd):
         assert weights is not None or command.version == self.version, (command, self.version)
         self._answers.append(self.workers[worker].execute(command, self.weights if weights is None else weights))
 
-    def receive(self, timeout: float | None = None) -> Arrival:
+    def receive(self, timeout: float | None = None) -> Arrival | None:
+        if not self._answers and timeout is not None:  # every command in flight was lost (a test's fault)
+            return None
         return self._answers.popleft()
