@@ -132,6 +132,25 @@ def wait_for(check, what: str, timeout: float = 60, proc: subprocess.Popen | Non
         time.sleep(0.5)
 
 
+def report_dead_cluster(procs: dict[str, subprocess.Popen], work: Path, lines: int = 15) -> None:
+    """If one of a cluster's `ray start --block` processes has ended (a node died mid-session), write the tails
+    of its log and of the Ray logs under ``work`` to the real stderr, so that a CI log says why."""
+    dead = {name: p.returncode for name, p in procs.items() if p.poll() is not None}
+    if not dead:
+        return
+    parts = [f"\n=== a cluster node died during the session: {dead} ==="]
+    logs = sorted(work.glob("*.log")) + sorted(work.glob("ray/session_*/logs/*"))
+    for path in logs:
+        if path.is_file() and path.suffix in (".log", ".out", ".err") and path.stat().st_size:
+            if path.parent.name == "logs" and not path.name.startswith(("gcs_server", "raylet", "dashboard", "monitor",
+                                                                          "job-driver", "log_monitor")):
+                continue
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.relative_to(work)} (last {len(tail)} lines) ---\n" + "\n".join(tail))
+    sys.__stderr__.write("\n".join(parts) + "\n")
+    sys.__stderr__.flush()
+
+
 def listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -31,6 +31,7 @@ from deploy_support import (
     interpolate,
     listening,
     loopback_name,
+    report_dead_cluster,
     require,
     start_group,
     stop_groups,
@@ -141,6 +142,7 @@ def compose_cluster():
             "groups": groups, "worker_check": worker_check, "env": base,
         }
     finally:
+        report_dead_cluster(dict(zip(("head", "worker"), groups)), work)
         stop_groups(*groups)
         shutil.rmtree(work, ignore_errors=True)
 
