@@ -132,13 +132,15 @@ def wait_for(check, what: str, timeout: float = 60, proc: subprocess.Popen | Non
         time.sleep(0.5)
 
 
-def report_dead_cluster(procs: dict[str, subprocess.Popen], work: Path, lines: int = 15) -> None:
-    """If one of a cluster's `ray start --block` processes has ended (a node died mid-session), write the tails
-    of its log and of the Ray logs under ``work`` to the real stderr, so that a CI log says why."""
-    dead = {name: p.returncode for name, p in procs.items() if p.poll() is not None}
+def dead_cluster_report(procs: dict[str, subprocess.Popen], work: Path, ports: dict[str, int],
+                        lines: int = 15) -> str | None:
+    """If one of a cluster's `ray start --block` processes has ended or one of its ``ports`` no longer listens (a
+    node or its dashboard died mid-session): the tails of the start logs and of the Ray logs under ``work``."""
+    dead = {name: f"exit {p.returncode}" for name, p in procs.items() if p.poll() is not None}
+    dead.update({name: f"port {port} closed" for name, port in ports.items() if not listening(port)})
     if not dead:
-        return
-    parts = [f"\n=== a cluster node died during the session: {dead} ==="]
+        return None
+    parts = [f"=== a cluster node died during the session: {dead} ==="]
     logs = sorted(work.glob("*.log")) + sorted(work.glob("ray/session_*/logs/*"))
     for path in logs:
         if path.is_file() and path.suffix in (".log", ".out", ".err") and path.stat().st_size:
@@ -147,8 +149,7 @@ def report_dead_cluster(procs: dict[str, subprocess.Popen], work: Path, lines: i
                 continue
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {path.relative_to(work)} (last {len(tail)} lines) ---\n" + "\n".join(tail))
-    sys.__stderr__.write("\n".join(parts) + "\n")
-    sys.__stderr__.flush()
+    return "\n".join(parts)
 
 
 def listening(port: int) -> bool:

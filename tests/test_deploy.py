@@ -27,11 +27,11 @@ import yaml
 from deploy_support import (
     BIN,
     ROOT,
+    dead_cluster_report,
     free_port,
     interpolate,
     listening,
     loopback_name,
-    report_dead_cluster,
     require,
     start_group,
     stop_groups,
@@ -104,7 +104,7 @@ def _listen_addresses(pgids: set[int]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def compose_cluster():
+def compose_cluster(request):
     """A head and one worker node from docker-compose.yml's command lines; yields what a client needs."""
     doc = _compose()
     head_service, worker_service = doc["services"]["ray-head"], doc["services"]["worker"]
@@ -142,7 +142,10 @@ def compose_cluster():
             "groups": groups, "worker_check": worker_check, "env": base,
         }
     finally:
-        report_dead_cluster(dict(zip(("head", "worker"), groups)), work)
+        report = dead_cluster_report(dict(zip(("head", "worker"), groups)), work,
+                                     {"gcs": int(knobs["RAY_GCS_PORT"]), "dashboard": int(knobs["RAY_DASHBOARD_PORT"])})
+        if report is not None:  # to the terminal, past the output capture: the logs go with the temp dir
+            request.config.pluginmanager.get_plugin("terminalreporter").write_line("\n" + report)
         stop_groups(*groups)
         shutil.rmtree(work, ignore_errors=True)
 
