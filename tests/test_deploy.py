@@ -17,6 +17,7 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -145,7 +146,8 @@ def compose_cluster(request):
         report = dead_cluster_report(dict(zip(("head", "worker"), groups)), work,
                                      {"gcs": int(knobs["RAY_GCS_PORT"]), "dashboard": int(knobs["RAY_DASHBOARD_PORT"])})
         if report is not None:  # to the terminal, past the output capture: the logs go with the temp dir
-            request.config.pluginmanager.get_plugin("terminalreporter").write_line("\n" + report)
+            with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+                sys.stderr.write("\n" + report + "\n")
         stop_groups(*groups)
         shutil.rmtree(work, ignore_errors=True)
 
