@@ -7,6 +7,8 @@ rejected, values are range-checked on construction, and the errors name the dott
 from __future__ import annotations
 
 import copy
+import ipaddress
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
@@ -55,6 +57,13 @@ class _Section(BaseModel):
 
 
 LINEAR_ONLY = ("noise", "noise_scale")  # data keys that only data.kind=linear uses
+# Keys that only one value of a selector uses: (section, key) -> (selector, value). Such a key is left out of a
+# dumped config whose selector has another value, and an override that switches the selector drops it.
+OWNED_KEYS = {
+    ("data", "noise"): ("kind", "linear"), ("data", "noise_scale"): ("kind", "linear"),
+    ("train", "staleness_bound"): ("mode", "ssp"), ("train", "backup_workers"): ("mode", "backup"),
+    ("train", "local_steps"): ("mode", "local_sgd"),
+}
 
 
 class DataConfig(_Section):
@@ -69,9 +78,9 @@ class DataConfig(_Section):
     x_dist: Literal["uniform", "normal"] = "uniform"
     """Feature distribution: uniform is U(-1, 1), normal is N(0, 1)."""
     noise: Literal["uniform", "normal"] = "uniform"
-    """Label noise (linear only): uniform is U(0, noise_scale) as in the seed, normal is N(0, noise_scale^2)."""
+    """Label noise (linear only): uniform is U(0, noise_scale) as in the seed, normal is N(0, noise_scale^2); null is the same as leaving the key out (how a logistic config may say it has no label noise)."""
     noise_scale: float = Field(1.0, ge=0)
-    """Scale of the label noise (linear only); 0 gives noiseless labels."""
+    """Scale of the label noise (linear only); 0 gives noiseless labels; null is the same as leaving the key out."""
     true_weights: Weights | None = None
     """The true a, one entry per feature then the bias; null draws it from N(0, 1) with the data seed."""
     seed: int = Field(0, ge=0)
@@ -83,6 +92,13 @@ class DataConfig(_Section):
     def dim(self) -> int:
         """Number of model parameters: the features plus the bias column."""
         return self.n_features + int(self.bias)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and any(raw.get(key, 0) is None for key in LINEAR_ONLY):
+            raw = {k: v for k, v in raw.items() if not (k in LINEAR_ONLY and v is None)}
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -156,6 +172,17 @@ class NetworkConfig(_Section):
         return self.latency_ms > 0 or self.bandwidth_gbps is not None
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 class ClusterConfig(_Section):
     backend: Literal["ray", "serial"] = "ray"
     """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference)."""
@@ -177,6 +204,18 @@ class ClusterConfig(_Section):
     """Start a Ray cluster of this many nodes on this machine (Ray's cluster_utils.Cluster, on 127.0.0.1) and put worker r on node r mod N (the server on node 0, the head); null: off. Needs backend=ray and address null."""
     network: NetworkConfig = NetworkConfig()
     """A simulated network between the server and each worker: every message is delayed, wall time only."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        target = value.removeprefix("ray://")
+        host, sep, port = target.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not (sep and port.isdigit() and 0 < int(port) < 65536 and (_HOSTNAME.fullmatch(host) or _is_ip(host))):
+            raise ValueError(f"must be 'auto', HOST:PORT or ray://HOST:PORT (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -204,11 +243,11 @@ class TrainConfig(_Section):
     batch_size: Count | Literal["full"] | tuple[Count, ...] = 32
     """Rows per worker per step, drawn without replacement per local epoch; 'full' uses each worker's whole shard; a list gives each worker its own (uneven hardware), averaged by rows."""
     staleness_bound: Count = Field(0, ge=0)
-    """mode=ssp: how many steps a worker may run ahead of the slowest (0 is sync)."""
+    """mode=ssp, and required with it: how many steps a worker may run ahead of the slowest (0 is sync). No default: the useful bound depends on how far the workers' speeds spread, and a default of 0 would silently run sync."""
     backup_workers: Count = Field(0, ge=0)
-    """mode=backup: gradients of the slowest this many workers are dropped each step (0 is sync)."""
+    """mode=backup, and required with it: gradients of the slowest this many workers are dropped each step (0 is sync). No default: how many stragglers to drop depends on the workers, and a default of 0 would silently run sync."""
     local_steps: Count = Field(1, ge=1)
-    """mode=local_sgd: SGD steps each worker takes on its own copy between two averagings."""
+    """mode=local_sgd, and required with it: SGD steps each worker takes on its own copy between two averagings (1 is sync). No default: H trades rounds against drift on each problem, and a default of 1 would silently run sync."""
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -230,8 +269,8 @@ class TrainConfig(_Section):
     """Print one console line every this many steps (and at the last); 0: none."""
     seed: int = Field(0, ge=0)
     """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
-    checkpoint_every: Count = Field(0, ge=0)
-    """Checkpoint the server (weights, optimizer, policy, answers in flight) every this many steps into RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it. 0: none (a lost server then restarts from step 0)."""
+    checkpoint_every: Count = Field(1000, ge=0)
+    """Checkpoint the server (weights, optimizer, policy, answers in flight) every this many steps into RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it. 0: none (a lost server then restarts from step 0). The default, 1000, makes a long run resumable for a few milliseconds per checkpoint, and leaves short runs (and the tests' tiny ones) without any."""
     gradient_noise_scale: tuple[Annotated[float, Field(gt=0)], ...] = ()
     """Relative gaps at which to measure the gradient noise scale B = tr(Sigma)/|G|^2 exactly over every shard, at the point with that gap on the segment from model.init to the optimum (also at the initial and final weights): summary.json gradient_noise_scale; empty: not measured."""
 
@@ -285,7 +324,22 @@ class OutputConfig(_Section):
     dir: str | None = None
     """Run directory; null makes runs/<name>-<timestamp>. It must not exist yet or be empty."""
     name: str | None = None
-    """Run name used for the default directory; null uses the config file's stem."""
+    """Run name used for the default directory runs/<name>-<timestamp>: a plain name (letters, digits, . _ + -), not a path; null uses the config file's stem (from Python without a file: <mode>-<workers>w-<backend>)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must name a directory (null makes runs/<name>-<timestamp>)")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and (not re.fullmatch(r"[A-Za-z0-9._+-]+", value) or set(value) == {"."}):
+            raise ValueError(f"must be a plain name (letters, digits, . _ + -), not a path (got {value!r}); "
+                             "output.dir takes a path")
+        return value
     plots: bool = True
     """Draw loss.png (and fit.png for one-feature problems) at the end of the run."""
 
@@ -336,6 +390,12 @@ class Config(_Section):
                         backup_workers=train.backup_workers, local_steps=train.local_steps)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
+        needed = {"ssp": ("staleness_bound", "how many steps a worker may run ahead of the slowest, e.g. 2; 0 is sync"),
+                  "backup": ("backup_workers", "how many of the slowest gradients each step drops, e.g. 1; 0 is sync"),
+                  "local_sgd": ("local_steps", "local SGD steps between two averagings, e.g. 4; 1 is sync")}.get(train.mode)
+        if needed and needed[0] not in train.model_fields_set:
+            raise ValueError(f"train.mode={train.mode} needs train.{needed[0]} ({needed[1]}): without it the run "
+                             "would be sync")
         if train.mode == "local_sgd" and (self.optim.momentum or self.optim.nesterov):
             raise ValueError("train.mode=local_sgd takes plain SGD steps on the workers: set optim.momentum=0")
         if self.optim.staleness_lr and train.mode not in ("async", "ssp"):
@@ -355,13 +415,18 @@ class Config(_Section):
             if fault.kind != "delay" and cluster.backend != "ray":
                 raise ValueError(f"{where}: kills need cluster.backend=ray (the serial backend is one process)")
             if fault.kind == "remove_node":
-                nodes = getattr(cluster, "simulated_nodes", None) or 1
+                nodes = cluster.simulated_nodes
+                if not nodes or nodes < 2:
+                    raise ValueError(f"{where}: needs a simulated cluster with a node to remove: "
+                                     f"cluster.simulated_nodes of 2 or more (it is {'null' if nodes is None else nodes}; node 0, the head, "
+                                     "stays)")
                 if fault.node >= nodes:
                     raise ValueError(f"{where}: node {fault.node}; removable simulated nodes are 1..{nodes - 1} "
                                      f"(cluster.simulated_nodes={nodes})")
         if self.optim.warmup_steps > train.steps:
             raise ValueError(
-                f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}"
+                f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}: lower it "
+                f"with the steps (e.g. optim.warmup_steps={max(0, train.steps // 10)}, or 0 for none)"
             )
         return self
 
@@ -390,33 +455,64 @@ def format_validation_error(error: ValidationError) -> str:
             if not isinstance(given, dict):
                 msg = f"{msg} (got {given!r})"
         # a section's own check already names its dotted fields ("data.noise ..."): no "data: " in front
-        parts.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}.") else msg)
+        parts.append(f"{loc}: {msg}" if loc and not msg.startswith((f"{loc}.", f"{loc} ", f"{loc}[")) else msg)
     return "; ".join(parts)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file's mapping; ConfigError in one line for a file that is missing, unreadable, not UTF-8, not
+    YAML, empty, not a mapping, or that sets a key twice (YAML's last one would silently win)."""
+    where = f"config file {str(path)!r}"
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"{where} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
     try:
+        twice = _key_set_twice(yaml.compose(text, Loader=yaml.SafeLoader))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "cannot be parsed"
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+    if twice is not None:
+        key, first, second = twice
+        raise ConfigError(f"{where} sets {key} twice (lines {first} and {second}); keep one")
     if raw is None:
-        return {}
+        raise ConfigError(f"{where} is empty: it sets nothing to train (start from configs/default.yaml)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not a {type(raw).__name__}")
+        raise ConfigError(f"{where} must hold a mapping of sections, not a {type(raw).__name__}")
     return raw
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+def _key_set_twice(node: yaml.Node | None, path: str = "") -> tuple[str, int, int] | None:
+    """The first (dotted key, line, line) that a YAML mapping of the document sets twice, else None."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            dotted, line = f"{path}{key}", key_node.start_mark.line + 1
+            if key in seen:
+                return dotted, seen[key], line
+            seen[key] = line
+            found = _key_set_twice(value_node, f"{dotted}.")
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _key_set_twice(item, f"{path.removesuffix('.')}[{i}].")
+            if found:
+                return found
+    return None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> str:
+    """Apply one ``section.key=value`` override in place (the value is parsed as YAML); return the dotted key."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -434,13 +530,43 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {where} is a value, not a section")
         node = child
     node[path[-1]] = value
+    return key
+
+
+def apply_overrides(raw: dict[str, Any], items: Sequence[str]) -> set[str]:
+    """Apply dotted overrides in place; return the keys they set.
+
+    A key given twice is refused (the last would silently win). An override that switches data.kind or
+    train.mode drops the keys that only the other kind or mode uses, as the file set them (data.noise and
+    data.noise_scale for linear; train.staleness_bound, backup_workers, local_steps for ssp, backup, local_sgd),
+    unless an override sets them too: `data.kind=logistic` works on a linear config.
+    """
+    given: dict[str, str] = {}
+    for item in items:
+        key = apply_override(raw, item)
+        if key in given:
+            flag = {"output.dir": "--out", "cluster.backend": "--backend", "cluster.address": "--address"}.get(key)
+            raise ConfigError(f"{key} is given twice ({given[key]!r} and {item!r}"
+                              + (f"; {flag} sets {key}" if flag else "") + "): give it once")
+        given[key] = item
+    drop_unused_keys(raw, set(given))
+    return set(given)
+
+
+def drop_unused_keys(raw: dict[str, Any], explicit: set[str]) -> None:
+    """Drop the keys whose selector (data.kind, train.mode) an override in ``explicit`` switched away from their
+    owner, unless ``explicit`` names them too."""
+    for (section, key), (selector, owner) in OWNED_KEYS.items():
+        values = raw.get(section)
+        if (f"{section}.{selector}" in explicit and f"{section}.{key}" not in explicit and isinstance(values, dict)
+                and values.get(selector) != owner):
+            values.pop(key, None)
 
 
 def build_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
     """Validate a raw mapping plus dotted overrides; raise ConfigError with a one-line message."""
     raw = copy.deepcopy(raw)
-    for item in overrides:
-        apply_override(raw, item)
+    apply_overrides(raw, overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
@@ -450,16 +576,23 @@ def build_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or start from the defaults), apply overrides and validate."""
     raw = {} if path is None else _read_yaml(Path(path))
+    if path is not None and "base" in raw and not set(raw) & set(Config.model_fields):
+        raise ConfigError(f"{str(path)!r} is an experiment (it names a base config), not a training config: "
+                          f"run it with sgd-dist sweep --config {path}")
     return build_config(raw, overrides)
 
 
 def dump_config(config: Config) -> str:
     """The config as YAML, every field it uses written out, so that loading it gives the same config.
 
-    A logistic config leaves out the linear-only keys: their defaults mean nothing there, and a file that
-    set them would be refused on reload.
+    A key that only another data.kind or train.mode uses is left out (the linear-only noise keys of a logistic
+    config, ssp's staleness_bound in a sync one): its default means nothing there, a file that set it would
+    be refused on reload, and a copy whose mode is switched must be given the new mode's own parameter.
     """
-    exclude = {"data": set(LINEAR_ONLY)} if config.data.kind == "logistic" else None
+    exclude: dict[str, set[str]] = {}
+    for (section, key), (selector, owner) in OWNED_KEYS.items():
+        if getattr(getattr(config, section), selector) != owner:
+            exclude.setdefault(section, set()).add(key)
     return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,22 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
 
 def check_run_dir(path: Path) -> None:
     """A run directory must be new or empty, and creatable: a run never writes over another's records, and
-    a directory it cannot write fails before the cluster is started."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    a directory it cannot write fails before the cluster is started. Creatable is tried, not guessed from
+    permissions (root may write anywhere but in /proc): a directory is made beside it and removed."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {str(path)!r} is a file, not a directory; choose another --out")
+    if path.exists() and any(path.iterdir()):
         raise ConfigError(f"output directory {str(path)!r} already exists and is not empty; choose another --out")
-    existing = path
+    existing = path.absolute()
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output directory {str(path)!r} cannot be created: {str(existing)!r} is not writable")
+    if not existing.is_dir():
+        raise ConfigError(f"output directory {str(path)!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sgd-dist-probe-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"output directory {str(path)!r} cannot be created in {str(existing)!r}: "
+                          f"{exc.strerror}") from None
 
 
 def write_config(run_dir: Path, config: Config) -> None:

@@ -36,8 +36,9 @@ from sgd_dist.config import (
     Config,
     ConfigError,
     _read_yaml,
-    apply_override,
+    apply_overrides,
     build_config,
+    drop_unused_keys,
     format_validation_error,
 )
 
@@ -83,9 +84,13 @@ class Experiment(BaseModel):
             if not values:
                 raise ValueError(f"grid {key} lists no values")
             parts = key.split(",")
-            if any(part.strip().startswith(RESERVED_KEYS) for part in parts):
-                raise ValueError(f"grid {key}: the sweep sets output.* and uses one Ray for every run; "
-                                 "put cluster.address in the base config")
+            for part in (p.strip() for p in parts):
+                if part.startswith("output."):
+                    raise ValueError(f"grid {key}: the sweep sets {part} itself (each run's directory is under "
+                                     "--out); it cannot be gridded")
+                if part.startswith("cluster.address"):
+                    raise ValueError(f"grid {key}: every run of a sweep uses the one Ray the sweep joins; "
+                                     "set cluster.address in the base config")
             if len(parts) > 1 and any(not isinstance(v, list) or len(v) != len(parts) for v in values):
                 raise ValueError(f"grid {key}: each value must list {len(parts)} values, one per key")
             texts = [value_text(v) for v in values]
@@ -176,17 +181,20 @@ def load_experiment(path: str | Path) -> Sweep:
     path = Path(path)
     raw = _read_yaml(path)
     where = f"experiment {str(path)!r}"
+    if "base" not in raw and set(raw) & set(Config.model_fields):
+        raise ConfigError(f"{str(path)!r} is a training config, not an experiment: run it with sgd-dist train "
+                          f"--config {path}, or sweep it from an experiment file that names it as its base "
+                          "(see configs/experiments/)")
     try:
         experiment = Experiment.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {format_validation_error(exc)}") from None
     base_path = resolve_base(experiment.base, path)
     base_raw = _read_yaml(base_path)
-    for item in experiment.overrides:
-        try:
-            apply_override(base_raw, item)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: overrides: {exc}") from None
+    try:
+        apply_overrides(base_raw, experiment.overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: overrides: {exc}") from None
     base_raw.setdefault("output", {}).setdefault("plots", False)  # the sweep draws its own figures
     return Sweep(path, experiment, base_path, base_raw, plan_runs(experiment, base_raw, where))
 
@@ -236,9 +244,12 @@ def _point_config(base_raw: dict, point, global_batch: int | None, where: str) -
     raw = yaml.safe_load(yaml.safe_dump(base_raw))  # a deep copy
     label = " ".join(f"{k}={value_text(v)}" for k, v in point) or "the base"
     try:
+        explicit = set()
         for key, value in point:
             for part, one in zip(key.split(","), value) if "," in key else [(key, value)]:
                 _set(raw, part.strip(), one)
+                explicit.add(part.strip())
+        drop_unused_keys(raw, explicit)  # a grid over data.kind or train.mode, as an override switching them
         if global_batch is not None:
             try:
                 workers = ClusterConfig.model_validate(
@@ -449,9 +460,13 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
     """
     from sgd_dist.recording import SUMMARY_FILE, read_summary, write_text_atomic
 
+    from sgd_dist.backends.capacity import check_this_machine
+
     stderr = stderr or sys.stderr
     out = Path(out)
     check_out(out, sweep)
+    for config in {id(plan.config): plan.config for plan in sweep.runs}.values():
+        check_this_machine(config)  # a run too big for this machine fails the sweep before any run starts
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / EXPERIMENT_FILE, yaml.safe_dump(sweep.resolved(), sort_keys=False))
     experiment = sweep.experiment

@@ -94,7 +94,7 @@ def test_mode_parameters():
     with pytest.raises(ConfigError, match=r"train\.backup_workers=2 must be less than cluster\.num_workers=2"):
         make_config("train.mode=backup", "train.backup_workers=2")
     with pytest.raises(ConfigError, match=r"train\.mode=local_sgd takes plain SGD steps on the workers"):
-        make_config("train.mode=local_sgd", "optim.momentum=0.9")
+        make_config("train.mode=local_sgd", "train.local_steps=2", "optim.momentum=0.9")
     c = make_config("train.batch_size=[8, 24]")
     assert c.worker_batch_sizes() == [8, 24] and c.global_batch_size() == 32
 
@@ -112,11 +112,59 @@ def test_noise_settings_are_refused_for_logistic():
     assert make_config("data.kind=logistic").data.kind == "logistic"
 
 
-def test_switching_a_linear_config_to_logistic_names_every_key_to_drop():
-    # lesson2.yaml sets both noise keys; the override alone cannot remove them, so the message lists them
-    with pytest.raises(ConfigError, match=r"^data\.noise, data\.noise_scale apply only to data\.kind=linear; "
-                                          r"drop them for data\.kind=logistic$"):
-        load_config(CONFIGS / "lesson2.yaml", ["data.kind=logistic"])
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_data_kind_logistic_works_as_an_override_on_every_shipped_config(path):
+    # the linear configs set both noise keys: the override that switches the kind drops them
+    config = load_config(path, ["data.kind=logistic"])
+    assert config.data.kind == "logistic" and not {"noise", "noise_scale"} & config.data.model_fields_set
+    assert "noise" not in yaml.safe_load(dump_config(config))["data"]
+    # a noise key that the command line sets as well is still refused, naming it
+    with pytest.raises(ConfigError, match=r"^data\.noise_scale applies only to data\.kind=linear; drop it"):
+        load_config(path, ["data.kind=logistic", "data.noise_scale=0.5"])
+
+
+def test_the_shipped_logistic_config_is_logistic_and_switches_back_to_linear():
+    config = load_config(CONFIGS / "logistic.yaml")
+    assert config.data.kind == "logistic" and config.data.n_features > 1 and config.cluster.num_workers == 2
+    linear = load_config(CONFIGS / "logistic.yaml", ["data.kind=linear"])
+    assert (linear.data.noise, linear.data.noise_scale) == ("uniform", 1.0)  # a linear run's defaults
+
+
+def test_a_null_noise_key_means_left_out():
+    for kind in ("linear", "logistic"):
+        config = make_config(f"data.kind={kind}", "data.noise=null", "data.noise_scale=null")
+        assert config == make_config(f"data.kind={kind}")
+    assert load_config(CONFIGS / "lesson2.yaml", ["data.noise=null", "data.noise_scale=null",
+                                                  "data.kind=logistic"]).data.kind == "logistic"
+
+
+def test_an_override_that_switches_the_mode_drops_the_other_modes_parameter():
+    raw = {"train": {"mode": "ssp", "staleness_bound": 2, "steps": 20, "batch_size": 16}}
+    assert build_config(raw, ["train.mode=async"]).train.mode == "async"
+    assert build_config(raw).train.staleness_bound == 2
+    with pytest.raises(ConfigError, match=r"train\.staleness_bound=2 only applies to train\.mode='ssp', not 'async'"):
+        build_config({"train": {"mode": "async", "staleness_bound": 2}})  # a file says both: refused as before
+
+
+@pytest.mark.parametrize("mode, key, neutral", [("ssp", "staleness_bound", 0), ("backup", "backup_workers", 0),
+                                                ("local_sgd", "local_steps", 1)])
+def test_a_mode_without_its_parameter_is_refused_rather_than_run_as_sync(mode, key, neutral):
+    with pytest.raises(ConfigError, match=rf"^train\.mode={mode} needs train\.{key} \(.*\): without it the run "
+                                          r"would be sync$"):
+        make_config(f"train.mode={mode}")
+    # given, even as the value that reduces to sync, it is accepted: that is a choice, not an omission
+    assert getattr(make_config(f"train.mode={mode}", f"train.{key}={neutral}").train, key) == neutral
+    # a saved sync config leaves the parameter out, so switching its mode asks for it too
+    saved = yaml.safe_load(dump_config(make_config()))
+    assert key not in saved["train"]
+    with pytest.raises(ConfigError, match=rf"needs train\.{key}"):
+        build_config(saved, [f"train.mode={mode}"])
+
+
+def test_an_experiment_file_given_as_a_training_config_says_so():
+    with pytest.raises(ConfigError, match=r"is an experiment \(it names a base config\), not a training config: "
+                                          r"run it with sgd-dist sweep --config"):
+        load_config(CONFIGS / "experiments" / "smoke.yaml")
 
 
 def test_a_logistic_config_round_trips_through_its_dump(tmp_path):
@@ -155,7 +203,86 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_empty_file_means_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_an_empty_file_is_refused_rather_than_trained_on_every_default(tmp_path, text):
     path = tmp_path / "empty.yaml"
-    path.write_text("")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"^config file '.*empty\.yaml' is empty: it sets nothing to train"):
+        load_config(path)
+    path.write_text("{}\n")  # an explicit empty mapping is a choice: every default
     assert load_config(path) == build_config({})
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# r\u00e9glages\ntrain:\n  steps: 5\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^config file '.*latin1\.yaml' is not UTF-8 text \(byte 0xe9 at "
+                                          r"offset 3\); save it as UTF-8$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  steps: 5\n  steps: 6\n", "train.steps", (2, 3)),
+    ("train:\n  steps: 5\ntrain:\n  batch_size: 4\n", "train", (1, 3)),
+    ("faults:\n  - {kind: delay, kind: kill_worker, step: 1}\n", r"faults\[0\]\.kind", (2, 2)),
+])
+def test_a_key_set_twice_in_a_file_is_refused(tmp_path, text, key, lines):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"sets {key} twice \(lines {lines[0]} and {lines[1]}\); keep one$"):
+        load_config(path)
+
+
+def test_an_override_given_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"^train\.steps is given twice \('train\.steps=5' and 'train\.steps=6'\): "
+                                          r"give it once$"):
+        make_config("train.steps=5", "train.steps=6")
+    with pytest.raises(ConfigError, match=r"output\.dir is given twice .*; --out sets output\.dir\)"):
+        make_config("output.dir=a", "output.dir=b")
+    assert make_config("train.steps=5").train.steps == 5  # the file's value and one override: the override wins
+
+
+@pytest.mark.parametrize("override, message", [
+    ("output.dir=''", r"^output\.dir: must name a directory"),
+    ("output.name=../..", r"^output\.name: must be a plain name .* not a path \(got '\.\./\.\.'\)"),
+    ("output.name=a/b", r"^output\.name: must be a plain name"),
+    ("output.name=..", r"^output\.name: must be a plain name"),
+    ("output.name=''", r"^output\.name: must be a plain name"),
+])
+def test_output_names_and_directories_that_would_escape_or_vanish_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(override)
+    assert make_config("output.name=my-run_2.b").output.name == "my-run_2.b"
+
+
+@pytest.mark.parametrize("address", ["garbage!!", "host", "host:port", "1.2.3.4:0", "h:70000", ":6379", "ray://"])
+def test_a_malformed_cluster_address_is_a_config_error(address):
+    with pytest.raises(ConfigError, match=r"^cluster\.address: must be 'auto', HOST:PORT or ray://HOST:PORT"):
+        make_config(f"cluster.address={address!r}")
+
+
+@pytest.mark.parametrize("address", ["auto", "127.0.0.1:6379", "ray-head:6379", "ray://10.0.0.1:10001", "[::1]:6379",
+                                     "node_1.cluster.local:6380"])
+def test_well_formed_cluster_addresses_are_accepted(address):
+    assert make_config(f"cluster.address={address!r}").cluster.address == address
+
+
+def test_remove_node_without_a_simulated_cluster_says_what_it_needs():
+    fault = "faults=[{kind: remove_node, step: 5, node: 1}]"
+    for nodes in ("null", "1"):
+        with pytest.raises(ConfigError, match=r"faults\[0\] \(remove_node\): needs a simulated cluster with a node to "
+                                              rf"remove: cluster\.simulated_nodes of 2 or more \(it is {nodes};"):
+            make_config(fault, f"cluster.simulated_nodes={nodes}")
+    assert make_config(fault, "cluster.simulated_nodes=2").faults[0].node == 1
+
+
+def test_a_run_shorter_than_its_warm_up_gets_the_hint():
+    with pytest.raises(ConfigError, match=r"^optim\.warmup_steps=50 is more than train\.steps=20: lower it with the "
+                                          r"steps \(e\.g\. optim\.warmup_steps=2, or 0 for none\)$"):
+        load_config(CONFIGS / "default.yaml", ["train.steps=20"])
+    assert load_config(CONFIGS / "default.yaml", ["train.steps=20", "optim.warmup_steps=2"]).train.steps == 20
+
+
+def test_checkpoints_are_on_by_default_every_1000_steps():
+    assert make_config().train.checkpoint_every == 1000
+    assert load_config(CONFIGS / "default.yaml").train.checkpoint_every == 1000

@@ -72,8 +72,12 @@ def test_grid_values_of_any_shape_get_distinct_directory_names(tmp_path):
     ({"grid": {"cluster.num_wrkers": [1, 2]}}, r"grid point cluster.num_wrkers=1: cluster.num_wrkers: unknown key"),
     ({"grid": {"cluster.num_workers": [1, 0]}}, r"grid point cluster.num_workers=0: cluster.num_workers: .*greater than or equal to 1"),
     ({"grid": {"train.mode": ["sync", "fast"]}}, r"grid point train.mode=fast: train.mode: Input should be"),
-    ({"grid": {"cluster.num_workers": []}}, r"grid: .*lists no values"),
-    ({"grid": {"output.dir": ["x"]}}, r"grid output.dir: the sweep sets output"),
+    ({"grid": {"cluster.num_workers": []}}, r"^experiment '.*': grid cluster\.num_workers lists no values$"),
+    # one message per reserved key, read as a sentence (no "grid: grid ...", no advice about another key)
+    ({"grid": {"output.dir": ["x"]}}, r"^experiment '.*': grid output\.dir: the sweep sets output\.dir itself \(each "
+                                      r"run's directory is under --out\); it cannot be gridded$"),
+    ({"grid": {"cluster.address": ["auto"]}}, r"^experiment '.*': grid cluster\.address: every run of a sweep uses the "
+                                              r"one Ray the sweep joins; set cluster\.address in the base config$"),
     ({"scaling": "strong"}, r"scaling: strong needs global_batch"),
     ({"scaling": "strong", "global_batch": 3}, r"global_batch=3 does not split evenly over cluster.num_workers=2"),
     ({"scaling": "sideways"}, r"scaling.0: Input should be 'strong' or 'weak'"),
