@@ -5,7 +5,8 @@
 (``runtime_env.working_dir`` holds a copy of the ``sgd_dist`` package and the resolved config), so the
 cluster's nodes need Ray and torch but no install of ``sgd_dist``.
 
-The job side is this module too: ``python -m sgd_dist.submit CONFIG`` trains into a temporary run directory
+The job side is this module too: ``python -m sgd_dist.submit CONFIG`` (started with the head's own interpreter
+by a small entrypoint script) trains into a temporary run directory
 on the cluster and prints it, as a marked base64 tar.gz, at the end of its log.
 
 Token authentication (Ray 2.60 turns it on for clusters made with ``ray start``): the client sends the
@@ -43,6 +44,30 @@ ARCHIVE_MARK = "SGD_DIST_RUN_ARCHIVE "
 ARCHIVE_END = "SGD_DIST_RUN_ARCHIVE_END "
 ARCHIVE_LINE_CHARS = 8192
 JOB_CONFIG = "sgd_dist_job.yaml"
+JOB_SCRIPT = "sgd_dist_job.sh"
+# The job's entrypoint. Ray runs it in a shell with the head's PATH, and on a head started as
+# `.venv/bin/ray start --head` a bare `python` is another interpreter (one without torch, or none). The job
+# supervisor that started the shell runs in the head's own Python: the script finds that interpreter from the
+# Ray library the supervisor has loaded (its site-packages' prefix, else the process's binary) and runs the job
+# side with it; without /proc it falls back to the python on the PATH.
+JOB_SCRIPT_TEXT = r"""#!/bin/sh
+pid=$$
+for _ in 1 2 3 4 5; do
+    pid=$(sed -n 's/^[0-9]* (.*) [A-Za-z] \([0-9]*\) .*/\1/p' "/proc/$pid/stat" 2>/dev/null)
+    [ -n "$pid" ] && [ "$pid" -gt 1 ] || break
+    lib=$(grep -o -m 1 '/.*/site-packages/ray/_raylet\.so' "/proc/$pid/maps" 2>/dev/null)
+    [ -n "$lib" ] || continue
+    prefix=${lib%/lib/python*/site-packages/ray/_raylet.so}
+    for py in "$prefix/bin/python3" "$prefix/bin/python" "$(readlink "/proc/$pid/exe")"; do
+        if [ -x "$py" ] && "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('ray') is None)"; then
+            exec "$py" -m sgd_dist.submit "$@"
+        fi
+    done
+    break
+done
+if command -v python > /dev/null; then exec python -m sgd_dist.submit "$@"; fi
+exec python3 -m sgd_dist.submit "$@"
+"""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AUTH_HINT = ("; export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
              "~/.ray/auth_token)")
@@ -96,10 +121,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def stage_project(config: Config, into: Path) -> Path:
-    """A working_dir for the job: a copy of the sgd_dist package and the resolved config, nothing else."""
+    """A working_dir for the job: a copy of the sgd_dist package, the resolved config and the entrypoint script."""
     package = Path(sgd_dist.__file__).resolve().parent
     shutil.copytree(package, into / "sgd_dist", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (into / JOB_CONFIG).write_text(dump_config(config))
+    (into / JOB_SCRIPT).write_text(JOB_SCRIPT_TEXT)
     return into
 
 
@@ -126,11 +152,8 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="sgd-dist-submit-") as tmp:
         stage_project(config, Path(tmp))
         with _cluster_errors(address):
-            job_id = client.submit_job(
-                entrypoint=f"python -m sgd_dist.submit {JOB_CONFIG}",
-                runtime_env={"working_dir": tmp},
-                metadata={"sgd_dist": sgd_dist.__version__, "config": config_name},
-            )
+            job_id = _submit_job(client, entrypoint=f"sh {JOB_SCRIPT} {JOB_CONFIG}", runtime_env={"working_dir": tmp},
+                                 metadata={"sgd_dist": sgd_dist.__version__, "config": config_name})
     echo(f"sgd-dist: submitted job {job_id} to {address}")
     status = follow(address, job_id, echo=echo, client=client)
     with _cluster_errors(address):
@@ -146,6 +169,21 @@ def submit(
     if archive is None:
         raise SubmitError(f"job {job_id} succeeded but its log holds no run directory")
     return SubmitResult(job_id, status, run_dir, summary)
+
+
+AGENT_WAIT_S = 30.0  # a head that just came up answers "no available agent" until its job agent has started
+
+
+def _submit_job(client, **job) -> str:
+    """client.submit_job, asked again for up to AGENT_WAIT_S while the head's job agent is still starting."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def list_jobs(address: str) -> list:
@@ -253,8 +291,8 @@ def run_job(config_path: str) -> int:
     cluster through RAY_ADDRESS, which Ray sets), then print that directory into the log."""
     from sgd_dist.cli import main
 
-    print(f"sgd-dist job: sgd_dist {sgd_dist.__version__} from {Path(sgd_dist.__file__).resolve().parent}",
-          flush=True)
+    print(f"sgd-dist job: sgd_dist {sgd_dist.__version__} from {Path(sgd_dist.__file__).resolve().parent} "
+          f"(python {sys.executable})", flush=True)
     with tempfile.TemporaryDirectory(prefix="sgd-dist-job-") as tmp:
         run_dir = Path(tmp) / "run"
         code = main(["train", "--config", config_path, "--out", str(run_dir), "--no-progress"])

@@ -17,6 +17,7 @@ from sgd_dist.submit import (
     ARCHIVE_LINE_CHARS,
     ARCHIVE_MARK,
     JOB_CONFIG,
+    JOB_SCRIPT,
     SubmitError,
     archive_lines,
     extract_archive,
@@ -70,7 +71,29 @@ def test_the_staged_working_dir_holds_the_package_and_the_resolved_config(tmp_pa
     shipped = sorted(p.relative_to(tmp_path / "sgd_dist") for p in (tmp_path / "sgd_dist").rglob("*.py"))
     assert shipped == sorted(p.relative_to(package) for p in package.rglob("*.py"))
     assert not list(tmp_path.rglob("__pycache__"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([JOB_CONFIG, "sgd_dist"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([JOB_CONFIG, JOB_SCRIPT, "sgd_dist"])
+
+
+# Ray's job supervisor, as far as the entrypoint can tell: a Python process that has Ray's core library loaded,
+# running the entrypoint in a shell with the head's PATH (here one without the venv, whose python has no torch).
+SUPERVISOR = """
+import os, subprocess, sys
+import ray._raylet  # what makes the supervisor's interpreter findable: the Ray library it has mapped
+code = subprocess.run(sys.argv[1], shell=True, env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]}).returncode
+sys.exit(code)
+"""
+
+
+def test_the_job_runs_with_the_interpreter_of_the_heads_ray_not_the_paths_python(tmp_path):
+    stage_project(make_config(), tmp_path)
+    proc = subprocess.run([sys.executable, "-c", SUPERVISOR, f"sh {JOB_SCRIPT} no-such-config.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    line = next((line for line in proc.stdout.splitlines() if line.startswith("sgd-dist job: ")), None)
+    assert line is not None, proc.stdout + proc.stderr
+    python = line.rsplit("(python ", 1)[1].rstrip(")")
+    assert Path(python).parent == BIN  # the venv's, found from the supervisor's Ray; the PATH has none with torch
+    assert f"from {tmp_path / 'sgd_dist'} " in line  # the staged copy of the package, not an installed one
+    assert proc.returncode == 2 and "no-such-config.yaml' does not exist" in proc.stderr  # the job side ran
 
 
 def _sgd_dist(*args: str) -> subprocess.CompletedProcess:
