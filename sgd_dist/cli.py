@@ -1,8 +1,11 @@
 """The ``sgd-dist`` command: a thin layer over ``sgd_dist.trainer.train``.
 
-Exit codes: 0 success; 2 invalid config or usage (one line naming the field, nothing written);
-1 a run that failed (one line; the run directory keeps what was recorded); 130 interrupted; 141 the reader
-of stdout went away (``| head``), as for a program stopped by SIGPIPE.
+Exit codes: 0 success; 2 invalid config or usage, or a run that cannot fit where it would run (one line
+naming the field, nothing written); 1 a run that failed, or a cluster that cannot be reached or cannot host
+it (one line; the run directory keeps what was recorded); 130 interrupted by SIGINT (Ctrl-C) and 143 by
+SIGTERM (what `timeout` and schedulers send), both keeping the rows and shutting Ray down whole (a second
+signal meanwhile is ignored); 141 the reader of stdout went away (``| head``), as for a program stopped by
+SIGPIPE.
 """
 
 from __future__ import annotations
@@ -15,9 +18,15 @@ import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+import sgd_dist
+from sgd_dist import signals
 from sgd_dist.config import ConfigError, describe_fields, dump_config, load_config
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 0, 1, 2, 130, 141, 143
+
+
+def _interrupted_code(exc: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if signals.describe(exc) == "SIGTERM" else EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser (help, unknown commands) and each command's own parser."""
     parser = _Parser(prog="sgd-dist", description="Distributed mini-batch SGD with a parameter server on Ray.")
+    parser.add_argument("--version", action="version", version=f"sgd-dist {sgd_dist.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="run one training and record it in a run directory")
@@ -147,6 +157,12 @@ def _add_cluster_parsers(sub) -> None:
     action.add_argument("--stop", metavar="JOB_ID", help="stop the job")
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """--out '' would silently mean the default directory (or the current one): refuse it."""
+    if getattr(args, "out", None) is not None and not args.out.strip():
+        raise ConfigError("--out needs a directory (got an empty one); leave --out out for the default")
+
+
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     pairs = [("output.dir", args.out), ("cluster.backend", args.backend), ("cluster.address", args.address)]
     return [f"{key}={value}" for key, value in pairs if value is not None]
@@ -158,16 +174,22 @@ def _fail(code: int, message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sgd_dist.trainer import one_line, train  # torch and tqdm only once the arguments are good
+    from sgd_dist.trainer import completed_summary, one_line, train  # torch and tqdm once the arguments are good
 
+    from sgd_dist.backends.base import ClusterError
     from sgd_dist.checkpoint import CheckpointError
 
+    _check_out(args)
     if args.resume is not None:
         if args.config or args.overrides or _flag_overrides(args):
             return _fail(EXIT_USAGE, "--resume RUN_DIR goes on with the run's own config.yaml: drop --config, --out, "
                                      "--backend, --address and the key=value overrides")
         if not (Path(args.resume) / "config.yaml").is_file():
             return _fail(EXIT_RUN_FAILED, f"{args.resume}/config.yaml: not found; --resume needs a run directory")
+        done = completed_summary(args.resume)
+        if done is not None:  # nothing to go on with: leave it as it is, byte for byte
+            print(f"sgd-dist: {args.resume} is complete ({done.get('steps')} steps); nothing to resume")
+            return EXIT_OK
         config = load_config(Path(args.resume) / "config.yaml")
     elif args.config is None:
         return _fail(EXIT_USAGE, "train needs --config FILE (or --resume RUN_DIR)")
@@ -179,19 +201,23 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(EXIT_RUN_FAILED, f"cannot resume: {exc}")
     except ConfigError:
         raise
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted; the run directory keeps the rows recorded so far")
+    except KeyboardInterrupt as exc:
+        return _fail(_interrupted_code(exc), _interrupted(getattr(exc, "run_dir", None)))
     except BrokenPipeError:
         raise  # not a failure of the run: main stops quietly
     except Exception as exc:
         if args.traceback:
             traceback.print_exc()
+        whole_story = isinstance(exc, ClusterError)  # where it failed is not the question
         return _fail(EXIT_RUN_FAILED, f"run failed: {one_line(exc)}"
-                     + ("" if args.traceback else " (--traceback shows where)"))
+                     + ("" if args.traceback or whole_story else " (--traceback shows where)"))
     s = result.summary
     rel = s["relative_optimality_gap"]
-    print(f"done: {s['steps']} steps in {s['train_time_s']:.2f} s ({s['median_step_ms']:.3f} ms/step median, "
-          f"{s['samples_per_s']:,.0f} samples/s); wall {s['wall_time_s']:.1f} s")
+    resumed = s.get("resumed_from")
+    print(f"done: {s['steps']} steps in {s['train_time_s']:.3g} s ({s['median_step_ms']:.3f} ms/step median, "
+          f"{s['samples_per_s']:,.0f} samples/s)"
+          + (f", {s['steps'] - resumed} of them after resuming from step {resumed}" if resumed is not None else "")
+          + f"; wall {s['wall_time_s']:.1f} s")
     if s["optimality_gap"] is None:
         print(f"final loss {s['final_loss']:.6g}; optimum {s['reference']}")
     else:
@@ -210,6 +236,17 @@ def _train(args: argparse.Namespace) -> int:
         print(f"straggler: {line}")
     print(f"results in {result.run_dir}/")
     return EXIT_OK
+
+
+def _interrupted(run_dir: Path | None) -> str:
+    """What an interrupted run left: the rows in its directory (and how to go on), or nothing at all."""
+    if run_dir is None:
+        return "interrupted before the run started; nothing was written"
+    from sgd_dist.checkpoint import CHECKPOINT_DIR, MANIFEST
+
+    resume = (Path(run_dir) / CHECKPOINT_DIR / MANIFEST).is_file()
+    return (f"interrupted; {run_dir} keeps the rows recorded so far"
+            + (f" (sgd-dist train --resume {run_dir} goes on from its latest checkpoint)" if resume else ""))
 
 
 def _mode_line(s: dict) -> str:
@@ -265,12 +302,13 @@ def _print_figures(figures) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from sgd_dist.sweep import load_experiment, run_sweep
 
+    _check_out(args)
     sweep = load_experiment(args.config)  # every run's config validated here: a bad grid runs nothing
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.config).stem}"
     try:
         result = run_sweep(sweep, out, plots=args.plots)
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, f"interrupted; run the same command again (--out {out}) to resume")
+    except KeyboardInterrupt as exc:
+        return _fail(_interrupted_code(exc), f"interrupted; run the same command again (--out {out}) to resume")
     print(f"{len(result.rows)} runs: {result.ran} run now, {result.kept} kept from before, {result.failed} failed")
     for line in result.model_lines:
         print(line)
@@ -284,10 +322,14 @@ def _model(args: argparse.Namespace) -> int:
     from sgd_dist import cost_model
 
     sweep_dir = Path(args.sweep_dir)
-    if not (sweep_dir / "results.csv").is_file():
-        return _fail(EXIT_USAGE, f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
     if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
         return _fail(EXIT_USAGE, "--workers-max must be >= 1 and --bandwidth-gbps > 0")
+    if args.cores is not None and args.cores < 1:  # 0 would silently mean "the sweep's own"
+        return _fail(EXIT_USAGE, f"--cores must be at least 1 (got {args.cores}); leave it out for the sweep's own")
+    if args.latency_us is not None and args.latency_us < 0:
+        return _fail(EXIT_USAGE, f"--latency-us must be at least 0 (got {args.latency_us:g})")
+    if not (sweep_dir / "results.csv").is_file():
+        return _fail(EXIT_USAGE, f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
     cores = args.cores or cost_model.saved_cores(sweep_dir) or cost_model.machine_cores()
     try:
         result = cost_model.model_sweep(sweep_dir, cores)
@@ -327,6 +369,7 @@ def _bench(args: argparse.Namespace) -> int:
     from sgd_dist.bench.report import results_markdown, startup_markdown, targets_markdown
     from sgd_dist.recording import default_run_dir
 
+    _check_out(args)
     if min(args.steps, args.repeats) < 1 or args.warmup < 0 or args.startup_repeats < 0:
         return _fail(EXIT_USAGE, "--steps and --repeats must be at least 1, --warmup and --startup-repeats at least 0")
     out = Path(args.out) if args.out else default_run_dir("bench")
@@ -334,8 +377,8 @@ def _bench(args: argparse.Namespace) -> int:
                            systems=args.systems, repeats=args.repeats, startup_repeats=args.startup_repeats)
     try:
         result = run_benchmark(options, out)
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, f"interrupted; what was measured is in {out}/")
+    except KeyboardInterrupt as exc:
+        return _fail(_interrupted_code(exc), f"interrupted; what was measured is in {out}/")
     print(results_markdown(result.rows))
     print()
     print(targets_markdown(result.targets))
@@ -349,11 +392,12 @@ def _bench(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from sgd_dist.submit import SubmitError, submit
 
+    _check_out(args)
     config = load_config(args.config, args.overrides)
     try:
         result = submit(args.address, config, out=args.out, config_name=Path(args.config).stem)
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted; the job goes on on the cluster "
+    except KeyboardInterrupt as exc:
+        return _fail(_interrupted_code(exc), "interrupted; the job goes on on the cluster "
                                        f"(sgd-dist jobs --address {args.address} --stop JOB_ID stops it)")
     except SubmitError as exc:
         return _fail(EXIT_RUN_FAILED, str(exc))
@@ -381,20 +425,23 @@ def _jobs(args: argparse.Namespace) -> int:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1e3)) if start else "-"
             print(f"{job.submission_id or job.job_id:<28} {str(job.status.value):<10} {started}  {job.entrypoint}")
         return EXIT_OK
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted; the job goes on on the cluster")
+    except KeyboardInterrupt as exc:
+        return _fail(_interrupted_code(exc), "interrupted; the job goes on on the cluster")
     except submit.SubmitError as exc:
         return _fail(EXIT_RUN_FAILED, str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    command = {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
+               "submit": _submit, "jobs": _jobs, "sweep": _sweep, "model": _model}[args.command]
     try:
-        return {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
-                "submit": _submit, "jobs": _jobs, "sweep": _sweep,
-                "model": _model}[args.command](args)
+        with signals.stop_on_signals():
+            return command(args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt as exc:  # a command without its own word on it (or a signal while it started up)
+        return _fail(_interrupted_code(exc), "interrupted")
     except BrokenPipeError:
         # The reader of stdout went away (`sgd-dist train ... | head`): stop silently, as a program stopped by
         # SIGPIPE does. stdout now goes to /dev/null, or the interpreter's last flush would raise again.

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm import std as tqdm_std
 
 import sgd_dist
-from sgd_dist import noise_scale, objectives
+from sgd_dist import noise_scale, objectives, signals
 from sgd_dist.backends import Backend, make_backend
 from sgd_dist.backends.base import one_line, policy_for  # noqa: F401 (one_line: the CLI's and the sweep's)
+from sgd_dist.backends.capacity import check_this_machine
 from sgd_dist.config import Config
 from sgd_dist.data import true_weights
 from sgd_dist.stragglers import find_stragglers
@@ -159,14 +160,15 @@ class Recorder:
     """The run's sink: adds the optimality gap to evaluated rows, appends every row to metrics.jsonl, prints one
     console line per logged step and drives the progress bar; writes the checkpoints and logs the faults."""
 
-    def __init__(self, run_dir: Path, config: Config, reference: Reference, console: bool, progress: bool | None):
+    def __init__(self, run_dir: Path, config: Config, reference: Reference, console: bool, progress: bool | None,
+                 bar: type = tqdm_std.tqdm):
         self.run_dir = run_dir
         self.config = config
         self.reference = reference
         self.console = console
         self.writer = MetricsWriter(run_dir / METRICS_FILE)
         self.schedule = MetricsWriter(run_dir / SCHEDULE_FILE)  # which answers each update averaged: the replay
-        self.bar = tqdm(total=config.train.steps, unit="step", disable=None if progress is None else not progress,
+        self.bar = bar(total=config.train.steps, unit="step", disable=None if progress is None else not progress,
                         file=sys.stderr, dynamic_ncols=True, leave=False)
         self.times: list[float] = []
         self.last: dict | None = None
@@ -263,6 +265,20 @@ class Recorder:
             self._faults_file.close()
 
 
+def progress_bar(say) -> type:
+    """The progress bar tqdm.auto would pick: a widget in a Jupyter kernel, text on stderr elsewhere. In a kernel
+    without ipywidgets that is text too, said in one line (tqdm.auto would warn in several)."""
+    if "ipykernel.zmqshell" not in sys.modules:
+        return tqdm_std.tqdm
+    from tqdm import notebook
+
+    if notebook.IProgress is None:
+        say("sgd-dist: the progress bar is plain text here: ipywidgets is not installed "
+            "(pip install ipywidgets for the notebook's bar)")
+        return tqdm_std.tqdm
+    return notebook.tqdm
+
+
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
@@ -270,12 +286,26 @@ class RunResult:
 
 
 def resolve_run_dir(config: Config, config_path: str | Path | None) -> Path:
+    """output.dir, else runs/<name>-<timestamp>: output.name, the config file's stem, or (a config built in
+    Python) the mode, the workers and the backend, as sync-2w-ray."""
     if config.output.dir is not None:
         run_dir = Path(config.output.dir)
         check_run_dir(run_dir)
         return run_dir
-    name = config.output.name or (Path(config_path).stem if config_path else "run")
+    cluster = config.cluster
+    name = config.output.name or (Path(config_path).stem if config_path
+                                  else f"{config.train.mode}-{cluster.num_workers}w-{cluster.backend}")
     return default_run_dir(name)
+
+
+def completed_summary(run_dir: str | Path) -> dict | None:
+    """The run directory's summary if the run completed, else None."""
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
 
 
 def train(
@@ -296,18 +326,32 @@ def train(
     ``resume``: go on with the run in that directory from its latest checkpoint (``config`` must be the run's
     own config.yaml); the rows after the checkpoint are dropped and computed again, so metrics.jsonl ends with
     every step once. A missing, corrupt or mismatched checkpoint raises CheckpointError before anything is touched.
+    A run that already completed is left as it is, byte for byte: its own result comes back.
+
+    What cannot fit this machine (memory, a GPU) is a ConfigError before anything starts. An exception out of a
+    started run carries ``run_dir``: the run directory, or None if the run stopped before writing one.
     """
     t_start = time.perf_counter()
+    say = print if console else (lambda *a, **k: None)
     restore = None
     if resume is not None:
         run_dir = Path(resume)
+        done = completed_summary(run_dir)
+        if done is not None:
+            say(f"sgd-dist: {run_dir} is complete ({done.get('steps')} steps); nothing to resume")
+            return RunResult(run_dir, done)
         restore, _ = load_checkpoint(run_dir, config)
     else:
         run_dir = resolve_run_dir(config, config_path)
-    say = print if console else (lambda *a, **k: None)
+    for note in check_this_machine(config):
+        say(note)
     say(f"sgd-dist: {config.cluster.backend} backend, {config.cluster.num_workers} workers{_where(config)}, "
         f"{config.data.n_samples:,} rows x {config.data.dim} parameters; generating the shards where they live")
-    backend = make_backend(config)
+    try:
+        backend = make_backend(config)
+    except BaseException as exc:
+        exc.run_dir = None  # nothing was written
+        raise
     recorder: Recorder | None = None
     summary: dict | None = None
     try:
@@ -318,28 +362,29 @@ def train(
         reference = compute_reference(config, backend)
         t_reference = time.perf_counter() - t_start - t_setup
         noise = measure_noise_scale(config, backend, reference) if config.train.gradient_noise_scale else None
-        recorder = Recorder(run_dir, config, reference, console, progress)
+        recorder = Recorder(run_dir, config, reference, console, progress,
+                            progress_bar(say) if progress is not False else tqdm_std.tqdm)
         if restore is not None:
             step = int(restore["server"]["step"])
             recorder.rewind(step)
             recorder.fault({"fault": "resumed", "step": step, "at_unix": time.time()})
-        t0 = time.perf_counter()
         backend.run(policy or policy_for(config), eval_steps(config.train.steps, config.train.eval_every), recorder,
                     restore=restore)
-        train_time = time.perf_counter() - t0
         weights = backend.final_weights()
         backend.info = backend.worker_info()  # again, for the workers' peak memory over the run
-        summary = _summary(config, backend, reference, recorder, weights, t_setup, t_reference, train_time,
+        summary = _summary(config, backend, reference, recorder, weights, t_setup, t_reference,
                            time.perf_counter() - t_start, restore)
         if noise is not None:
             final = noise_scale.noise_scale(backend.gradient_moments(weights), weights, config.optim.weight_decay)
             summary["gradient_noise_scale"] = {**noise, "final": final.as_dict()}
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
     except BaseException as exc:
-        if run_dir.exists() and (run_dir / CONFIG_FILE).exists():
+        exc.run_dir = run_dir if (run_dir / CONFIG_FILE).exists() else None
+        if exc.run_dir is not None:
             last = last_recorded_step(run_dir / METRICS_FILE)
             write_json_atomic(run_dir / SUMMARY_FILE, {
-                "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", "error": one_line(exc),
+                "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                "error": signals.describe(exc) if isinstance(exc, KeyboardInterrupt) else one_line(exc),
                 "steps_recorded": last, "steps": config.train.steps, "backend": config.cluster.backend,
                 "mode": config.train.mode, "num_workers": config.cluster.num_workers,
                 "faults": [] if recorder is None else recorder.faults,
@@ -367,10 +412,13 @@ def _draw_in_background(run_dir: Path) -> Future:
 
 
 def _summary(config: Config, backend: Backend, reference: Reference, recorder: Recorder, weights: torch.Tensor,
-             t_setup: float, t_reference: float, train_time: float, wall: float, restore: dict | None) -> dict:
+             t_setup: float, t_reference: float, wall: float, restore: dict | None) -> dict:
     last, last_eval = recorder.last, recorder.last_eval
-    samples_before = 0 if restore is None else int(restore["server"]["samples_seen"])  # a resumed run's earlier part
     assert last is not None and last_eval is not None and last_eval["step"] == config.train.steps
+    # The training time is the metrics' own clock (the server's, from the loop's start to the last update): the
+    # console, this summary and the plots all use it. A resumed or restored run's clock goes on from its
+    # checkpoint's, so the time covers exactly the steps metrics.jsonl records, each once.
+    train_time = last["wall_time_s"]
     gap = last_eval.get("optimality_gap")
     return {
         "status": "completed",
@@ -403,7 +451,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         "train_time_s": train_time,
         "median_step_ms": recorder.median_step_ms(),
         "record_ms_per_step": 1e3 * backend.loop_stats.get("record_seconds", 0.0) / max(last["step"], 1),
-        "samples_per_s": (last["samples_seen"] - samples_before) / train_time,
+        "samples_per_s": last["samples_seen"] / train_time if train_time > 0 else None,
         "faults": recorder.faults,
         "replacements": {int(r): n for r, n in backend.loop_stats.get("replacements", {}).items()},
         "checkpoints": recorder.checkpoints,

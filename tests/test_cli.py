@@ -18,6 +18,7 @@ import yaml
 from conftest import assert_png
 
 SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))  # the installed console script
+ROOT = Path(__file__).resolve().parent.parent
 TINY = {
     "data": {"n_samples": 400, "n_features": 1, "seed": 3, "true_weights": [3.0, 2.0]},
     "model": {"init": [-1.0, 1.0]},
@@ -125,8 +126,9 @@ def test_unreachable_cluster_exits_1_fast_and_writes_nothing(tiny, tmp_path):
     # fast: the command's own start-up (~3 s here) and one refused connection, not Ray's minutes of retries
     assert time.monotonic() - start < 15
     assert proc.returncode == 1
+    # a cluster error is the whole story: no "(--traceback shows where)"
     assert proc.stderr.strip() == (f"sgd-dist: error: run failed: ClusterError: cannot reach a Ray cluster at "
-                                   f"'127.0.0.1:{port}': Connection refused (--traceback shows where)")
+                                   f"'127.0.0.1:{port}': Connection refused")
     assert not (tmp_path / "never").exists()
 
 
@@ -135,6 +137,7 @@ def test_cluster_too_small_exits_1(ray_session, tiny, tmp_path):
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "never"), "--address", address,
                     "cluster.cpus_per_worker=50")
     assert proc.returncode == 1 and "needs 100 CPUs" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.endswith("or cluster.num_workers)\n")  # no "(--traceback shows where)"
     assert not (tmp_path / "never").exists()
 
 
@@ -256,7 +259,7 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    assert stderr == "sgd-dist: error: interrupted; the run directory keeps the rows recorded so far\n"
+    assert stderr == f"sgd-dist: error: interrupted; {run} keeps the rows recorded so far\n"
     summary = _assert_rows_up_to_the_summary(run, "interrupted")
     assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 19
 
@@ -305,3 +308,214 @@ def test_plot_redraws_a_killed_run(tiny, tmp_path):
     assert plot.returncode == 0, plot.stderr
     assert plot.stdout.split() == [str(run / "loss.png")]  # no summary, so no fitted weights to draw
     assert_png(run / "loss.png")
+
+
+def test_version_names_the_package():
+    import sgd_dist as package
+
+    proc = sgd_dist("--version")
+    assert proc.returncode == 0 and proc.stdout == f"sgd-dist {package.__version__}\n"
+
+
+def _one_line_exit_2(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit 2, one line on stderr matching ``message``, and nothing else: no Ray started (its token warning would
+    be a line of its own), no ANSI codes, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and re.fullmatch(rf"sgd-dist: error: {message}\n", proc.stderr), proc.stderr
+    assert "\x1b" not in proc.stderr
+
+
+def test_a_config_that_is_not_utf8_exits_2_in_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# r\u00e9glages\n".encode("latin-1") + yaml.safe_dump(TINY).encode())
+    proc = sgd_dist("train", "--config", str(path), "--out", str(tmp_path / "never"))
+    _one_line_exit_2(proc, r"config file '.*latin1\.yaml' is not UTF-8 text \(byte 0xe9 at offset 3\); save it as UTF-8")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", ""], r"--out needs a directory \(got an empty one\); leave --out out for the default"),
+    (["--out", "  "], r"--out needs a directory .*"),
+    (["output.name=../..", "--backend", "serial"], r"output\.name: must be a plain name .*"),
+    (["train.steps=5", "train.steps=6"], r"train\.steps is given twice .*"),
+    (["--out", "a", "output.dir=b"], r"output\.dir is given twice \('output\.dir=b' and 'output\.dir=a'; --out sets "
+                                     r"output\.dir\): give it once"),
+])
+def test_silently_ambiguous_arguments_exit_2(tiny, tmp_path, args, message):
+    proc = sgd_dist("train", "--config", str(tiny), *args, cwd=tmp_path)
+    _one_line_exit_2(proc, message)
+    assert list(tmp_path.iterdir()) == [tiny]  # nothing written: no runs/, no directory above the cwd
+
+
+def test_out_pointing_at_a_file_says_it_is_a_file(tiny, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "a-file"), "--backend", "serial")
+    _one_line_exit_2(proc, r"output directory '.*a-file' is a file, not a directory; choose another --out")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--address", "garbage!!"], r"cluster\.address: must be 'auto', HOST:PORT or ray://HOST:PORT \(got 'garbage!!'\)"),
+    (["--out", "/proc/sgd-dist-run"], r"output directory '/proc/sgd-dist-run' cannot be created in '/proc': .*"),
+    (["cluster.device=cuda"], r"cluster\.device=cuda, but this machine has no CUDA device \(torch sees none\); use "
+                              r"cpu or auto"),
+])
+def test_config_errors_are_found_before_ray_starts(tiny, tmp_path, args, message):
+    import torch
+
+    if "cluster.device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    start = time.monotonic()
+    proc = sgd_dist("train", "--config", str(tiny), *(["--out", str(tmp_path / "never")] if "--out" not in args else []),
+                    *args)
+    _one_line_exit_2(proc, message)
+    assert time.monotonic() - start < 30  # the command's imports, not a Ray start-up and its teardown
+    assert not (tmp_path / "never").exists()
+
+
+def test_more_workers_than_this_machine_can_hold_are_refused_up_front(tmp_path):
+    # the issue's command: 1000 workers on the embedded Ray would fork a thousand torch processes
+    proc = sgd_dist("train", "--config", str(ROOT / "configs" / "default.yaml"), "--out", str(tmp_path / "never"),
+                    "cluster.num_workers=1000", "train.batch_size=8", "train.steps=200", "data.n_samples=20000")
+    _one_line_exit_2(proc, r"cluster\.num_workers=1000 needs about \d+ GB on this machine \(each worker 310 MB of "
+                           r"runtime \+ [\d.]+ KB of data, plus the server\); it has [\d.]+ GB available of [\d.]+ GB: "
+                           r"use fewer workers \(cluster\.num_workers=\d+ fits\), or a cluster \(cluster\.address\)")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("backend", ["ray", "serial"])
+def test_data_that_cannot_fit_this_machine_is_refused_up_front(tmp_path, backend):
+    proc = sgd_dist("train", "--config", str(ROOT / "configs" / "default.yaml"), "--out", str(tmp_path / "never"),
+                    "data.n_samples=1e11", "--backend", backend)
+    if backend == "ray":
+        message = (r"cluster\.num_workers=2 needs about [\d.]+ TB on this machine \(each worker 310 MB of runtime "
+                   r"\+ [\d.]+ TB of data, plus the server\); it has .*: lower data\.n_samples or data\.n_features")
+    else:
+        message = (r"the data needs about [\d.]+ TB in this process \(2 shards of [\d.]+ TB\); this machine has .*: "
+                   r"lower data\.n_samples or data\.n_features")
+    _one_line_exit_2(proc, message)
+
+
+def test_resume_of_a_completed_run_says_so_and_changes_nothing(tiny, tmp_path):
+    run = tmp_path / "done"
+    first = sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial",
+                     "train.checkpoint_every=10")
+    assert first.returncode == 0, first.stderr
+    assert (run / "checkpoints" / "latest.json").is_file()  # a checkpoint to "resume" from is there
+
+    def snapshot() -> dict:
+        return {p.relative_to(run): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    proc = sgd_dist("train", "--resume", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"sgd-dist: {run} is complete (40 steps); nothing to resume\n" and proc.stderr == ""
+    assert snapshot() == before
+
+
+def _session_processes(sid: int) -> list[str]:
+    """The processes of session ``sid`` that are still alive (zombies are gone as far as Ray is concerned)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(name)
+    return found
+
+
+def _none_left(sid: int, within: float = 20) -> list[str]:
+    deadline = time.monotonic() + within
+    while (left := _session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
+
+
+def _start_long_ray_run(tiny: Path, run: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), "train.steps=1e7",
+                             "train.log_every=0", "train.eval_every=0", "--no-progress", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_user_env(), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                            preexec_fn=_default_sigint)
+
+
+@pytest.mark.parametrize("to", ["the process", "its group"])
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_exits_143(tiny, tmp_path, to):
+    run = tmp_path / "terminated"
+    proc = _start_long_ray_run(tiny, run)
+    try:
+        _wait_for_rows(run, 200, proc, timeout=120)
+        assert len(_session_processes(proc.pid)) > 3  # the driver and the Ray it started (GCS, raylet, actors, ...)
+        # `kill PID` and a scheduler signal the process; `timeout` signals its whole group, Ray's processes too
+        if to == "the process":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert stderr.endswith(f"sgd-dist: error: interrupted; {run} keeps the rows recorded so far\n"), stderr
+    assert "SIGTERM received" not in stderr  # no stack dump from Ray's C++ core
+    summary = _assert_rows_up_to_the_summary(run, "interrupted")
+    assert summary["error"] == "SIGTERM" and summary["steps_recorded"] >= 199
+    assert _none_left(proc.pid) == []
+
+
+def test_a_double_ctrl_c_exits_130_and_leaves_no_ray_process(tiny, tmp_path):
+    run = tmp_path / "twice"
+    proc = _start_long_ray_run(tiny, run)
+    try:
+        _wait_for_rows(run, 200, proc, timeout=120)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C goes to the whole foreground group
+        time.sleep(0.3)  # the second one lands while the first one's cleanup (Ray's shutdown) runs
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.endswith(f"sgd-dist: error: interrupted; {run} keeps the rows recorded so far\n"), stderr
+    _assert_rows_up_to_the_summary(run, "interrupted")
+    assert _none_left(proc.pid) == []  # no dashboard or runtime-env agent orphaned
+
+
+def test_ctrl_c_before_the_run_directory_exists_says_nothing_was_written(tiny, tmp_path):
+    run = tmp_path / "early"
+    proc = _start_long_ray_run(tiny, run)
+    try:
+        first = proc.stdout.readline()  # printed just before the cluster starts
+        assert first.startswith("sgd-dist: ray backend"), first
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.endswith("sgd-dist: error: interrupted before the run started; nothing was written\n"), stderr
+    assert not run.exists()
+    assert _none_left(proc.pid) == []
+
+
+def test_the_done_line_the_summary_and_the_metrics_agree_on_the_training_time(tiny, tmp_path):
+    run = tmp_path / "timed"
+    proc = sgd_dist("train", "--config", str(tiny), "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["train_time_s"] == last["wall_time_s"]  # the metrics' clock, not the driver's
+    assert summary["samples_per_s"] == pytest.approx(last["samples_seen"] / last["wall_time_s"], rel=1e-12)
+    done = next(line for line in proc.stdout.splitlines() if line.startswith("done: "))
+    assert done.startswith(f"done: 40 steps in {summary['train_time_s']:.3g} s (")
+    assert f"{summary['samples_per_s']:,.0f} samples/s" in done
+
+
+def test_a_sweep_given_a_training_config_says_so(tiny):
+    proc = sgd_dist("sweep", "--config", str(tiny))
+    _one_line_exit_2(proc, rf"'{re.escape(str(tiny))}' is a training config, not an experiment: run it with sgd-dist "
+                           rf"train --config {re.escape(str(tiny))}, or sweep it from an experiment file .*")
+
+
+def test_model_refuses_zero_cores(tmp_path):
+    proc = sgd_dist("model", str(tmp_path), "--cores", "0")
+    _one_line_exit_2(proc, r"--cores must be at least 1 \(got 0\); leave it out for the sweep's own")

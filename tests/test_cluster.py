@@ -85,12 +85,19 @@ def test_train_on_a_ray_start_cluster_with_its_token(loopback_cluster, tmp_path)
     assert summary["status"] == "completed" and summary["backend"] == "ray" and summary["steps"] == 20
 
 
-def test_a_client_without_the_token_is_refused(loopback_cluster, tmp_path):
+@pytest.mark.parametrize("client", ["no token", "a wrong token"])
+def test_a_client_without_the_token_is_refused_in_one_line_before_rays_retries(loopback_cluster, tmp_path, client):
     address, _ = loopback_cluster
-    env = _user_env(RAY_gcs_server_port_wait_time_s="2")  # Ray retries for ~20 s by default
+    env = _user_env() if client == "no token" else _user_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     proc = _train(address, tmp_path / "never", env)
     assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"sgd-dist: error: run failed: ClusterError: Failed to connect to Ray cluster at {address}")
-    assert "export RAY_AUTH_MODE=token" in last
+    # the refusal is found before ray.init: none of the ~20 lines of Ray's "Unauthenticated" retries, only ours
+    assert proc.stderr.count("\n") == 1 and "Unauthenticated" not in proc.stderr, proc.stderr
+    if client == "no token":
+        assert proc.stderr == (f"sgd-dist: error: run failed: ClusterError: the Ray cluster at '{address}' uses token "
+                               "authentication and this client sends no token: export RAY_AUTH_MODE=token and the "
+                               "cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)\n")
+    else:
+        assert proc.stderr.startswith(f"sgd-dist: error: run failed: ClusterError: the Ray cluster at '{address}' "
+                                      "refused this client's token (RAY_AUTH_MODE=token): use the cluster's own token")
     assert not (tmp_path / "never").exists()

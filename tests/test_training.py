@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,8 @@ def test_lesson2_matches_plain_sgd_at_every_step(ray_session, tmp_path, backend)
 def test_the_lr_column_follows_the_schedule(tmp_path, overrides):
     """The lr column against the schedule computed independently (and each step against plain SGD: with uneven
     shards that checks the average is weighted by rows)."""
-    config = make_config("cluster.backend=serial", "train.steps=40", "optim.lr=0.05", *overrides,
-                         f"output.dir={tmp_path / 'r'}")
+    config = make_config("cluster.backend=serial", "train.steps=40", *overrides, f"output.dir={tmp_path / 'r'}",
+                         optim={"lr": 0.05})  # in the base: an override may set another lr (one key, given once)
     result = train(config, console=False, progress=False)
     assert_matches_plain_sgd(config, read_metrics(result.run_dir), result.summary)
 
@@ -100,7 +101,10 @@ def test_the_lr_column_follows_the_schedule(tmp_path, overrides):
 def test_run_directory_holds_config_metrics_summary_and_figures(default_run):
     config, result = default_run
     run_dir = result.run_dir
-    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "schedule.jsonl", "summary.json", "loss.png"}
+    # checkpoints: the default's every 1000 steps (a killed default job can be resumed)
+    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "schedule.jsonl", "summary.json",
+                                                   "loss.png", "checkpoints"}
+    assert read_summary(run_dir)["checkpoints"] >= 1
     assert load_config(run_dir / "config.yaml") == config
     rows = read_metrics(run_dir)
     steps = config.train.steps
@@ -261,3 +265,107 @@ def test_a_run_repeats_bit_for_bit_from_its_saved_config(tmp_path, path, overrid
     assert _without_timings(rows_second) == _without_timings(rows_first)
     assert second.summary["weights"] == first.summary["weights"]
     assert_png(first.run_dir / "loss.png")
+
+
+def test_the_shipped_logistic_config_trains_close_to_its_exact_optimum(tmp_path):
+    config = load_config(CONFIGS / "logistic.yaml", ["cluster.backend=serial", f"output.dir={tmp_path / 'lg'}",
+                                                     "output.plots=false"])
+    s = train(config, console=False, progress=False).summary
+    assert s["objective"] == "mean logistic loss" and "Newton" in s["reference"]
+    assert 0 <= s["relative_optimality_gap"] < 1e-3
+
+
+def test_data_kind_logistic_as_an_override_trains_a_shipped_linear_config(tmp_path):
+    config = load_config(CONFIGS / "lesson2.yaml", ["data.kind=logistic", "cluster.backend=serial",
+                                                    f"output.dir={tmp_path / 'l2'}", "output.plots=false"])
+    s = train(config, console=False, progress=False).summary
+    assert s["objective"] == "mean logistic loss" and s["steps"] == 100
+
+
+def test_the_training_time_is_the_metrics_clock_in_the_summary_and_the_plot(tmp_path):
+    from sgd_dist.plots import _title
+
+    result = train(make_config("cluster.backend=serial", f"output.dir={tmp_path / 'r'}"), console=False, progress=False)
+    s, rows = result.summary, read_metrics(result.run_dir)
+    assert s["train_time_s"] == rows[-1]["wall_time_s"]
+    assert s["samples_per_s"] == pytest.approx(rows[-1]["samples_seen"] / rows[-1]["wall_time_s"], rel=1e-12)
+    assert f"20 steps in {s['train_time_s']:.3g} s" in _title(s, load_config(result.run_dir / "config.yaml"))
+
+
+def test_a_resumed_runs_time_covers_the_steps_it_records_once(tmp_path, monkeypatch):
+    """After --resume the clock goes on from the checkpoint's: the training time and the samples/s are those of
+    the steps metrics.jsonl holds, not this command's share of them over all the steps."""
+    from sgd_dist.trainer import Recorder
+
+    class Killed(Exception):
+        pass
+
+    original = Recorder.checkpoint
+
+    def checkpoint_then_die(self, state):
+        original(self, state)
+        if state["server"]["step"] >= 30:
+            raise Killed
+
+    config = make_config("cluster.backend=serial", "train.steps=60", "train.checkpoint_every=10",
+                         f"output.dir={tmp_path / 'cut'}")
+    monkeypatch.setattr(Recorder, "checkpoint", checkpoint_then_die)
+    with pytest.raises(Killed):
+        train(config, console=False, progress=False)
+    monkeypatch.setattr(Recorder, "checkpoint", original)
+    s = train(config, console=False, progress=False, resume=tmp_path / "cut").summary
+    rows = read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in rows] == list(range(61)) and s["resumed_from"] >= 30
+    times = [r["wall_time_s"] for r in rows]
+    assert times == sorted(times) and times[s["resumed_from"] + 1] > times[s["resumed_from"]]
+    assert s["train_time_s"] == times[-1]
+    assert s["samples_per_s"] == pytest.approx(rows[-1]["samples_seen"] / times[-1], rel=1e-12)
+
+
+def test_resuming_a_completed_run_returns_it_untouched(tmp_path):
+    run = tmp_path / "done"
+    config = make_config("cluster.backend=serial", "train.checkpoint_every=10", f"output.dir={run}")
+    first = train(config, console=False, progress=False)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    again = train(config, console=False, progress=False, resume=run)
+    assert again.summary == read_summary(run) and again.summary["steps"] == first.summary["steps"] == 20
+    assert again.run_dir == run
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def test_runs_from_python_are_named_after_their_mode_workers_and_backend(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = train(make_config("cluster.backend=serial", "train.mode=async"), console=False, progress=False)
+    assert result.run_dir.parent == Path("runs") and result.run_dir.name.startswith("async-2w-serial-")
+    named = train(make_config("cluster.backend=serial", "output.name=probe"), console=False, progress=False)
+    assert named.run_dir.name.startswith("probe-")
+
+
+def test_a_short_run_writes_no_checkpoint_and_the_default_job_one_every_1000_steps(tmp_path):
+    config = load_config(CONFIGS / "lesson2.yaml", ["train.steps=1", "cluster.backend=serial",
+                                                    f"output.dir={tmp_path / 'one'}", "output.plots=false"])
+    s = train(config, console=False, progress=False).summary
+    assert s["checkpoints"] == 0 and not (tmp_path / "one" / "checkpoints").exists()
+    config = make_config("cluster.backend=serial", "train.steps=2000", "train.eval_every=0",
+                         f"output.dir={tmp_path / 'long'}")
+    s = train(config, console=False, progress=False).summary
+    assert s["checkpoints"] == 2 and (tmp_path / "long" / "checkpoints" / "latest.json").is_file()
+
+
+def test_in_a_notebook_the_bar_is_a_widget_or_one_line_says_why_not(monkeypatch):
+    import types
+
+    import tqdm.notebook
+    import tqdm.std
+
+    from sgd_dist.trainer import progress_bar
+
+    said: list[str] = []
+    assert progress_bar(said.append) is tqdm.std.tqdm and said == []  # a terminal: the text bar, nothing said
+    monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))  # a kernel
+    monkeypatch.setattr(tqdm.notebook, "IProgress", None)  # ipywidgets missing
+    assert progress_bar(said.append) is tqdm.std.tqdm
+    assert said == ["sgd-dist: the progress bar is plain text here: ipywidgets is not installed "
+                    "(pip install ipywidgets for the notebook's bar)"]
+    monkeypatch.setattr(tqdm.notebook, "IProgress", object)  # ipywidgets there
+    assert progress_bar(said.append) is tqdm.notebook.tqdm and len(said) == 1

@@ -22,6 +22,10 @@ from sgd_dist.objectives import LinearStats, NewtonTerms
 Handle = Any  # a value (serial) or a ray.ObjectRef (ray)
 
 
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or cannot host the run (its message is the whole story: one line)."""
+
+
 def one_line(exc: BaseException) -> str:
     """The exception's type and the first line of its message (Ray's errors carry whole remote tracebacks)."""
     cause = getattr(exc, "cause", None)  # a Ray task's error: its first line is Ray's header, the cause says why

@@ -8,7 +8,6 @@ test session) it is used as it is and left running, and an address naming anothe
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ipaddress
 import logging
@@ -27,8 +26,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sgd_dist import signals
 from sgd_dist.backends import simulated
-from sgd_dist.backends.base import Backend, Sink, one_line, server_args, worker_args, worker_threads
+from sgd_dist.backends.capacity import check_node_memory
+from sgd_dist.backends.base import (  # noqa: F401 (ClusterError: raised here, imported from here)
+    Backend,
+    ClusterError,
+    Sink,
+    one_line,
+    server_args,
+    worker_args,
+    worker_threads,
+)
 from sgd_dist.config import Config
 from sgd_dist.server import LoopHooks, ParameterServer, serve
 from sgd_dist.transports import WorkerLost, channel
@@ -230,37 +239,17 @@ class _Server:
             self.end = None
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Ctrl-C during the block raises KeyboardInterrupt after it (where Python's own handler is in place)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    caught: list = []
-    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
-
-
 _WorkerActor = ray.remote(_Worker)
 _ServerActor = ray.remote(_Server)
 
 CONNECT_TIMEOUT_S = 5.0
+AUTH_PROBE_TIMEOUT_S = 5.0
 REPLACE_TIMEOUT_S = 30.0  # a replacement worker must be up (its shard generated) within this
 MAX_SERVER_RESTARTS = 3
 
 
 class _ServerLost(Exception):
     """The server actor died (its process was killed, or its node was removed)."""
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be reached or cannot host the run."""
 
 
 def _resolve(address: str) -> tuple[str, int]:
@@ -330,7 +319,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address is None:
         _stay_on_loopback()
         # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        with signals.keep_sigterm_handler():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         return True
     host, port = _resolve(address)
     try:
@@ -339,14 +329,62 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         raise ClusterError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
     if _is_loopback(host):
         _stay_on_loopback()
+    if not address.startswith("ray://"):  # Ray Client speaks its own protocol, not the GCS's
+        check_token(host, port, address)
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        with signals.keep_sigterm_handler():
+            ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as exc:
         hint = "" if os.environ.get("RAY_AUTH_MODE") else (
             "; a cluster made with `ray start` uses token authentication (Ray 2.60): export RAY_AUTH_MODE=token "
             "and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
         raise ClusterError(f"{str(exc).splitlines()[0]}{hint}") from None
     return True
+
+
+def _ask_gcs(host: str, port: int, timeout: float):
+    """Ask a GCS one cheap question (its cluster id) with this process's credentials: None if it answered, else
+    the gRPC status code of the failure."""
+    import grpc
+    from ray._private.gcs_utils import create_gcs_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = create_gcs_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                            timeout=timeout)
+    except grpc.RpcError as exc:
+        return exc.code()
+    finally:
+        channel.close()
+    return None
+
+
+def check_token(host: str, port: int, address: str) -> None:
+    """Before ray.init: a token-auth cluster (every `ray start` cluster in Ray 2.60) refuses a client without its
+    token at once (UNAUTHENTICATED), where ray.init would log about 20 s of retries before its own error.
+    Anything else the question meets is left to ray.init to report."""
+    import grpc
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    if _ask_gcs(host, port, AUTH_PROBE_TIMEOUT_S) != grpc.StatusCode.UNAUTHENTICATED:
+        return
+    if is_token_auth_enabled():
+        raise ClusterError(f"the Ray cluster at {address!r} refused this client's token (RAY_AUTH_MODE=token): use "
+                           "the cluster's own token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    raise ClusterError(f"the Ray cluster at {address!r} uses token authentication and this client sends no token: "
+                       "export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                       "~/.ray/auth_token)")
+
+
+def gcs_alive(timeout: float = 1.0) -> bool:
+    """Whether the connected cluster's GCS still answers: a signal sent to the whole process group (`timeout`,
+    `kill -TERM -PGID`) also stops the embedded Ray's processes, and then every call that needs the GCS
+    (removing a placement group) would wait a minute for it, and Ray would abort the process."""
+    import grpc
+
+    host, port = _resolve(ray.get_runtime_context().gcs_address)
+    return _ask_gcs(host, port, timeout) not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def pick_transport(wanted: str, nodes: set[str]) -> str:
@@ -390,6 +428,9 @@ class RayBackend(Backend):
 
     def _create_actors(self, config: Config, cpus_needed: float) -> None:
         cluster = config.cluster
+        memory = [node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]]
+        if memory:
+            check_node_memory(config, max(memory))
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
         if cluster.device == "cuda" and gpus == 0:
@@ -441,7 +482,8 @@ class RayBackend(Backend):
                 "(or call ray.shutdown() first)")
         _stay_on_loopback()
         cpus = simulated.cpus_per_node(cluster.num_workers, cluster.cpus_per_worker, cluster.simulated_nodes)
-        self.simulated, self._simulated_nodes = simulated.start(cluster.simulated_nodes, cpus, cluster.num_workers)
+        with signals.keep_sigterm_handler():
+            self.simulated, self._simulated_nodes = simulated.start(cluster.simulated_nodes, cpus, cluster.num_workers)
         return True
 
     @property
@@ -595,7 +637,7 @@ class RayBackend(Backend):
         """Hand the server's records to the sink, once each: a record sent again (the reply that first carried it
         was lost) is skipped, and the server lets go of each once a later drain confirms it. Ctrl-C waits until
         the records are written, so that no batch is cut in two."""
-        with _sigint_deferred():
+        with signals.deferred():
             for seq, kind, payload in items:
                 if seq > self._acked:
                     self._acked = seq  # first: a record whose delivery fails (a diverged row) is not tried again
@@ -640,17 +682,23 @@ class RayBackend(Backend):
         for actor in [*self.workers, self.server]:
             if actor is not None:
                 ray.kill(actor)
-        self.workers, self.server = [], None
-        if self._segment is not None:  # the server may have died holding it (same node only: shm)
-            (SHM_DIR / self._segment).unlink(missing_ok=True)
-            self._segment = None
+        self._release_local()
         if self._group is not None:  # a pending group would take the CPUs the moment they free up
             remove_placement_group(self._group)
             self._group = None
 
+    def _release_local(self) -> None:
+        self.workers, self.server = [], None
+        if self._segment is not None:  # the server may have died holding it (same node only: shm)
+            (SHM_DIR / self._segment).unlink(missing_ok=True)
+            self._segment = None
+
     def close(self) -> None:
         if ray.is_initialized():
-            self._release_actors()
+            if not self._started or gcs_alive():
+                self._release_actors()
+            else:  # our Ray is going down under us: only what lives outside it (the segment) needs us
+                self._release_local()
             if self._started:  # only a Ray this run started: a joined cluster's /dev/shm is not ours to tidy
                 ray.shutdown()
                 self._started = False
