@@ -259,7 +259,7 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    assert stderr == f"sgd-dist: error: interrupted; {run} keeps the rows recorded so far\n"
+    _assert_interrupted_line(stderr, run)
     summary = _assert_rows_up_to_the_summary(run, "interrupted")
     assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 19
 
@@ -433,6 +433,15 @@ def _none_left(sid: int, within: float = 20) -> list[str]:
     return left
 
 
+def _assert_interrupted_line(stderr: str, run: Path) -> None:
+    """The last line names the run directory, and how to resume it when a checkpoint was written (a loaded machine
+    may have run 1000 steps by the time the signal comes)."""
+    hint = f" (sgd-dist train --resume {run} goes on from its latest checkpoint)"
+    expected = (f"sgd-dist: error: interrupted; {run} keeps the rows recorded so far"
+                + (hint if (run / "checkpoints" / "latest.json").is_file() else "") + "\n")
+    assert stderr.endswith(expected), stderr
+
+
 def _start_long_ray_run(tiny: Path, run: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), "train.steps=1e7",
                              "train.log_every=0", "train.eval_every=0", "--no-progress", *extra],
@@ -457,7 +466,7 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_exits_143(tiny, tmp_path, to):
     finally:
         proc.kill()
     assert proc.returncode == 143, stderr
-    assert stderr.endswith(f"sgd-dist: error: interrupted; {run} keeps the rows recorded so far\n"), stderr
+    _assert_interrupted_line(stderr, run)
     assert "SIGTERM received" not in stderr  # no stack dump from Ray's C++ core
     summary = _assert_rows_up_to_the_summary(run, "interrupted")
     assert summary["error"] == "SIGTERM" and summary["steps_recorded"] >= 199
@@ -476,7 +485,7 @@ def test_a_double_ctrl_c_exits_130_and_leaves_no_ray_process(tiny, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    assert stderr.endswith(f"sgd-dist: error: interrupted; {run} keeps the rows recorded so far\n"), stderr
+    _assert_interrupted_line(stderr, run)
     _assert_rows_up_to_the_summary(run, "interrupted")
     assert _none_left(proc.pid) == []  # no dashboard or runtime-env agent orphaned
 
@@ -519,3 +528,10 @@ def test_a_sweep_given_a_training_config_says_so(tiny):
 def test_model_refuses_zero_cores(tmp_path):
     proc = sgd_dist("model", str(tmp_path), "--cores", "0")
     _one_line_exit_2(proc, r"--cores must be at least 1 \(got 0\); leave it out for the sweep's own")
+
+
+def test_an_error_line_carries_no_terminal_colour_codes():
+    from sgd_dist.backends.base import one_line
+
+    error = RuntimeError("The actor died in its creation task, \x1b[36mray::_Worker.__init__()\x1b[39m (pid=1)\nmore")
+    assert one_line(error) == "RuntimeError: The actor died in its creation task, ray::_Worker.__init__() (pid=1)"

@@ -194,7 +194,8 @@ def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal
 
 
 def test_a_server_killed_before_any_checkpoint_starts_over_and_sync_ends_bit_equal(ray_session, tmp_path, reference):
-    config = make_config(*BASE, "train.checkpoint_every=0", f"output.dir={tmp_path / 's'}",
+    config = make_config(*[o for o in BASE if not o.startswith("train.checkpoint_every=")], "train.checkpoint_every=0",
+                         f"output.dir={tmp_path / 's'}",
                          "faults=[{kind: kill_server, step: 7}]")
     result = train(config, console=False, progress=False)
     assert_same_run(result.run_dir, reference)
@@ -267,7 +268,8 @@ def checkpointed(tmp_path) -> Path:
     run = tmp_path / "run"
     train(make_config("cluster.backend=serial", "train.checkpoint_every=10", f"output.dir={run}"), console=False,
           progress=False)
-    return run
+    (run / "summary.json").unlink()  # as a driver killed after its last checkpoint leaves it (a completed run is
+    return run                       # not resumed at all)
 
 
 def _snapshot(run: Path) -> dict[str, str]:
@@ -503,7 +505,8 @@ def test_a_delay_fault_makes_one_answer_late_once_and_changes_no_number():
     ("{kind: kill_worker, worker: 2, step: 3}", r"faults\[0\] \(kill_worker\): worker 2; workers are 0..1"),
     ("{kind: kill_server, step: 30}", r"step 30 is after the last step \(train.steps=20\)"),
     ("{kind: delay, worker: 0, step: 3}", "a delay fault needs seconds > 0"),
-    ("{kind: remove_node, node: 1, step: 3}", r"removable simulated nodes are 1..0"),
+    ("{kind: remove_node, node: 1, step: 3}", r"faults\[0\] \(remove_node\): needs a simulated cluster with a node to "
+                                              r"remove: cluster\.simulated_nodes of 2 or more \(it is null"),
     ("{kind: explode, step: 3}", "kind"),
 ])
 def test_bad_faults_are_one_line_config_errors(fault, message):
