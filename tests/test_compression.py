@@ -99,7 +99,7 @@ def test_int8_levels_and_scales_are_what_travels(dtype):
     payload = build_compressor("int8").compress(x, Key(0, 0, 0))
     assert payload.values.dtype == torch.int8 and payload.values.abs().max() == 127
     assert payload.scales.dtype == torch.float32 and payload.scales.shape == (2,)  # 512 + a partial 488
-    for scale, chunk in zip(payload.scales, (x[:512], x[512:])):
+    for scale, chunk in zip(payload.scales, (x[:512], x[512:]), strict=True):
         assert scale.item() >= chunk.abs().max().item()  # rounded up: no level past 127
 
 
@@ -151,7 +151,7 @@ def test_compressed_sgd_iterates_equal_the_reference(kind, ef):
     assert not torch.equal(w, torch.zeros(40, dtype=torch.float64))
 
 
-def test_error_feedback_changes_the_iterates_where_compression_loses_something():
+def test_the_residual_is_what_compression_dropped_and_it_changes_the_next_choice():
     X, y = least_squares()
     grad = (2 / 64) * ((X @ torch.zeros(40, dtype=torch.float64) - y) @ X)
     topk = TopK(0.1)
@@ -195,7 +195,8 @@ def test_the_draw_is_keyed_by_seed_worker_step_and_channel(kind):
 def test_the_kinds_that_draw_nothing_ignore_the_key(kind):
     x = torch.randn(1000, generator=torch.Generator().manual_seed(6))
     compressor = build_compressor(kind, ratio=0.01)
-    assert torch.equal(decompress(compressor.compress(x, Key(1, 2, 3))), decompress(compressor.compress(x, Key(4, 5, 6))))
+    first, other = (decompress(compressor.compress(x, key)) for key in (Key(1, 2, 3), Key(4, 5, 6, DOWN)))
+    assert torch.equal(first, other)
 
 
 @pytest.mark.parametrize(
@@ -203,13 +204,13 @@ def test_the_kinds_that_draw_nothing_ignore_the_key(kind):
     [
         ("none", torch.float32, 40_000),
         ("none", torch.float64, 80_000),
-        ("fp16", torch.float32, 20_000 + 8),
-        ("bf16", torch.float64, 20_000 + 8),
-        ("int8", torch.float32, 10_000 + 20 * 4 + 8),  # ceil(10000 / 512) = 20 float32 scales
-        ("int8", torch.float64, 10_000 + 20 * 4 + 8),
-        ("topk", torch.float32, 100 * 4 + 100 * 4 + 8),  # 100 float32 values, 100 int32 indices, the header
-        ("topk", torch.float64, 100 * 8 + 100 * 4 + 8),
-        ("randk", torch.float32, 100 * 4 + 100 * 4 + 8),
+        ("fp16", torch.float32, 20_000 + 16),
+        ("bf16", torch.float64, 20_000 + 16),
+        ("int8", torch.float32, 10_000 + 20 * 4 + 16),  # ceil(10000 / 512) = 20 float32 scales
+        ("int8", torch.float64, 10_000 + 20 * 4 + 16),
+        ("topk", torch.float32, 100 * 4 + 100 * 4 + 16),  # 100 float32 values, 100 int32 indices, the header
+        ("topk", torch.float64, 100 * 8 + 100 * 4 + 16),
+        ("randk", torch.float32, 100 * 4 + 100 * 4 + 16),
     ],
 )
 def test_nbytes_is_the_documented_wire_size(kind, dtype, nbytes):
@@ -252,9 +253,9 @@ def test_randk_under_error_feedback_is_unscaled_because_scaled_diverges():
 def test_topk_one_percent_stalls_without_error_feedback_and_gets_close_with_it():
     """Plain SGD on noiseless least squares (4,000 x 1,000 normal rows, batches of 250 in turn, lr 0.01).
 
-    Relative gap f(w) / f(0) after 300 steps, as measured: uncompressed 7.0e-4 (3.6e-3 after 150); top-k
-    1 % alone 0.50 (it moves 10 coordinates a step); top-k 1 % with error feedback 3.8e-3, under the gap the
-    uncompressed run had at half the updates.
+    Relative gap f(w) / f(0) after 300 steps, as measured: uncompressed 7.0e-4 (9.4e-3 after 150); top-k
+    1 % alone 0.50 (0.36 after 600: it moves 10 coordinates a step, the rest of each gradient lost); top-k
+    1 % with error feedback 3.8e-3, under the gap the uncompressed run had at half the updates.
     """
     g = torch.Generator().manual_seed(0)
     X = torch.randn(4000, 1000, generator=g, dtype=torch.float64)
@@ -276,4 +277,4 @@ def test_topk_one_percent_stalls_without_error_feedback_and_gets_close_with_it()
     without_ef = gap_after(300, TopK(0.01), ef=False)
     with_ef = gap_after(300, TopK(0.01), ef=True)
     assert without_ef > 0.2, without_ef
-    assert with_ef < 0.02 and with_ef < 3 * half_uncompressed, (with_ef, half_uncompressed)
+    assert with_ef < 0.02 and with_ef < half_uncompressed, (with_ef, half_uncompressed)

@@ -81,10 +81,10 @@ def test_nesterov_differs_from_averaging_and_its_state_restores_exactly():
 @pytest.mark.parametrize(
     "settings, field",
     [
-        (dict(optimizer="adam"), r"train\.outer\.optimizer must be one of sgd, nesterov"),
-        (dict(optimizer="sgd", lr=0.0), r"train\.outer\.lr must be > 0"),
-        (dict(optimizer="nesterov", lr=0.7, momentum=0.0), r"train\.outer\.momentum must be in \(0, 1\)"),
-        (dict(optimizer="nesterov", lr=0.7, momentum=1.0), r"train\.outer\.momentum must be in \(0, 1\)"),
+        ({"optimizer": "adam"}, r"train\.outer\.optimizer must be one of sgd, nesterov"),
+        ({"optimizer": "sgd", "lr": 0.0}, r"train\.outer\.lr must be > 0"),
+        ({"optimizer": "nesterov", "lr": 0.7, "momentum": 0.0}, r"train\.outer\.momentum must be in \(0, 1\)"),
+        ({"optimizer": "nesterov", "lr": 0.7, "momentum": 1.0}, r"train\.outer\.momentum must be in \(0, 1\)"),
     ],
 )
 def test_bad_outer_settings_name_the_field(settings, field):

@@ -8,15 +8,16 @@ from a generator keyed by (seed, channel, worker, step) on a stream of its own, 
 the same bits.
 
 Wire format: ``none`` is the raw vector (d x itemsize, as carried uncompressed: both ends know d and the dtype
-from the config). Every other kind adds a HEADER_BYTES = 8 header: kind code (uint8), dtype code (uint8),
-int8 bucket size (uint16, 0 for the others), number of values (uint32). Then, by kind:
+from the config). Every other kind starts with a HEADER_BYTES = 16 header, so that a payload describes
+itself: kind (uint8, its index in KINDS), dtype (uint8: 0 float32, 1 float64), the int8 bucket size (uint16,
+0 for the others), the number of values (uint32), d (uint64). Then, by kind:
 - fp16, bf16: d values of 2 bytes;
-- int8: d levels of 1 byte, then ceil(d / bucket) float32 scales, one per bucket of ``bucket`` coordinates;
+- int8: ceil(d / bucket) float32 scales, one per bucket of ``bucket`` coordinates, then d levels of 1 byte;
 - topk, randk: k values in the payload's dtype, then k indices as int32 (int64 if d > 2**31 - 1), ascending.
 
 PowerSGD (low rank, for models with matrix parameters) fits as one more Compressor: its compress would take
-the parameter shapes, its factors would travel in ``values``, and its warm-start matrix would be kept beside
-the residual like the residual is.
+the parameter shapes, its factors would travel in ``values``, and its warm-start matrix would be state
+passed in and returned, as the residual is.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from sgd_dist.data import derive_seed
 
 KINDS = ("none", "fp16", "bf16", "int8", "topk", "randk")
-SPARSE_KINDS = ("topk", "randk")
-HEADER_BYTES = 8
+SPARSE_KINDS = ("topk", "randk")  # the kinds that read compression.ratio
+HEADER_BYTES = 16
 INT8_LEVELS = 127  # levels on each side of 0: int8 holds -127..127 symmetrically
 INT8_BUCKET = 512  # coordinates per scale, as in QSGD's experiments; 4 bytes of scale per 512 of levels
 STREAM_COMPRESSION = 4  # the data module's streams are 0-2, the stragglers' delays 3
@@ -40,7 +41,10 @@ UP, DOWN = 0, 1  # channels: worker to server, server to worker
 
 @dataclass(frozen=True)
 class Key:
-    """What a random draw is keyed by: the run's seed, the worker, the step, and the channel (UP or DOWN)."""
+    """What a random draw is keyed by: the run's seed, the worker, the step, and the channel.
+
+    UP is a worker's answer to the server; DOWN is what the server sends to ``worker`` (its weights as a delta).
+    """
 
     seed: int
     worker: int
