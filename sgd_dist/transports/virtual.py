@@ -18,6 +18,9 @@ One command's life, each step one formula:
 - the server handles answers FIFO, one at a time: t = max(t, arrival) + server_answer_s; each update (every
   publish after the first) adds server_update_s.
 
+Each worker has one command slot, so computing its answer at send time is exact. The events live in one heap
+that ``receive`` pulls in time order (simpy, the obvious alternative, pushes and has no processor sharing).
+
 What the model leaves out: queueing on the other nodes' own links (only the server's link is shared), latency
 jitter and message headers, the server's cost of sending a command, contention for memory bandwidth and caches,
 and a lost worker's detection time (a loss is noticed when it happens).
@@ -28,8 +31,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -39,7 +42,8 @@ from sgd_dist.core.time_model import TimeProfile, compute_s, message_s, server_a
 from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
 
 _KINDS = {GRADIENT: "gradient", LOCAL: "local", EVALUATE: "evaluate"}
-_START, _LEAVE, _ARRIVE, _LOSS = range(4)  # events: a command reaches its worker, an answer leaves it, ...
+# events: a command reaches its worker, its answer leaves the worker, the answer reaches the server, a worker dies
+_START, _LEAVE, _ARRIVE, _LOSS = range(4)
 _QUEUED, _COMPUTING, _WAITING, _SENT = range(4)  # a job's phases
 MessageBytes = Callable[[int, int, int], tuple[int, int]]  # (dim, itemsize, kind) -> (command, answer) bytes
 
@@ -47,7 +51,7 @@ MessageBytes = Callable[[int, int, int], tuple[int, int]]  # (dim, itemsize, kin
 class _Job:
     """One command on its way: the answer already computed, the work it models, where it is now."""
 
-    __slots__ = ("worker", "answer", "work_s", "delay_s", "answer_bytes", "start_s", "phase", "killed", "done_s")
+    __slots__ = ("answer", "answer_bytes", "delay_s", "done_s", "killed", "phase", "start_s", "work_s", "worker")
 
     def __init__(self, worker: int, answer: Arrival | None, work_s: float, delay_s: float = 0.0,
                  answer_bytes: int = 0) -> None:
@@ -295,7 +299,6 @@ class VirtualServerEnd(ServerEnd):
         while self._next_s() <= self.t:  # the cores must see every event up to now
             self._step()
         job = _Job(-1, None, work_s)
-        job.phase = _COMPUTING
         self._cores.add(self.t, work_s, job)
         while job.done_s is None:
             self._step()
