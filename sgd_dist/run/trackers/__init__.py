@@ -1,0 +1,7 @@
+"""Trackers: where a run's records go besides its directory (TensorBoard), and export_run, which sends a
+run directory to one from its files."""
+
+from sgd_dist.run.trackers.base import SCALARS, STATUSES, MissingExtra, Tracker, export_run
+from sgd_dist.run.trackers.tensorboard import TensorBoardTracker
+
+__all__ = ["SCALARS", "STATUSES", "MissingExtra", "TensorBoardTracker", "Tracker", "export_run"]
