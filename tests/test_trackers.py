@@ -1,7 +1,7 @@
-"""The trackers, read back with each sink's own reader (TensorBoard's loaders) and compared with the run
-directory's files: a real serial run's metrics.jsonl and summary.json, fed to the trackers the way the Recorder
-hands them over (batches of rows), plus fault records written by hand in the shape the Recorder writes them (a
-serial run has none)."""
+"""The TensorBoard and MLflow trackers, read back with each sink's own reader (TensorBoard's loaders, MLflow's
+client) and compared with the run directory's files: a real serial run's metrics.jsonl and summary.json, fed to
+the trackers the way the Recorder hands them over (batches of rows), plus fault records written by hand in the
+shape the Recorder writes them (a serial run has none)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import make_config
 from deploy_support import free_port, require
 
 from sgd_dist.config import ConfigError, load_config
 from sgd_dist.recording import read_metrics, read_summary
-from sgd_dist.run.trackers import MissingExtra, TensorBoardTracker, export_run
+from sgd_dist.run.trackers import MissingExtra, MlflowTracker, TensorBoardTracker, export_run
 from sgd_dist.trainer import train
 
 BIN = Path(sys.executable).parent
@@ -225,10 +226,191 @@ def test_a_tensorboard_directory_named_by_the_user_holds_one_run_per_run_directo
 
 def test_a_missing_package_is_one_line_naming_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(MissingExtra, match=r"^output\.tensorboard needs the tensorboard package: "
                                            r"pip install 'sgd_dist\[tensorboard\]'$"):
         TensorBoardTracker()
+    with pytest.raises(MissingExtra, match=r"^output\.mlflow needs the mlflow package: "
+                                           r"pip install 'sgd_dist\[mlflow\]'$"):
+        MlflowTracker("http://127.0.0.1:5000")
     assert issubclass(MissingExtra, ConfigError)  # the CLI's one-line error, exit 2
+
+
+# MLflow
+
+@pytest.fixture
+def file_store(tmp_path, monkeypatch) -> str:
+    needs("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for those who opt in
+    return f"file:{tmp_path / 'mlruns'}"
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def params_of(config_yaml: Path) -> dict[str, str]:
+    """config.yaml's keys, dotted (a list of mappings by index), each value as text (JSON but for strings)."""
+    out = {}
+
+    def walk(value, key):
+        if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+
+    walk(yaml.safe_load(config_yaml.read_text()), "")
+    return out
+
+
+def assert_mlflow_run(uri: str, run_id: str, run_dir: Path, status: str) -> None:
+    """The run's status, its params (config.yaml), each metric's history (metrics.jsonl, each step once), the
+    summary's figures and the run directory among its artifacts."""
+    c = client(uri)
+    run = c.get_run(run_id)
+    assert run.info.status == status
+    assert run.data.params == params_of(run_dir / "config.yaml")
+    for name, series in expected(read_metrics(run_dir)).items():
+        history = sorted(c.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+        assert [(m.step, m.value) for m in history] == series, name
+    summary, metrics = read_summary(run_dir), run.data.metrics
+    for key in ("optimality_gap", "samples_per_s", "median_step_ms", "final_loss", "train_time_s"):
+        assert metrics[f"summary/{key}"] == summary[key], key
+    for r, ms in summary["answer_ms"].items():
+        assert metrics[f"summary/answer_ms.{r}"] == ms
+    assert metrics["summary/faults"] == len(summary["faults"])
+    assert {a.path for a in c.list_artifacts(run_id)} >= {"config.yaml", "metrics.jsonl", "summary.json", "mlflow.json"}
+    sent = Path(c.download_artifacts(run_id, "metrics.jsonl", str(run_dir.parent / f"download-{run_id}")))
+    assert sent.read_bytes() == (run_dir / "metrics.jsonl").read_bytes()
+    saved = json.loads((run_dir / "mlflow.json").read_text())
+    assert (saved["run_id"], saved["tracking_uri"], saved["last_step"]) == (run_id, uri, STEPS)
+
+
+def test_mlflow_records_params_every_steps_metrics_the_summary_artifacts_and_status(run_dir, file_store):
+    rows = read_metrics(run_dir)
+    tracker = MlflowTracker(file_store, experiment="trackers")
+    tracker.start(load_config(run_dir / "config.yaml"), run_dir, resumed=False)
+    feed(tracker, rows)
+    tracker.fault(FAULTS[0])
+    tracker.finish(read_summary(run_dir), "completed")
+    assert tracker.error is None
+    assert client(file_store).get_run(tracker.run_id).info.run_name == run_dir.name
+    assert_mlflow_run(file_store, tracker.run_id, run_dir, "FINISHED")
+
+
+def resume_twice(uri: str, run_dir: Path) -> tuple[str, str]:
+    """Rewound to step 10 in the run and interrupted at 25 (MLflow: KILLED), then resumed from step 20: returns
+    both trackers' MLflow run ids."""
+    rows, config = read_metrics(run_dir), load_config(run_dir / "config.yaml")
+    first = MlflowTracker(uri)
+    first.start(config, run_dir, resumed=False)
+    feed(first, rows[:17])
+    first.rewind(10)
+    feed(first, rows[11:26])
+    first.finish(None, "interrupted")
+    assert client(uri).get_run(first.run_id).info.status == "KILLED"
+    resumed = MlflowTracker(uri)
+    resumed.start(config, run_dir, resumed=True)
+    resumed.rewind(20)
+    resumed.fault({"fault": "resumed", "step": 20, "at_unix": time.time()})
+    feed(resumed, rows[21:])
+    resumed.finish(read_summary(run_dir), "completed")
+    assert first.error is None and resumed.error is None
+    return first.run_id, resumed.run_id
+
+
+def test_a_resumed_run_goes_on_in_the_same_mlflow_run_with_each_step_once(run_dir, file_store):
+    first, resumed = resume_twice(file_store, run_dir)
+    assert resumed == first
+    assert_mlflow_run(file_store, resumed, run_dir, "FINISHED")
+
+
+def test_a_failed_run_is_failed_in_mlflow_with_its_error(run_dir, file_store):
+    rows = read_metrics(run_dir)[:8]
+    summary = {"status": "failed", "error": "RuntimeError: the server is gone", "steps_recorded": 7, "steps": STEPS,
+               "faults": []}
+    tracker = MlflowTracker(file_store)
+    tracker.start(load_config(run_dir / "config.yaml"), run_dir, resumed=False)
+    feed(tracker, rows)
+    tracker.finish(summary, "failed")
+    run = client(file_store).get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["sgd_dist.error"] == summary["error"]
+    assert [m.step for m in client(file_store).get_metric_history(tracker.run_id, "summary/steps_recorded")] == [7]
+
+
+def test_an_unreachable_tracking_server_is_one_warning_and_export_run_sends_the_run_later(run_dir, file_store, capsys):
+    rows, config, summary = read_metrics(run_dir), load_config(run_dir / "config.yaml"), read_summary(run_dir)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    tracker = MlflowTracker(uri)
+    tracker.start(config, run_dir, resumed=False)
+    feed(tracker, rows)
+    tracker.fault(FAULTS[0])
+    tracker.finish(summary, "completed")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"sgd-dist: warning: MLflow at {uri} failed: ConnectionRefusedError")
+    assert str(run_dir) in err[0]
+    assert tracker.error is not None and tracker.run_id is None
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files  # the records untouched
+
+    exporter = MlflowTracker(file_store)
+    assert export_run(run_dir, exporter) is None
+    assert_mlflow_run(file_store, exporter.run_id, run_dir, "FINISHED")
+
+
+# a real tracking server on 127.0.0.1
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port (its own file store and artifact root), stopped at the end."""
+    needs("mlflow")
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
+           "--backend-store-uri", f"file:{root / 'store'}", "--artifacts-destination", str(root / "artifacts")]
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {log.read_text()[-3000:]}")
+                time.sleep(0.25)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.mark.deploy
+def test_a_real_tracking_server_records_the_run_and_a_resumed_run_goes_on_in_it(run_dir, tracking_server):
+    first, resumed = resume_twice(tracking_server, run_dir)
+    assert resumed == first
+    assert_mlflow_run(tracking_server, resumed, run_dir, "FINISHED")
+
+
+@pytest.mark.deploy
+def test_export_run_sends_a_finished_run_to_a_real_tracking_server(run_dir, tracking_server):
+    write_faults(run_dir, FAULTS)
+    exporter = MlflowTracker(tracking_server, experiment="exported")
+    assert export_run(run_dir, exporter) is None
+    assert client(tracking_server).get_experiment_by_name("exported").experiment_id == \
+        client(tracking_server).get_run(exporter.run_id).info.experiment_id
+    assert_mlflow_run(tracking_server, exporter.run_id, run_dir, "FINISHED")
 
 
 def test_tensorboard_itself_serves_each_step_once_after_a_rewind_and_a_resume(run_dir):
