@@ -22,7 +22,7 @@ import torch
 
 from sgd_dist.config import OptimConfig
 from sgd_dist.consistency import Apply, Dispatch, Drop
-from sgd_dist.objectives import weighted_mean
+from sgd_dist.objectives import penalty, weighted_mean
 from sgd_dist.optim import learning_rate, sgd_update_
 from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
 
@@ -355,7 +355,9 @@ def serve(
                 if len(parts) == num_workers:  # worker order: the same rounding on every transport
                     parts.sort(key=lambda a: a.worker)
                     loss = sum(a.loss for a in parts) / sum(a.count for a in parts)
-                    next(r for r in rows if r["step"] == arrival.version)["eval_loss"] = loss
+                    row = next(r for r in rows if r["step"] == arrival.version)
+                    row["eval_loss"] = loss
+                    row["eval_penalty"] = penalty(snapshots[arrival.version], server.optim.weight_decay)
                     del evals[arrival.version], snapshots[arrival.version]
             else:
                 answer_s[arrival.worker].append(arrival.seconds)

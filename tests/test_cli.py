@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import assert_png
+from sgd_dist.transports.shm import PREFIX, SHM_DIR
+
+from conftest import assert_png, shm_entries_of
 
 SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))  # the installed console script
 TINY = {
@@ -264,15 +266,6 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
 @pytest.mark.parametrize("transport", ["shm", "ray"])
 def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, transport):
     """An interrupted run on an embedded Ray: its rows kept, its shm segment and its channels' semaphores gone."""
-    from sgd_dist.transports.shm import PREFIX, SHM_DIR, _alive
-
-    def leaked(before: set[str]) -> set[str]:  # new entries whose creating process (or raylet) is gone
-        new = {p.name for p in SHM_DIR.iterdir()} - before
-        pids = {name: name.split("-")[0 if name.startswith("sem.") else 1].removeprefix("sem.hdr").removeprefix("sem.obj")
-                for name in new if name.startswith(("sem.hdr", "sem.obj", PREFIX))}
-        return {name for name, pid in pids.items() if pid.isdigit() and not _alive(int(pid))}
-
-    before = {p.name for p in SHM_DIR.iterdir()}
     run = tmp_path / "interrupted"
     proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), f"cluster.transport={transport}",
                              "train.steps=1e7", "train.log_every=0", "train.eval_every=0", "--no-progress"],
@@ -280,6 +273,7 @@ def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, tra
                             start_new_session=True, preexec_fn=_default_sigint)
     try:
         _wait_for_rows(run, 200, proc, timeout=120)
+        made = shm_entries_of(proc.pid)  # by name, while the run's processes (whose pids name them) are alive
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -287,7 +281,11 @@ def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, tra
     assert proc.returncode == 130, stderr
     summary = _assert_rows_up_to_the_summary(run, "interrupted")
     assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 199
-    assert leaked(before) == set()
+    if transport == "shm":
+        assert len(made) == 1 and next(iter(made)).startswith(PREFIX), made
+    else:
+        assert made and all(name.startswith("sem.") for name in made), made
+    assert not {name for name in made if (SHM_DIR / name).exists()}
 
 
 def test_plot_redraws_a_killed_run(tiny, tmp_path):
