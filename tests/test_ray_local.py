@@ -134,10 +134,32 @@ def test_workers_that_cannot_be_placed_fail_after_the_placement_timeout(ray_sess
 
 
 def test_workers_wait_for_cpus_freed_within_the_placement_timeout(ray_session):
+    """The CPUs are held until the run's reservation is seen waiting for them, then freed: the run goes on with
+    the very reservation that waited."""
+    from ray.util.placement_group import placement_group_table
+
     holder = _hold_cpus(ray_session, ray_session.cluster_resources()["CPU"] - 1)
-    threading.Timer(1.0, ray_session.kill, [holder]).start()
-    backend = RayBackend(make_config("cluster.placement_timeout_s=60"))
+    before = set(placement_group_table())
+    waited: list[str] = []
+
+    def free_once_the_run_waits() -> None:
+        deadline = time.monotonic() + 60
+        try:
+            while not waited and time.monotonic() < deadline:
+                waited.extend(g for g, info in placement_group_table().items()
+                              if g not in before and info["state"] == "PENDING")
+                time.sleep(0.05)
+        finally:
+            ray_session.kill(holder)
+
+    freer = threading.Thread(target=free_once_the_run_waits)
+    freer.start()
     try:
+        backend = RayBackend(make_config("cluster.placement_timeout_s=60"))
+    finally:
+        freer.join()
+    try:
+        assert waited == [backend._group.id.hex()]
         assert len(backend.info) == 2
     finally:
         backend.close()
