@@ -89,6 +89,7 @@ def failed_run(out: str) -> None:
 
     def run(self, *args, **kwargs):
         report.update(session=self.simulated.head_node.session_name, transport=self.transport,
+                      server_pid=ray.get(self.server.__ray_call__.remote(lambda actor: os.getpid())),
                       worker_nodes=len({info["node_id"] for info in self.info}),
                       worker_pids=[info["pid"] for info in self.info],
                       cluster_pids=sorted(p.process.pid for node in self.simulated.list_all_nodes()
