@@ -303,3 +303,25 @@ def test_plot_redraws_a_killed_run(tiny, tmp_path):
     assert plot.returncode == 0, plot.stderr
     assert plot.stdout.split() == [str(run / "loss.png")]  # no summary, so no fitted weights to draw
     assert_png(run / "loss.png")
+
+
+def test_replay_exits_0_on_a_bit_equal_run_and_1_naming_the_first_step_that_differs(tiny, tmp_path):
+    run = tmp_path / "run"
+    trained = sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial", "train.mode=async",
+                       "output.plots=false", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    same = sgd_dist("replay", str(run), "--out", str(tmp_path / "same"))
+    assert same.returncode == 0 and same.stdout.splitlines()[-1] == "replay: bit-equal", same.stdout + same.stderr
+    # the run's own record of step 7 changed by one part in 1e12: the replay computes the true value
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[7]["loss"] *= 1 + 1e-12
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = sgd_dist("replay", str(run), "--out", str(tmp_path / "changed"))
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    lines = changed.stdout.splitlines()
+    assert lines[-1] == "replay: DIFFERENT" and changed.stderr == ""
+    assert re.fullmatch(r"final weights bit-equal; losses (\d+) of (\d+) bit-equal \(first difference at step 7\)",
+                        lines[-2]), lines
+    equal, compared = map(int, re.fullmatch(r".*losses (\d+) of (\d+).*", lines[-2]).groups())
+    assert equal == compared - 1
