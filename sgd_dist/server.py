@@ -22,7 +22,7 @@ import torch
 
 from sgd_dist.config import OptimConfig
 from sgd_dist.consistency import Apply, Dispatch, Drop
-from sgd_dist.objectives import weighted_mean
+from sgd_dist.objectives import penalty, weighted_mean
 from sgd_dist.optim import learning_rate, sgd_update_
 from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
 
@@ -119,6 +119,8 @@ class LoopHooks:
     went to ``emit``. ``on_update(version)`` runs after each update is published (fault injection).
     ``on_fault(entry)`` receives a record of each fault the loop survives, when it happens: a lost worker's
     ``worker_lost`` at the notice, its ``worker_replaced`` once the lost command went out again.
+    ``stop()`` says whether the run has been given up (the driver failed or was interrupted): the loop then ends
+    at its next turn by raising LoopStopped, at most STOP_POLL_S later, with its rows handed to ``emit``.
     """
 
     recover: Callable[[int], Callable[[], bool]] | None = None
@@ -126,6 +128,11 @@ class LoopHooks:
     on_checkpoint: Callable[[dict], None] | None = None
     on_update: Callable[[int], None] | None = None
     on_fault: Callable[[dict], None] | None = None
+    stop: Callable[[], bool] | None = None
+
+
+class LoopStopped(Exception):
+    """The loop ended because ``LoopHooks.stop`` asked it to."""
 
 
 @dataclass
@@ -141,6 +148,7 @@ class _Recovery:
 
 MAX_REPLACEMENTS = 3  # per worker: a worker that keeps dying (on its own data, say) fails the run instead
 RECOVERY_POLL_S = 0.005  # while a replacement starts: how often the loop asks whether it is up
+STOP_POLL_S = 0.05  # with a stop hook: how long the loop waits for an answer before it asks again
 
 
 def serve(
@@ -248,8 +256,11 @@ def serve(
         """Start replacing the lost worker; the loop goes on with the others until it is up."""
         r = lost.worker
         noticed = time.time()
-        if hooks.recover is None or r is None or r not in busy or replacements[r] >= MAX_REPLACEMENTS:
+        if hooks.recover is None or r is None or r not in busy:
             raise lost
+        if replacements[r] >= MAX_REPLACEMENTS:
+            raise WorkerLost(f"{lost}: lost {replacements[r] + 1} times, replaced {MAX_REPLACEMENTS} times (the "
+                             "limit): giving up", r) from None
         replacements[r] += 1
         t0 = time.perf_counter()
         end.forget(r)
@@ -340,12 +351,14 @@ def serve(
                 resume_recovered()
             if policy.done and not busy:
                 break
+            if hooks.stop is not None and hooks.stop():
+                raise LoopStopped(f"the loop was stopped at update {server.step}")
             try:
-                arrival = end.receive(RECOVERY_POLL_S) if recovering else end.receive()
+                arrival = end.receive(RECOVERY_POLL_S if recovering else STOP_POLL_S if hooks.stop else None)
             except WorkerLost as lost:
                 recover(lost)
                 continue
-            if arrival is None:  # no answer while a replacement starts: ask again whether it is up
+            if arrival is None:  # no answer yet: ask again whether a replacement is up, or the run given up
                 continue
             busy.pop(arrival.worker)
             answers += 1
@@ -355,7 +368,9 @@ def serve(
                 if len(parts) == num_workers:  # worker order: the same rounding on every transport
                     parts.sort(key=lambda a: a.worker)
                     loss = sum(a.loss for a in parts) / sum(a.count for a in parts)
-                    next(r for r in rows if r["step"] == arrival.version)["eval_loss"] = loss
+                    row = next(r for r in rows if r["step"] == arrival.version)
+                    row["eval_loss"] = loss
+                    row["eval_penalty"] = penalty(snapshots[arrival.version], server.optim.weight_decay)
                     del evals[arrival.version], snapshots[arrival.version]
             else:
                 answer_s[arrival.worker].append(arrival.seconds)

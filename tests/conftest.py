@@ -40,6 +40,39 @@ def assert_png(path) -> None:
     assert image[..., :3].std() > 0.05, path  # not one flat colour
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid and pid != ancestor:
+        pid = _parent(pid) or 0
+    return pid == ancestor
+
+
+def shm_entries_of(root: int) -> set[str]:
+    """The /dev/shm entries that process ``root`` or its descendants (an embedded Ray's raylet and actors) made
+    and still hold: sgd_dist's segments, named after the process that created them, and Ray's channel
+    semaphores, named after their raylet. Read while the run is going: once it ended, its pids are gone."""
+    from sgd_dist.transports.shm import PREFIX, SHM_DIR
+
+    found = set()
+    for path in SHM_DIR.iterdir():
+        name = path.name
+        if name.startswith(PREFIX):
+            pid = name[len(PREFIX):].split("-")[0]
+        elif name.startswith(("sem.hdr", "sem.obj")):
+            pid = name.split("-")[0][len("sem.hdr"):]
+        else:
+            continue
+        if pid.isdigit() and _descends_from(int(pid), root):
+            found.add(name)
+    return found
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray of this test session, local and bound to loopback."""

@@ -74,5 +74,39 @@ def remove_node(out: str) -> None:
         json.dump(report, f)
 
 
+def failed_run(out: str) -> None:
+    """A training on 2 simulated nodes that fails: its loss diverges at about step 4, found by the driver while the
+    server's loop of 100,000 steps still runs. What the cluster was, and what it left."""
+    from pathlib import Path
+
+    from ray._common.utils import get_ray_address_file
+
+    import sgd_dist.backends.ray_backend as ray_backend
+    from sgd_dist.trainer import train
+
+    report: dict = {}
+    original = ray_backend.RayBackend.run
+
+    def run(self, *args, **kwargs):
+        report.update(session=self.simulated.head_node.session_name, transport=self.transport,
+                      server_pid=ray.get(self.server.__ray_call__.remote(lambda actor: os.getpid())),
+                      worker_nodes=len({info["node_id"] for info in self.info}),
+                      worker_pids=[info["pid"] for info in self.info],
+                      cluster_pids=sorted(p.process.pid for node in self.simulated.list_all_nodes()
+                                          for procs in node.all_processes.values() for p in procs))
+        return original(self, *args, **kwargs)
+
+    ray_backend.RayBackend.run = run
+    address_file = Path(get_ray_address_file(None))
+    report["address_file_before"] = address_file.read_text() if address_file.exists() else None
+    config = make_config("cluster.simulated_nodes=2", "train.steps=100000", "optim.lr=1e6",
+                         f"output.dir={Path(out).with_name('run')}")
+    report["error"] = _error(lambda: train(config, console=False, progress=False))
+    report["address_file_after"] = address_file.read_text() if address_file.exists() else None
+    report["ray_initialized_after"] = ray.is_initialized()
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
 if __name__ == "__main__":
-    {"remove_node": remove_node}[sys.argv[1]](sys.argv[2])
+    {"remove_node": remove_node, "failed_run": failed_run}[sys.argv[1]](sys.argv[2])

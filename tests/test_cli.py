@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import assert_png
+from sgd_dist.transports.shm import PREFIX, SHM_DIR
+
+from conftest import assert_png, shm_entries_of
 
 SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))  # the installed console script
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,15 +269,6 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
 @pytest.mark.parametrize("transport", ["shm", "ray"])
 def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, transport):
     """An interrupted run on an embedded Ray: its rows kept, its shm segment and its channels' semaphores gone."""
-    from sgd_dist.transports.shm import PREFIX, SHM_DIR, _alive
-
-    def leaked(before: set[str]) -> set[str]:  # new entries whose creating process (or raylet) is gone
-        new = {p.name for p in SHM_DIR.iterdir()} - before
-        pids = {name: name.split("-")[0 if name.startswith("sem.") else 1].removeprefix("sem.hdr").removeprefix("sem.obj")
-                for name in new if name.startswith(("sem.hdr", "sem.obj", PREFIX))}
-        return {name for name, pid in pids.items() if pid.isdigit() and not _alive(int(pid))}
-
-    before = {p.name for p in SHM_DIR.iterdir()}
     run = tmp_path / "interrupted"
     proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), f"cluster.transport={transport}",
                              "train.steps=1e7", "train.log_every=0", "train.eval_every=0", "--no-progress"],
@@ -283,6 +276,7 @@ def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, tra
                             start_new_session=True, preexec_fn=_default_sigint)
     try:
         _wait_for_rows(run, 200, proc, timeout=120)
+        made = shm_entries_of(proc.pid)  # by name, while the run's processes (whose pids name them) are alive
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -290,7 +284,11 @@ def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, tra
     assert proc.returncode == 130, stderr
     summary = _assert_rows_up_to_the_summary(run, "interrupted")
     assert summary["error"] == "KeyboardInterrupt" and summary["steps_recorded"] >= 199
-    assert leaked(before) == set()
+    if transport == "shm":
+        assert len(made) == 1 and next(iter(made)).startswith(PREFIX), made
+    else:
+        assert made and all(name.startswith("sem.") for name in made), made
+    assert not {name for name in made if (SHM_DIR / name).exists()}
 
 
 def test_plot_redraws_a_killed_run(tiny, tmp_path):
@@ -535,3 +533,25 @@ def test_an_error_line_carries_no_terminal_colour_codes():
 
     error = RuntimeError("The actor died in its creation task, \x1b[36mray::_Worker.__init__()\x1b[39m (pid=1)\nmore")
     assert one_line(error) == "RuntimeError: The actor died in its creation task, ray::_Worker.__init__() (pid=1)"
+
+
+def test_replay_exits_0_on_a_bit_equal_run_and_1_naming_the_first_step_that_differs(tiny, tmp_path):
+    run = tmp_path / "run"
+    trained = sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial", "train.mode=async",
+                       "output.plots=false", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    same = sgd_dist("replay", str(run), "--out", str(tmp_path / "same"))
+    assert same.returncode == 0 and same.stdout.splitlines()[-1] == "replay: bit-equal", same.stdout + same.stderr
+    # the run's own record of step 7 changed by one part in 1e12: the replay computes the true value
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[7]["loss"] *= 1 + 1e-12
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = sgd_dist("replay", str(run), "--out", str(tmp_path / "changed"))
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    lines = changed.stdout.splitlines()
+    assert lines[-1] == "replay: DIFFERENT" and changed.stderr == ""
+    assert re.fullmatch(r"final weights bit-equal; losses (\d+) of (\d+) bit-equal \(first difference at step 7\)",
+                        lines[-2]), lines
+    equal, compared = map(int, re.fullmatch(r".*losses (\d+) of (\d+).*", lines[-2]).groups())
+    assert equal == compared - 1

@@ -3,8 +3,9 @@
 The head and the worker are started with the very `ray start` command lines of the compose file's services
 (read from docker-compose.yml, with compose's own ${NAME:-default} substitution; only the knobs the file
 declares are set: a name of 127.0.0.1 for the head's host, free ports, loopback for the dashboard), each in
-its own process group, and stopped by signalling those groups. Then `sgd-dist submit`, the README's
-`ray job submit` line, `sgd-dist jobs`, and requests without the token or to a wrong address.
+its own process group, and stopped by signalling those groups. Then `sgd-dist submit` (and Ctrl-C on it, which
+leaves the job running), `sgd_dist.submit.submit()` from Python, the README's `ray job submit` line, `sgd-dist
+jobs`, and requests without the token or to a wrong address.
 docker-compose.yml itself is checked by docker-compose 1.29.2's parser (`docker-compose config`).
 """
 
@@ -16,9 +17,11 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -207,6 +210,66 @@ def test_a_failed_job_is_one_line_and_exit_1_and_its_run_directory_still_comes_b
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("DivergenceError")
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_submit_from_python_trains_on_the_cluster_and_brings_the_run_back(compose_cluster, tmp_path):
+    """`sgd_dist.submit.submit(address, config)`, as a notebook calls it (in a fresh process: this session's own
+    Ray switches stay out of it): the job's log goes to ``echo``, the run directory comes back, the result says so."""
+    out = tmp_path / "run"
+    script = f"""
+import json
+from sgd_dist.config import load_config
+from sgd_dist.submit import submit
+
+lines = []
+result = submit({compose_cluster["url"]!r}, load_config({str(ROOT / "configs" / "lesson2.yaml")!r},
+                ["train.steps=5", "train.eval_every=5", "output.plots=false"]), out={str(out)!r}, echo=lines.append)
+print(json.dumps({{"job_id": result.job_id, "status": result.status, "run_dir": str(result.run_dir),
+                   "summary": result.summary, "lines": lines}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=_with_token(compose_cluster), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "SUCCEEDED" and result["run_dir"] == str(out)
+    assert result["lines"][0] == f"sgd-dist: submitted job {result['job_id']} to {compose_cluster['url']}"
+    assert any(line.startswith("step 5/5") for line in result["lines"])
+    assert not any(line.startswith("SGD_DIST_RUN_ARCHIVE") for line in result["lines"])
+    assert result["summary"] == json.loads((out / "summary.json").read_text())
+    assert result["summary"]["status"] == "completed" and result["summary"]["steps"] == 5
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(6))
+
+
+def test_ctrl_c_on_submit_leaves_the_job_running_to_the_end(compose_cluster, tmp_path):
+    """SIGINT (as a terminal sends it) to `sgd-dist submit` once its job trains: exit 130 with one line naming how
+    to stop the job, and the job goes on to succeed on the cluster."""
+    env = _with_token(compose_cluster)
+    proc = subprocess.Popen([str(BIN / "sgd-dist"), "submit", "--address", compose_cluster["url"], "--config",
+                             str(ROOT / "configs" / "lesson2.yaml"), "--out", str(tmp_path / "run"), "train.steps=300",
+                             "train.eval_every=100", "train.log_every=10", "stragglers.delay=uniform",
+                             "stragglers.delay_ms=10", "output.plots=false"],
+                            env={**env, "PYTHONUNBUFFERED": "1"},  # its lines as they come, as on a terminal
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(re.match(r"step +10/300 ", line) for line in lines), "the job's first step lines",
+                 timeout=180, proc=proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    job_id = re.search(r"submitted job (\S+)", "".join(lines)).group(1)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"sgd-dist: error: interrupted; the job goes on on the cluster (sgd-dist jobs --address "
+        f"{compose_cluster['url']} --stop JOB_ID stops it)")
+    assert not any(line.startswith("step 300/300") for line in lines)  # interrupted before the job's end
+    followed = _sgd_dist("jobs", "--address", compose_cluster["url"], "--follow", job_id, env=env)
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
+    assert "step 300/300" in followed.stdout and followed.stdout.strip().endswith(f"job {job_id} succeeded")
 
 
 def test_the_readme_ray_job_submit_line_trains_on_the_cluster(compose_cluster):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from sgd_dist.trainer import Recorder, eval_steps, train
 from sgd_dist.worker import ShardWorker
 from sgd_dist.backends.base import server_args, worker_args
 from sgd_dist.server import LoopHooks, ParameterServer, serve
-from sgd_dist.transports import EVALUATE, GRADIENT, Command, WorkerLost
+from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Command, WorkerLost
 from sgd_dist.transports.local import LocalServerEnd
 
 from conftest import make_config
@@ -175,11 +176,19 @@ def test_the_other_modes_go_on_through_a_worker_loss_and_still_replay_exactly(ra
 
 # -- server loss ---------------------------------------------------------------------------------------------
 
+def rewound(run_dir: Path, name: str) -> list[dict]:
+    """The rows a rewind moved out of ``name``.jsonl (metrics or schedule): the file must exist."""
+    return [json.loads(line) for line in (run_dir / f"{name}.rewound.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("transport", ["shm", "ray"])
 def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal(ray_session, tmp_path, reference,
                                                                                   transport):
+    """The server dies right after update 25; the checkpoint of update 20 is restored. Worker 0's gradient for
+    update 23 is 0.5 s late, so the server has handed rows 21-23 out (it does every 0.2 s) before it dies: the
+    driver moves them aside, and the redone steps compute the very same losses."""
     config = make_config(*BASE, f"cluster.transport={transport}", f"output.dir={tmp_path / 's'}",
-                         "faults=[{kind: kill_server, step: 25}]")
+                         "faults=[{kind: delay, worker: 0, step: 22, seconds: 0.5}, {kind: kill_server, step: 25}]")
     result = train(config, console=False, progress=False)
     assert_same_run(result.run_dir, reference)
     (lost,) = faults_of(result.summary, "server_lost")
@@ -187,6 +196,9 @@ def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal
     assert lost["noticed_s"] < 2.0 and lost["recovery_s"] > 0
     times = [r["wall_time_s"] for r in read_metrics(result.run_dir)]
     assert times == sorted(times)  # the rebuilt server's clock goes on with the run's: recovery counts
+    steps = [r["step"] for r in rewound(result.run_dir, "metrics")]
+    assert steps[:3] == [21, 22, 23] and steps == list(range(21, 21 + len(steps))) and steps[-1] <= 25, steps
+    assert [r["update"] for r in rewound(result.run_dir, "schedule")] == steps
     assert_rewound_rows_kept(result.run_dir, range(21, 26))
     assert result.summary["checkpoints"] >= STEPS // 10
     state, manifest = load_checkpoint(result.run_dir, config)  # loads with weights_only=True
@@ -221,12 +233,29 @@ def _wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: 
     raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
 
 
-@pytest.mark.parametrize("transport", ["shm", "ray"])
-def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeated(ray_session, tmp_path, transport):
-    """SIGKILL to `sgd-dist train` (its embedded Ray goes with it), then `sgd-dist train --resume RUN_DIR`."""
+def _jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (none if it is absent), less a last line a kill cut in half."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            assert i == len(lines) - 1, f"{path}: line {i + 1} of {len(lines)} is not JSON"
+    return rows
+
+
+@pytest.mark.parametrize("mode, transport", [("sync", "shm"), ("sync", "ray"), ("async", "shm"), ("local_sgd", "shm")])
+def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeated(ray_session, tmp_path, mode,
+                                                                                  transport):
+    """SIGKILL to `sgd-dist train` (its embedded Ray goes with it) with rows on disk past the latest checkpoint,
+    then `sgd-dist train --resume RUN_DIR`: those rows are moved to the .rewound files, every step is recorded
+    once, and the result is the uninterrupted run's (sync and local SGD: bit-equal to the serial run of the same
+    config; async, whose schedule depends on timing: its replay is bit-equal)."""
     steps = 600
     args = [f"train.steps={steps}", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=0",
-            f"cluster.transport={transport}"]
+            f"cluster.transport={transport}", f"train.mode={mode}",
+            *(["train.local_steps=3"] if mode == "local_sgd" else [])]
     config_file = tmp_path / "c.yaml"
     config_file.write_text("data: {n_samples: 512, n_features: 3, seed: 7}\ncluster: {num_workers: 2}\n"
                            "train: {batch_size: 16}\noutput: {plots: false}\n")
@@ -246,21 +275,38 @@ def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeate
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    recorded = read_metrics(run)
-    assert not (run / "summary.json").exists() and 100 < recorded[-1]["step"] < steps
+    recorded = _jsonl(run / "metrics.jsonl")
+    scheduled = [line["update"] for line in _jsonl(run / "schedule.jsonl")]
+    checkpoint_step = json.loads(manifest.read_text())["step"]
+    assert not (run / "summary.json").exists() and 100 <= checkpoint_step < recorded[-1]["step"] < steps
     resumed = subprocess.run([SGD_DIST, "train", "--resume", str(run), "--no-progress"], capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "fault: resumed from the checkpoint at step" in resumed.stdout
-    reference = train(load_config(config_file, [*args, "cluster.backend=serial", f"output.dir={tmp_path / 'ref'}"]),
-                      console=False, progress=False)
-    assert_same_run(run, reference, steps)
+    assert f"fault: resumed from the checkpoint at step {checkpoint_step}" in resumed.stdout
     summary = read_summary(run)
-    assert summary["status"] == "completed" and 100 <= summary["resumed_from"] < recorded[-1]["step"]
-    assert summary["transport"] == transport
-    assert faults_of(summary, "resumed")[0]["step"] == summary["resumed_from"]
-    assert len((run / "schedule.jsonl").read_text().splitlines()) == steps
-    assert_rewound_rows_kept(run, range(summary["resumed_from"] + 1, recorded[-1]["step"] + 1), everyone=True)
+    assert summary["status"] == "completed" and summary["resumed_from"] == checkpoint_step
+    assert summary["mode"] == mode and summary["transport"] == transport
+    assert faults_of(summary, "resumed")[0]["step"] == checkpoint_step
+    # every step once; what the killed run had recorded after the checkpoint kept aside, in order
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    assert [line["update"] for line in _jsonl(run / "schedule.jsonl")] == list(range(1, steps + 1))
+    rewound = _jsonl(run / "metrics.rewound.jsonl")
+    assert [r["step"] for r in rewound] == list(range(checkpoint_step + 1, recorded[-1]["step"] + 1))
+    assert rewound == [r for r in recorded if r["step"] > checkpoint_step]
+    assert [line["update"] for line in _jsonl(run / "schedule.rewound.jsonl")] == [
+        u for u in scheduled if u > checkpoint_step]
+    assert rows[: checkpoint_step + 1] == recorded[: checkpoint_step + 1]  # the rows up to it untouched
+    if mode == "async":
+        replayed = subprocess.run([SGD_DIST, "replay", str(run), "--out", str(tmp_path / "replayed")],
+                                  capture_output=True, text=True, timeout=300)
+        assert replayed.returncode == 0 and replayed.stdout.splitlines()[-1] == "replay: bit-equal", replayed.stdout
+    else:
+        reference = train(load_config(config_file, [*args, "cluster.backend=serial", f"output.dir={tmp_path / 'ref'}"]),
+                          console=False, progress=False)
+        assert_same_run(run, reference, steps)
+        # the redone steps computed what the killed run had computed for them
+        assert all(r["loss"] == rows[r["step"]]["loss"] for r in rewound)
 
 
 @pytest.fixture
@@ -517,3 +563,207 @@ def test_bad_faults_are_one_line_config_errors(fault, message):
 def test_kills_need_the_ray_backend():
     with pytest.raises(ConfigError, match="kills need cluster.backend=ray"):
         make_config("cluster.backend=serial", "faults=[{kind: kill_server, step: 3}]")
+
+
+# -- local SGD, async on the ray transport, and the limits -----------------------------------------------------
+
+LOCAL_SGD = ("train.mode=local_sgd", "train.local_steps=3")
+
+
+@pytest.mark.parametrize("transport", ["shm", "ray"])
+def test_a_worker_lost_in_local_sgd_is_replaced_and_the_run_ends_bit_equal(ray_session, tmp_path, transport):
+    """Local SGD waits for every worker's model delta: the lost worker's replacement redoes its 3 local steps from
+    the very weights of that round, so every loss and the final weights equal the undisturbed serial run's."""
+    undisturbed = train(make_config(*BASE, *LOCAL_SGD, "cluster.backend=serial", f"output.dir={tmp_path / 'ref'}"),
+                        console=False, progress=False)
+    config = make_config(*BASE, *LOCAL_SGD, *SLOW, f"cluster.transport={transport}", f"output.dir={tmp_path / 'k'}",
+                         "faults=[{kind: kill_worker, worker: 1, step: 12}]")
+    result = train(config, console=False, progress=False)
+    assert_same_run(result.run_dir, undisturbed)
+    (lost,) = faults_of(result.summary, "worker_lost")
+    (replaced,) = faults_of(result.summary, "worker_replaced")
+    assert lost["worker"] == replaced["worker"] == 1 and lost["step"] == 12 and lost["noticed_s"] < 2.0
+    assert replaced["redone"] == {"kind": LOCAL, "step": 36, "version": 12}  # round 12: local steps 36-38
+    assert replaced["step"] == 12 and replaced["answers_meanwhile"] <= 1  # nothing moves without worker 1
+    assert result.summary["mode"] == "local_sgd" and result.summary["replacements"] == {1: 1}
+
+
+def test_a_killed_server_in_async_mode_on_the_ray_transport_is_restored_and_the_run_replays(ray_session, tmp_path):
+    """Async on Ray's channels: the server dies right after update 27 and the checkpoint of update 20 comes back.
+    Each worker's 13th gradient (local step 12) is 1 s late, so update 25 comes at least ~0.8 s after update
+    24 and the rows up to 25 have been handed out before the server dies: the driver moves them and their
+    schedule aside, and the whole run, with the updates redone on the restored server, still replays exactly."""
+    config = make_config("train.steps=60", "train.eval_every=0", "train.checkpoint_every=10", "train.mode=async",
+                         "cluster.transport=ray", f"output.dir={tmp_path / 's'}",
+                         "faults=[{kind: delay, worker: 0, step: 12, seconds: 1.0}, "
+                         "{kind: delay, worker: 1, step: 12, seconds: 1.0}, {kind: kill_server, step: 27}]")
+    result = train(config, console=False, progress=False)
+    summary = result.summary
+    assert summary["status"] == "completed" and summary["transport"] == "ray" and summary["mode"] == "async"
+    (lost,) = faults_of(summary, "server_lost")
+    assert lost["step"] == 27 and lost["restored_step"] == 20 and lost["steps_redone"] == 7
+    assert [r["step"] for r in read_metrics(result.run_dir)] == list(range(61))
+    steps = [r["step"] for r in rewound(result.run_dir, "metrics")]
+    assert steps == list(range(21, 21 + len(steps))) and 25 <= steps[-1] <= 27, steps
+    assert [r["update"] for r in rewound(result.run_dir, "schedule")] == steps
+    assert len((result.run_dir / "schedule.jsonl").read_text().splitlines()) == 60
+    report = replay(result.run_dir, tmp_path / "replayed")
+    assert report.exact, report
+
+
+def _kill_driver_once_rows_pass_a_checkpoint(config_file: Path, run: Path, args: list[str]) -> list[dict]:
+    """`sgd-dist train` SIGKILLed once metrics.jsonl holds rows past its latest checkpoint; the rows it left."""
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(config_file), "--out", str(run), *args, "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(run, 1, proc)
+        deadline = time.monotonic() + 60
+        manifest = run / CHECKPOINT_DIR / MANIFEST
+        while (last_recorded_step(run / "metrics.jsonl") <= json.loads(manifest.read_text())["step"] + 5
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    return read_metrics(run)
+
+
+def test_a_driver_killed_in_async_mode_on_the_ray_transport_resumes_and_replays(ray_session, tmp_path):
+    """SIGKILL to an async `sgd-dist train` on Ray's channels, then --resume: every step recorded once, the rows
+    and the schedule recorded past the checkpoint moved aside, and the resumed run replays exactly."""
+    steps = 400
+    args = [f"train.steps={steps}", "train.eval_every=100", "train.checkpoint_every=50", "train.log_every=0",
+            "train.mode=async", "cluster.transport=ray", "stragglers.delay=uniform", "stragglers.delay_ms=2"]
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("data: {n_samples: 512, n_features: 3, seed: 7}\ncluster: {num_workers: 2}\n"
+                           "train: {batch_size: 16}\noutput: {plots: false}\n")
+    run = tmp_path / "killed"
+    recorded = _kill_driver_once_rows_pass_a_checkpoint(config_file, run, args)
+    assert not (run / "summary.json").exists() and recorded[-1]["step"] < steps
+    resumed = subprocess.run([SGD_DIST, "train", "--resume", str(run), "--no-progress"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["mode"] == "async" and summary["transport"] == "ray"
+    start = summary["resumed_from"]
+    assert 50 <= start < recorded[-1]["step"]
+    assert [r["step"] for r in read_metrics(run)] == list(range(steps + 1))
+    assert [r["step"] for r in rewound(run, "metrics")] == list(range(start + 1, recorded[-1]["step"] + 1))
+    assert [r["update"] for r in rewound(run, "schedule")] == list(range(start + 1, recorded[-1]["step"] + 1))
+    assert len((run / "schedule.jsonl").read_text().splitlines()) == steps
+    report = replay(run, tmp_path / "replayed")
+    assert report.exact, report
+
+
+def test_a_worker_lost_a_fourth_time_fails_the_run_in_one_line(ray_session, tmp_path, capsys):
+    """Worker 1 killed at updates 2, 4, 6 and 8: replaced three times (the limit), the fourth loss fails the run:
+    exit 1, one line naming the worker and the limit, status failed, the faults until then recorded."""
+    run = tmp_path / "f"
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {n_samples: 512, n_features: 3, seed: 7}\ncluster: {num_workers: 2}\n"
+                      "train: {batch_size: 16, steps: 20, log_every: 0}\noutput: {plots: false}\n")
+    kills = ", ".join(f"{{kind: kill_worker, worker: 1, step: {s}}}" for s in (2, 4, 6, 8))
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress", f"faults=[{kills}]"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert re.match(r"sgd-dist: error: run failed: WorkerLost: worker 1 \(pid \d+\) died: lost 4 times, "
+                    r"replaced 3 times \(the limit\): giving up", err), err
+    summary = read_summary(run)
+    assert summary["status"] == "failed" and summary["error"].startswith("WorkerLost: worker 1")
+    assert [f["step"] for f in faults_of(summary, "kill_worker")] == [2, 4, 6, 8]
+    assert len(faults_of(summary, "worker_replaced")) == 3 and len(faults_of(summary, "worker_lost")) == 3
+    assert summary["steps_recorded"] == 8
+
+
+class _LosingAgainEnd(LocalServerEnd):
+    """The local transport, but worker 1's first command of ``kind`` from each of ``versions`` on is lost, one
+    loss per listed version."""
+
+    def __init__(self, workers, versions: list[int], kind: int = GRADIENT) -> None:
+        super().__init__(workers)
+        self.versions, self.kind = list(versions), kind
+
+    def send(self, worker, command, weights=None):
+        if worker == 1 and self.versions and command.kind == self.kind and command.version >= self.versions[0]:
+            self.versions.pop(0)
+            self._answers.append(WorkerLost("worker 1 died", 1))
+            return
+        super().send(worker, command, weights)
+
+    def receive(self, timeout=None):
+        item = super().receive(timeout)
+        if isinstance(item, WorkerLost):
+            raise item
+        return item
+
+    def forget(self, worker):
+        pass
+
+
+def _serve(config, end_of, polls: int, faults: list | None = None, checkpoints: list | None = None):
+    """serve() on the local transport built by ``end_of(workers)``; a lost worker's replacement is up after
+    ``polls`` polls; checkpoints go to ``checkpoints`` with the rows emitted by then."""
+    workers = [ShardWorker(**args) for args in worker_args(config)]
+    rows: list[dict] = []
+
+    def recover(r):
+        asked = iter(range(polls, -1, -1))
+        return lambda: next(asked) == 0
+
+    def on_checkpoint(state):
+        checkpoints.append((state["server"]["step"], [dict(r) for r in rows]))
+
+    hooks = LoopHooks(recover=recover, on_fault=(faults if faults is not None else []).append,
+                      checkpoint_every=config.train.checkpoint_every,
+                      on_checkpoint=on_checkpoint if checkpoints is not None else None)
+    policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
+    stats = serve(ParameterServer(**server_args(config)), end_of(workers), policy, config.cluster.num_workers,
+                  eval_steps(config.train.steps, config.train.eval_every), rows.extend, hooks=hooks)
+    return rows, stats
+
+
+def test_a_worker_is_replaced_three_times_and_its_fourth_loss_fails_the_loop():
+    config = make_config("train.steps=30", "train.eval_every=10")
+    rows, stats = _serve(config, lambda workers: _LosingAgainEnd(workers, [5, 5, 20]), polls=2)
+    assert stats["replacements"] == {1: 3} and [r["step"] for r in rows] == list(range(31))
+    with pytest.raises(WorkerLost, match=r"^worker 1 died: lost 4 times, replaced 3 times \(the limit\): giving up$"):
+        _serve(config, lambda workers: _LosingAgainEnd(workers, [5, 5, 20, 25]), polls=2)
+
+
+def test_no_checkpoint_is_taken_while_a_lost_worker_owes_an_evaluation():
+    """Async, a checkpoint every 10 updates: worker 1 dies holding its evaluation of version 20, and worker 0 goes
+    on while the replacement starts. The checkpoint due at 20 waits until that evaluation is in: it comes later,
+    after the row of update 20 with its evaluation went out."""
+    config = make_config("train.mode=async", "train.steps=60", "train.eval_every=10", "train.checkpoint_every=10")
+    faults: list[dict] = []
+    checkpoints: list[tuple[int, list[dict]]] = []
+    _serve(config, lambda workers: _LosingAgainEnd(workers, [20], kind=EVALUATE), polls=8, faults=faults,
+           checkpoints=checkpoints)
+    lost, replaced = faults
+    assert lost["fault"] == "worker_lost" and replaced["redone"] == {"kind": EVALUATE, "step": 0, "version": 20}
+    assert replaced["step"] - replaced["lost_step"] >= 5  # worker 0 went on meanwhile
+    steps = [step for step, _ in checkpoints]
+    assert 10 <= steps[0] < 20 and replaced["step"] > 20, (steps, replaced)
+    assert steps[1] >= replaced["step"], (steps, replaced)  # none from update 20 until the evaluation was in
+    for step, emitted in checkpoints:  # every row up to a checkpoint went out before it, evaluated ones complete
+        assert [r["step"] for r in emitted][: step + 1] == list(range(step + 1))
+        assert all("eval_loss" in r for r in emitted[: step + 1] if r["step"] % 10 == 0)
+
+
+def test_a_server_lost_a_fourth_time_fails_the_run_in_one_line(ray_session, tmp_path, capsys):
+    """The server killed at updates 2, 4, 6 and 8 (no checkpoints: each rebuilt server starts over): restarted
+    three times (the limit), the fourth loss fails the run in one line, status failed."""
+    run = tmp_path / "f"
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {n_samples: 512, n_features: 3, seed: 7}\ncluster: {num_workers: 2}\n"
+                      "train: {batch_size: 16, steps: 20, log_every: 0}\noutput: {plots: false}\n")
+    kills = ", ".join(f"{{kind: kill_server, step: {s}}}" for s in (2, 4, 6, 8))
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress", f"faults=[{kills}]"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("sgd-dist: error: run failed: RuntimeError: the parameter server was lost 4 times; giving up")
+    summary = read_summary(run)
+    assert summary["status"] == "failed" and summary["error"].startswith("RuntimeError: the parameter server was lost")
+    assert [f["step"] for f in faults_of(summary, "kill_server")] == [2, 4, 6, 8]
+    assert [f["restored_step"] for f in faults_of(summary, "server_lost")] == [0, 0, 0]

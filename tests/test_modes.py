@@ -13,6 +13,7 @@ import torch
 
 from sgd_dist.cli import main
 from sgd_dist.config import load_config
+from sgd_dist.consistency import ReplayPolicy
 from sgd_dist.recording import read_metrics
 from sgd_dist.replay import read_schedule, replay
 from sgd_dist.server import ParameterServer
@@ -21,6 +22,7 @@ from sgd_dist.trainer import train
 from sgd_dist.worker import GradientResult
 
 from conftest import make_config
+from plain_sgd import plain_schedule, plain_sgd
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ["shm", "ray"]
@@ -34,6 +36,26 @@ def run(tmp_path, name, *overrides):
 
 def losses(rows):
     return [(r["step"], r["loss"], r.get("eval_loss")) for r in rows]
+
+
+# The runs compute in float32, the plain references in float64: every loss and weight agrees to 1e-7 to 4e-7
+# relative over these 20-30 updates (measured); a gradient not divided by its staleness, a local step without
+# weight decay or at another rate moves them by 1e-2 or more.
+ROUND_OFF = 1e-5
+
+
+def assert_close_to(rows, summary, ref, rtol=ROUND_OFF) -> None:
+    """Each update's mini-batch loss, each evaluation and the final weights against a plain reference run."""
+    steps = len(ref.losses)
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in rows[1:]], dtype=torch.float64),
+                               torch.tensor(ref.losses, dtype=torch.float64), rtol=rtol, atol=0)
+    evaluated = [r for r in rows if "eval_loss" in r]
+    assert evaluated and evaluated[-1]["step"] == steps
+    for row in evaluated:
+        assert row["eval_loss"] == pytest.approx(ref.full_loss(ref.weights[row["step"]]), rel=rtol), row["step"]
+    torch.testing.assert_close(torch.tensor(summary["weights"], dtype=torch.float64), ref.weights[-1], rtol=rtol,
+                               atol=rtol)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -56,6 +78,19 @@ def test_local_sgd_with_one_local_step_is_sync_to_round_off(ray_session, tmp_pat
     a = torch.tensor([r["loss"] for r in sync_rows[1:]])
     b = torch.tensor([r["loss"] for r in local_rows[1:]])
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend, dtype, rtol", [("serial", "float64", 1e-12), ("ray", "float32", ROUND_OFF)])
+def test_local_sgd_matches_plain_local_sgd_at_every_round(ray_session, tmp_path, backend, dtype, rtol):
+    """H = 3 local steps a round with a warm-up and cosine over the local steps, weight decay in each local step
+    and uneven batches (the models averaged by rows), against plain local SGD. Not bit-equal: the run's gradient
+    is autograd's of the mean squared error, the reference's the closed form, rounded in another order; in
+    float64 they agree to ~1e-15, in float32 to ~4e-7."""
+    summary, rows = run(tmp_path, "l", f"cluster.backend={backend}", "train.mode=local_sgd", "train.local_steps=3",
+                        "optim.schedule=cosine", "optim.warmup_steps=4", "optim.weight_decay=0.05",
+                        "train.batch_size=[8, 24]", "train.steps=30", f"data.dtype={dtype}")
+    assert summary["mode"] == "local_sgd" and summary["backend"] == backend
+    assert_close_to(rows, summary, plain_sgd(load_config(tmp_path / "l" / "config.yaml")), rtol)
 
 
 @pytest.mark.parametrize("workers", [2, 4])
@@ -130,10 +165,36 @@ def test_the_staleness_aware_rate_divides_each_gradient_by_its_staleness():
     torch.testing.assert_close(server.weights, expected)
 
 
-def test_staleness_lr_run_converges_and_replays(ray_session, tmp_path):
-    summary, _ = run(tmp_path, "s", "train.mode=async", "optim.staleness_lr=true", "cluster.num_workers=4")
-    assert summary["status"] == "completed"
+def test_the_staleness_aware_rate_divides_each_applied_gradient_by_its_staleness(ray_session, tmp_path):
+    """An asynchronous run with optim.staleness_lr against plain SGD over its recorded schedule, each gradient
+    recomputed on the weights it used and divided by max(1, age); the same schedule with the rate off ends
+    elsewhere, both in the plain reference and in sgd_dist's own replay of it."""
+    summary, rows = run(tmp_path, "s", "train.mode=async", "optim.staleness_lr=true", "cluster.num_workers=4",
+                        "optim.weight_decay=0.01")
+    config = load_config(tmp_path / "s" / "config.yaml")
+    schedule = read_schedule(tmp_path / "s")
+    ages = [u - 1 - v for u, applied in enumerate(schedule, 1) for _, _, v in applied]
+    assert sum(age >= 2 for age in ages) >= 5, ages  # the rate only differs from plain SGD's at staleness >= 2
+    divided = plain_schedule(config, schedule, staleness_lr=True)
+    assert_close_to(rows, summary, divided)
+    undivided = plain_schedule(config, schedule, staleness_lr=False)
+    distance = (undivided.weights[-1] - divided.weights[-1]).norm().item()
+    assert distance > 1e3 * ROUND_OFF * divided.weights[-1].norm().item(), distance
+    # sgd_dist itself, driven by the same schedule with the rate off
+    off = train(config.model_copy(update={
+        "optim": config.optim.model_copy(update={"staleness_lr": False}),
+        "cluster": config.cluster.model_copy(update={"backend": "serial"}),
+        "output": config.output.model_copy(update={"dir": str(tmp_path / "off")})}),
+        policy=ReplayPolicy(schedule, config.cluster.num_workers), console=False, progress=False)
+    assert_close_to(read_metrics(off.run_dir), off.summary, undivided)
     assert replay(tmp_path / "s", tmp_path / "replayed").exact
+
+
+# Relative optimality gap each mode reached on the scaled default job below, measured on both transports (4 runs
+# each for the modes whose schedule depends on timing): sync and local SGD 1.76e-5 and 1.77e-5 every time, ssp
+# 1.76-1.80e-5, async 3.4-7.9e-5 (staleness up to 18), backup 2.0-9.9e-5 (660-890 answers dropped). Each bound is
+# 3-6x the largest, so that a run stalled by a loaded machine still passes and a broken mode does not.
+MODE_GAP_BOUNDS = {"sync": 5e-5, "local_sgd": 5e-5, "ssp": 1e-4, "async": 5e-4, "backup": 5e-4}
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -141,7 +202,7 @@ def test_staleness_lr_run_converges_and_replays(ray_session, tmp_path):
                                   ("train.mode=backup", "train.backup_workers=1", "cluster.num_workers=3"),
                                   ("train.mode=local_sgd", "train.local_steps=4")],
                          ids=["sync", "async", "ssp", "backup", "local_sgd"])
-def test_every_mode_trains_the_default_job_to_within_2_percent(ray_session, tmp_path, transport, mode):
+def test_every_mode_ends_the_default_job_within_a_few_times_its_measured_gap(ray_session, tmp_path, transport, mode):
     """configs/default.yaml scaled down (1e5 rows, 1,000 updates), on the Ray backend."""
     steps = 250 if "train.mode=local_sgd" in mode else 1000  # local SGD: 250 rounds of 4 local steps
     config = load_config(ROOT / "configs" / "default.yaml", [
@@ -149,7 +210,7 @@ def test_every_mode_trains_the_default_job_to_within_2_percent(ray_session, tmp_
         *mode, f"output.dir={tmp_path / 'd'}", "output.plots=false"])
     s = train(config, console=False, progress=False).summary
     assert s["mode"] == config.train.mode and s["transport"] == transport
-    assert 0 <= s["relative_optimality_gap"] < 0.02, s["relative_optimality_gap"]
+    assert 0 <= s["relative_optimality_gap"] < MODE_GAP_BOUNDS[s["mode"]], s["relative_optimality_gap"]
 
 
 def test_the_command_prints_the_mode_and_its_staleness(tmp_path):

@@ -1,4 +1,5 @@
-"""The embedded local Ray listens on loopback only, and the workers run in their own processes."""
+"""The embedded local Ray listens on loopback only, the workers run in their own processes, their CPUs are
+reserved with a bounded wait, and a run ends its workers' loops before it closes their transport."""
 
 from __future__ import annotations
 
@@ -133,13 +134,82 @@ def test_workers_that_cannot_be_placed_fail_after_the_placement_timeout(ray_sess
 
 
 def test_workers_wait_for_cpus_freed_within_the_placement_timeout(ray_session):
+    """The CPUs are held until the run's reservation is seen waiting for them, then freed: the run goes on with
+    the very reservation that waited."""
+    from ray.util.placement_group import placement_group_table
+
     holder = _hold_cpus(ray_session, ray_session.cluster_resources()["CPU"] - 1)
-    threading.Timer(1.0, ray_session.kill, [holder]).start()
-    backend = RayBackend(make_config("cluster.placement_timeout_s=60"))
+    before = set(placement_group_table())
+    waited: list[str] = []
+
+    def free_once_the_run_waits() -> None:
+        deadline = time.monotonic() + 60
+        try:
+            while not waited and time.monotonic() < deadline:
+                waited.extend(g for g, info in placement_group_table().items()
+                              if g not in before and info["state"] == "PENDING")
+                time.sleep(0.05)
+        finally:
+            ray_session.kill(holder)
+
+    freer = threading.Thread(target=free_once_the_run_waits)
+    freer.start()
     try:
+        backend = RayBackend(make_config("cluster.placement_timeout_s=60"))
+    finally:
+        freer.join()
+    try:
+        assert waited == [backend._group.id.hex()]
         assert len(backend.info) == 2
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("ending, transport", [("completed", "ray"), ("the driver failed", "shm"),
+                                               ("the driver failed", "ray"), ("the server failed", "ray")])
+def test_the_workers_loops_have_ended_when_their_transport_closes(ray_session, tmp_path, monkeypatch, ending,
+                                                                  transport):
+    """However a run ends, no worker's loop still runs when the server closes the transport (the actors are
+    killed after that): on Ray's channels, a value pushed to a node whose end of the channel is closed crashes
+    that node's raylet (ray-project/ray#63229). The driver's failure comes while the server's loop is still
+    going (a diverged loss at step ~4 of 100,000); the server's in async mode, with the other worker's command
+    in flight."""
+    import json
+
+    import sgd_dist.backends.ray_backend as ray_backend
+    from sgd_dist.server import ParameterServer
+    from sgd_dist.trainer import train
+
+    seen = str(tmp_path / "seen.json")
+
+    class FailingParameterServer(ParameterServer):
+        def update(self, results, **kwargs):
+            if self.step == 50:
+                raise RuntimeError("injected failure at update 51")
+            return super().update(results, **kwargs)
+
+    class Server(ray_backend._Server):  # defined here: Ray pickles it by value into the actor
+        def __init__(self, server_kwargs, *args):
+            super().__init__(server_kwargs, *args)
+            if ending == "the server failed":
+                self.server = FailingParameterServer(**server_kwargs)
+
+        def close_transport(self):
+            loops = getattr(self, "loops", [])
+            running = ray_backend.ray.wait(loops, num_returns=len(loops), timeout=0)[1] if loops else []
+            Path(seen).write_text(json.dumps({"loops": len(loops), "running": len(running)}))
+            super().close_transport()
+
+    monkeypatch.setattr(ray_backend, "_ServerActor", ray_session.remote(Server))
+    options = {"completed": ["train.steps=50"], "the driver failed": ["train.steps=100000", "optim.lr=1e6"],
+               "the server failed": ["train.steps=100000", "train.mode=async"]}[ending]
+    config = make_config(*options, f"cluster.transport={transport}", f"output.dir={tmp_path / 'r'}")
+    if ending == "completed":
+        assert train(config, console=False, progress=False).summary["status"] == "completed"
+    else:
+        with pytest.raises(Exception, match="diverged" if ending == "the driver failed" else "injected failure"):
+            train(config, console=False, progress=False)
+    assert json.loads(Path(seen).read_text()) == {"loops": 2, "running": 0}
 
 
 def test_an_address_naming_another_cluster_is_refused_when_ray_is_initialised(ray_session):

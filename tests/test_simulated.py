@@ -289,3 +289,32 @@ def test_a_worker_on_a_removed_node_is_replaced_in_seconds(tmp_path):
     assert steps_recorded == list(range(3001))
     serial, _ = _run(make_config(*steps, "cluster.backend=serial"), tmp_path, "serial")
     assert summary["weights"] == serial["weights"]
+
+
+def test_a_simulated_cluster_stops_after_a_failed_run(tmp_path):
+    """A run on 2 simulated nodes fails (its loss diverges while the server's loop still runs): the whole cluster
+    stops all the same (every raylet, the GCS, the workers), leaving nothing in /dev/shm and Ray's current-cluster
+    file as it was, and the run directory says failed."""
+    proc = subprocess.run([sys.executable, str(TESTS / "simulated_support.py"), "failed_run", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300, env=_env(), cwd=TESTS)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads((tmp_path / "r.json").read_text())
+    assert seen["error"].startswith("DivergenceError: the mini-batch loss is"), seen["error"]
+    assert seen["worker_nodes"] == 2 and seen["transport"] == "ray"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("DivergenceError")
+    assert not seen["ray_initialized_after"] and seen["address_file_after"] == seen["address_file_before"]
+    assert len(seen["cluster_pids"]) >= 4 and not any(_alive(pid) for pid in seen["cluster_pids"] + seen["worker_pids"])
+    assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and seen["session"].encode() in _cmdline(p)] == []
+    # nothing in /dev/shm named after the run's processes: a segment after its server, a semaphore after its raylet
+    # (other sessions on this machine may leave their own meanwhile)
+    pids = {*seen["cluster_pids"], *seen["worker_pids"], seen["server_pid"]}
+    assert [name for name in _shm_entries() if _creator(name) in pids] == []
+
+
+def _creator(name: str) -> int | None:
+    """The pid an entry of /dev/shm is named after: a segment's creator, a channel semaphore's raylet."""
+    if name.startswith(PREFIX):
+        pid = name[len(PREFIX):].split("-")[0]
+        return int(pid) if pid.isdigit() else None
+    return _raylet_pid(name)

@@ -177,21 +177,26 @@ def test_the_smoke_sweep_writes_one_well_formed_row_per_run(smoke):
         assert row["status"] == "completed" and row["error"] is None
         assert row["samples_per_s"] > 0 and row["median_step_ms"] > 0 and row["steps"] == 60
         assert json.loads((smoke / "runs" / row["run"] / "summary.json").read_text())["num_workers"] == row["num_workers"]
+    by_time = []
     for scaling in ("strong", "weak"):
         base = [r for r in rows if r["scaling"] == scaling and r["num_workers"] == 1]
         for row in (r for r in rows if r["scaling"] == scaling):
             if scaling == "strong" and row["target_time_s"] is not None and all(b["target_time_s"] for b in base):
                 assert row["speedup_basis"] == "time_to_target"
                 expected = statistics.fmean(b["target_time_s"] for b in base) / row["target_time_s"]
+                by_time.append(row["run"])
             else:
                 assert row["speedup_basis"] == "samples_per_s"
                 expected = row["samples_per_s"] / statistics.fmean(b["samples_per_s"] for b in base)
             assert row["speedup"] == pytest.approx(expected, rel=1e-12)
             assert row["efficiency"] == pytest.approx(expected / row["num_workers"], rel=1e-12)
+    assert by_time, "no strong-scaling run reached the target: the time-to-target speedup went unchecked"
 
 
 def test_steps_to_target_match_the_metrics_rows(smoke):
-    for row in read_results(smoke / RESULTS_FILE):
+    rows = read_results(smoke / RESULTS_FILE)
+    assert any(row["target_step"] is not None for row in rows), "no run reached the target"
+    for row in rows:
         metrics = read_metrics(smoke / "runs" / row["run"])
         below = [m for m in metrics if m.get("optimality_gap") is not None
                  and m["optimality_gap"] / row["optimal_loss"] < 1e-2]
@@ -261,6 +266,7 @@ def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):
     with open(smoke / RESULTS_FILE, newline="") as f:
         header = next(csv.reader(f))
     assert header[-len(PREDICTION_COLUMNS):] == PREDICTION_COLUMNS  # appended at the end: old readers unchanged
+    timed = 0
     for row in read_results(smoke / RESULTS_FILE):
         assert row["predicted_step_ms"] > 0 and row["predicted_samples_per_s"] > 0
         assert row["step_ms_error_pct"] == pytest.approx(
@@ -270,7 +276,9 @@ def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):
         if row["target_time_s"] is not None and row["predicted_seconds_to_target"] is not None:
             assert row["seconds_to_target_error_pct"] == pytest.approx(
                 100 * (row["predicted_seconds_to_target"] - row["target_time_s"]) / row["target_time_s"], rel=1e-9)
+            timed += 1
         assert row["prediction_fit"] in ("leave-one-point-out", "all runs (nothing else to fit)")
+    assert timed, "no run reached the target with a predicted time to it: its error went unchecked"
     saved = json.loads((smoke / MODEL_FILE).read_text())
     assert saved["model"]["grad_s"] > 0 and saved["model"]["num_runs"] == 4
     assert "step_ms_error_pct" in saved["errors"]
@@ -320,3 +328,59 @@ def test_a_failing_run_is_a_row_and_exit_1_and_is_tried_again_on_resume(ray_sess
     [row] = read_results(out / RESULTS_FILE)
     assert row["status"] == "failed" and "needs 9 CPUs" in row["error"] and row["speedup"] is None
     assert run_sweep(load_experiment(path), out, plots=False).ran == 1  # not kept: tried again
+
+
+def test_a_diverged_run_is_a_row_not_a_failure_and_is_kept_on_resume(tmp_path, capsys):
+    """Serial runs, no Ray: lr 1e6 diverges. The sweep records it as diverged, exits 0, and on resume keeps it (the
+    same config would diverge again) without touching its files."""
+    path = experiment(tmp_path, overrides=["data.n_samples=1024", "train.steps=10", "optim.warmup_steps=0",
+                                           "cluster.backend=serial"], grid={"optim.lr": [0.01, 1e6]})
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 0
+    assert "2 runs: 2 run now, 0 kept from before, 0 failed" in capsys.readouterr().out
+    rows = read_results(out / RESULTS_FILE)
+    assert [r["status"] for r in rows] == ["completed", "diverged"]
+    assert rows[1]["error"].startswith("DivergenceError: the mini-batch loss is")
+    diverged = out / "runs" / rows[1]["run"]
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in diverged.iterdir()}
+    assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert "2 runs: 0 run now, 2 kept from before, 0 failed" in captured.out
+    assert "optim.lr=1000000.0 r0: diverged (DivergenceError: " in captured.err and "(done before, kept)" in captured.err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in diverged.iterdir()} == before
+    assert [r["status"] for r in read_results(out / RESULTS_FILE)] == ["completed", "diverged"]
+
+
+def test_ctrl_c_stops_a_sweep_with_exit_130_and_the_command_that_resumes_it(tmp_path, capsys):
+    """SIGINT (as a terminal sends it) during the second of two serial runs: exit 130 and one line saying how to
+    resume; the same command then keeps the first run and redoes the interrupted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = experiment(tmp_path, overrides=["data.n_samples=1024", "optim.warmup_steps=0", "cluster.backend=serial",
+                                           "stragglers.delay=uniform", "stragglers.delay_ms=20"],
+                      grid={"train.steps": [10, 100]})
+    out = tmp_path / "out"
+    second = out / "runs" / "train.steps=100-r0" / "metrics.jsonl"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("sgd-dist")), "sweep", "--config", str(path),
+                             "--out", str(out), "--no-plots"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (second.is_file() and len(second.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == f"sgd-dist: error: interrupted; run the same command again (--out {out}) to resume"
+    assert [r["status"] for r in read_results(out / RESULTS_FILE)] == ["completed"]
+    assert json.loads((second.parent / "summary.json").read_text())["status"] == "interrupted"
+    assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 0
+    assert "2 runs: 1 run now, 1 kept from before, 0 failed" in capsys.readouterr().out
+    assert [r["status"] for r in read_results(out / RESULTS_FILE)] == ["completed", "completed"]

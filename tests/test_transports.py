@@ -9,22 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 import threading
+import time
 
 import pytest
 import torch
 
 from sgd_dist.backends.base import server_args, worker_args
-from sgd_dist.backends.ray_backend import ClusterError, pick_transport
+from sgd_dist.backends.ray_backend import ClusterError, RayBackend, pick_transport
 from sgd_dist.consistency import make_policy
-from sgd_dist.recording import read_metrics
+from sgd_dist.recording import last_recorded_step, read_metrics
 from sgd_dist.server import ParameterServer, serve
 from sgd_dist.trainer import eval_steps, train
 from sgd_dist.transports.channel import semaphores, sweep_stale_semaphores
 from sgd_dist.transports.local import LocalServerEnd
-from sgd_dist.transports.shm import PREFIX, SHM_DIR, _alive, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker, sweep_stale_segments
+from sgd_dist.transports.shm import PREFIX, SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker, sweep_stale_segments
 from sgd_dist.worker import ShardWorker
 
-from conftest import inject_server_failure, make_config
+from conftest import inject_server_failure, make_config, shm_entries_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,10 +53,13 @@ def local_end(workers):
     return LocalServerEnd(workers), lambda: None
 
 
-def shm_end(workers):
-    """The shm transport with each worker's loop in a thread of this process (no Ray)."""
+def shm_end(workers, made: list[str] | None = None):
+    """The shm transport with each worker's loop in a thread of this process (no Ray); ``made`` collects the
+    segment's name."""
     k = len(workers)
     end = ShmServerEnd(Layout(k, workers[0].X.shape[1], str(workers[0].X.dtype).removeprefix("torch.")))
+    if made is not None:
+        made.append(end.segment.name)
     ends = [ShmWorkerEnd(end.segment.name, end.layout, r) for r in range(k)]
     threads = [threading.Thread(target=serve_worker, args=(w, e), daemon=True) for w, e in zip(workers, ends)]
     for t in threads:
@@ -74,13 +78,13 @@ def shm_end(workers):
 @pytest.mark.parametrize("overrides", [(), ("optim.momentum=0.9", "data.dtype=float64", "cluster.num_workers=3")])
 def test_shm_loop_equals_the_local_loop_without_ray(overrides):
     config = make_config(*overrides)
-    before = segments()
+    made: list[str] = []
     local_rows, local_w = run_loop(config, local_end)
-    shm_rows, shm_w = run_loop(config, shm_end)
+    shm_rows, shm_w = run_loop(config, lambda workers: shm_end(workers, made))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
     assert len(shm_rows) == config.train.steps + 1
     assert strip(shm_rows) == strip(local_rows) and torch.equal(shm_w, local_w)
-    assert _leaked_segments(before) == set()  # the segment is gone
+    assert len(made) == 1 and made[0] not in segments()  # the segment is gone
 
 
 def test_stale_segments_of_dead_processes_are_swept():
@@ -103,33 +107,53 @@ def test_transport_choice():
         pick_transport("shm", {"a", "b"})
 
 
+@pytest.fixture
+def made_segments(monkeypatch) -> list[str]:
+    """The names of the segments the Ray backend's runs use, read off the backend as it lets its actors go
+    (the segment is made by the server actor, in another process)."""
+    made: list[str] = []
+    release = RayBackend._release_actors
+
+    def noting_the_segment(self):
+        if self._segment is not None:
+            made.append(self._segment)
+        release(self)
+
+    monkeypatch.setattr(RayBackend, "_release_actors", noting_the_segment)
+    return made
+
+
 @pytest.mark.parametrize("transport", ["shm", "ray"])
-def test_a_failed_run_leaves_no_segment_and_keeps_its_rows(ray_session, tmp_path, monkeypatch, transport):
+def test_a_failed_run_leaves_no_segment_and_keeps_its_rows(ray_session, tmp_path, monkeypatch, made_segments,
+                                                           transport):
     inject_server_failure(ray_session, monkeypatch, 12)
-    before = segments()
     with pytest.raises(Exception, match="injected failure"):
         train(make_config(f"cluster.transport={transport}", f"output.dir={tmp_path / 'f'}"), console=False)
     assert [r["step"] for r in read_metrics(tmp_path / "f")] == list(range(13))
-    assert _leaked_segments(before) == set()
-
-
-def _leaked_segments(before: set[str]) -> set[str]:
-    """New segments whose creating process is gone (other sessions' live runs may add their own meanwhile)."""
-    return {name for name in segments() - before if not _alive(int(name[len(PREFIX):].split("-")[0]))}
+    assert len(made_segments) == (transport == "shm")  # the ray transport makes none
+    assert not set(made_segments) & segments()
 
 
 def test_an_embedded_ray_run_on_the_ray_transport_leaves_no_channel_semaphores(tmp_path):
     """Ray 2.60 leaves its channels' semaphores in /dev/shm, named after the raylet: an embedded Ray's go with it."""
-    sweep_stale_semaphores()
-    before = semaphores()
-    proc = subprocess.run([str(Path(sys.executable).with_name("sgd-dist")), "train", "--config",
-                           str(ROOT / "configs" / "lesson2.yaml"), "--out", str(tmp_path / "r"), "train.steps=20",
-                           "cluster.transport=ray", "output.plots=false"], capture_output=True, text=True, timeout=180,
-                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "r" / "summary.json").read_text())["transport"] == "ray"
-    left = {name for name in semaphores() - before if not _alive(int(name.split("-")[0][7:]))}
-    assert left == set()
+    run = tmp_path / "r"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("sgd-dist")), "train", "--config",
+                             str(ROOT / "configs" / "lesson2.yaml"), "--out", str(run), "train.steps=3000",
+                             "train.log_every=0", "cluster.transport=ray", "output.plots=false", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and last_recorded_step(run / "metrics.jsonl") < 20:
+            time.sleep(0.02)
+        made = shm_entries_of(proc.pid)  # the run's channels exist once its rows come
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert json.loads((run / "summary.json").read_text())["transport"] == "ray"
+    assert made and all(name.startswith("sem.") for name in made), made
+    assert not made & semaphores()
 
 
 def test_semaphores_of_dead_raylets_are_swept():

@@ -40,7 +40,7 @@ from sgd_dist.backends.base import (  # noqa: F401 (ClusterError: raised here, i
 )
 from sgd_dist.config import Config
 from sgd_dist.server import LoopHooks, ParameterServer, serve
-from sgd_dist.transports import WorkerLost, channel
+from sgd_dist.transports import STOP_TIMEOUT_S, WorkerLost, channel
 from sgd_dist.transports.channel import ChannelServerEnd
 from sgd_dist.transports.shm import SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker
 from sgd_dist.worker import ShardWorker
@@ -98,6 +98,7 @@ class _Server:
         self.pids: list[int] = []
         self.killed_at: dict[int, float] = {}  # worker -> when an injected kill hit it
         self._shm: tuple[str, Layout] | None = None
+        self._stopping = threading.Event()  # the driver gave the run up: end the loops
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -129,15 +130,22 @@ class _Server:
         self.loops = loops
         hooks = LoopHooks(recover=self._replace, checkpoint_every=self.checkpoint_every,
                           on_checkpoint=lambda state: self._post("checkpoint", state),
-                          on_update=self._inject if self.faults else None, on_fault=self._fault)
+                          on_update=self._inject if self.faults else None, on_fault=self._fault,
+                          stop=self._stopping.is_set)
         try:
             stats = serve(self.server, self.end, policy, self.num_workers, eval_at,
                           lambda rows: self._post("rows", rows), staleness_lr=self.staleness_lr,
                           hooks=hooks, restore=restore, elapsed_s=elapsed_s)
         finally:
-            self.end.stop()
-        ray.get(self.loops)
+            # also when the loop failed or was stopped: the workers' loops end before anything closes their
+            # transport or kills them
+            self.end.stop(STOP_TIMEOUT_S)
+            ray.wait(self.loops, num_returns=len(self.loops), timeout=STOP_TIMEOUT_S)
         return {**stats, "workers": self.workers}
+
+    def stop(self) -> None:
+        """End the loop at its next turn, and the workers' loops after it (the driver gave the run up)."""
+        self._stopping.set()
 
     def _fault(self, entry: dict) -> None:
         killed = self.killed_at.pop(entry.get("worker"), None)
@@ -409,6 +417,7 @@ class RayBackend(Backend):
         self._server_killed: tuple[int, float] | None = None  # an injected server kill: (step, when)
         self._node_removed_at: float | None = None  # when the driver last removed a simulated node
         self._faults = list(config.faults)  # those not injected yet
+        self._run: ray.ObjectRef | None = None  # the server's loop, while it may still run
         cluster = config.cluster
         cpus_needed = cluster.num_workers * cluster.cpus_per_worker
         self._segment: str | None = None
@@ -602,8 +611,8 @@ class RayBackend(Backend):
         # the server runs the workers' loops, notices a lost worker and replaces it
         if clock is not None:  # rebuilt: its rows' wall times go on from the lost server's, recovery included
             restore = {**restore, "elapsed_s": clock} if restore is not None else None
-        run = self.server.run.remote(policy, frozenset(eval_at), self.workers, [i["pid"] for i in self.info], restore,
-                                     clock or 0.0)
+        run = self._run = self.server.run.remote(policy, frozenset(eval_at), self.workers,
+                                                 [i["pid"] for i in self.info], restore, clock or 0.0)
         try:
             while True:
                 ready, _ = ray.wait([run], timeout=DRAIN_EVERY_S)
@@ -621,11 +630,25 @@ class RayBackend(Backend):
         except _ServerLost:
             raise
         except BaseException:
-            try:  # every row the server computed before the failure
+            self._stop_loop()
+            try:  # every row the server computed before the failure (or before it stopped)
                 self._deliver(sink, ray.get(self.server.drain.remote(self._acked), timeout=10))
             except Exception:
                 pass
             raise
+
+    def _stop_loop(self) -> None:
+        """Have the server end its loop and then its workers' loops, and wait for that (bounded): the run was given
+        up, and nothing may still be written on a channel when it closes or by an actor when it is killed."""
+        run, self._run = self._run, None
+        if run is None or self.server is None:
+            return
+        try:
+            if not ray.wait([run], timeout=0)[0]:
+                self.server.stop.remote()
+                ray.wait([run], timeout=3 * STOP_TIMEOUT_S)
+        except Exception:  # the server is gone: so are its loop and its channels' writes
+            pass
 
     def _drain(self) -> list:
         try:
@@ -673,7 +696,9 @@ class RayBackend(Backend):
         return ray.get(self.server.weights.remote())
 
     def _release_actors(self) -> None:
-        """Kill the server and the workers, remove the segment and the placement group (Ray stays up)."""
+        """Stop the loops, then kill the server and the workers, remove the segment and the placement group (Ray
+        stays up)."""
+        self._stop_loop()
         if self.server is not None:
             try:
                 ray.get(self.server.close_transport.remote(), timeout=10)

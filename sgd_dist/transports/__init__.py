@@ -16,6 +16,7 @@ Every transport delivers the same values, so the same config gives bit-equal run
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ import torch
 
 # Command kinds.
 STOP, GRADIENT, EVALUATE, LOCAL = 0, 1, 2, 3
+
+STOP_TIMEOUT_S = 5.0  # how long stopping waits for the answers to the commands in flight
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,25 @@ class ServerEnd(ABC):
         """``worker`` was lost: drop its command in flight (a replacement will be connected and sent it again)."""
         raise WorkerLost(f"worker {worker} was lost and the {self.name} transport cannot replace it", worker)
 
-    def stop(self) -> None:
-        """Tell every worker's loop to end."""
+    def in_flight(self) -> list[int]:
+        """The workers that were sent a command and have not answered it yet."""
+        return []
+
+    def settle(self, timeout_s: float) -> None:
+        """Receive and drop the answers to the commands in flight, for at most ``timeout_s``; a worker found
+        lost meanwhile is forgotten."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight() and (left := deadline - time.monotonic()) > 0:
+            try:
+                self.receive(min(left, 0.05))
+            except WorkerLost as lost:
+                if lost.worker is None:
+                    return
+                self.forget(lost.worker)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Tell every worker's loop to end, once its command in flight is answered (``settle``, at most
+        ``timeout_s``): nothing is then still being written when the transport closes or the workers go."""
 
     def close(self) -> None:
         """Release what the transport holds (idempotent)."""

@@ -27,7 +27,7 @@ import torch
 from ray.exceptions import RayChannelError, RayChannelTimeoutError
 from ray.experimental.channel.shared_memory_channel import Channel
 
-from sgd_dist.transports import STOP, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.transports import STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
 
 SPIN_S = 2e-3
 MAX_SLEEP_S = 1e-3
@@ -54,6 +54,7 @@ class ChannelServerEnd(ServerEnd):
         self._sent: list[Command | None] = [None] * len(go)
         self._next = 0
         self.loops: list[ray.ObjectRef | None] = [None] * len(go)  # each worker's loop: ends when its actor dies
+        self._closed: set[int] = set()  # lost workers whose channels are closed, until a replacement connects
         self._next_check = time.perf_counter() + LIVENESS_EVERY_S
 
     def watch(self, worker: int, loop: ray.ObjectRef) -> None:
@@ -62,10 +63,12 @@ class ChannelServerEnd(ServerEnd):
     def connect(self, worker: int, go: Channel, answer: Channel, loop: ray.ObjectRef) -> None:
         """A replacement worker's channels and loop."""
         self.go[worker], self.answers[worker] = go, answer
+        self._closed.discard(worker)
         self.watch(worker, loop)
 
     def forget(self, worker: int) -> None:
         self._sent[worker] = None
+        self._closed.add(worker)
         for channel in (self.go[worker], self.answers[worker]):
             try:
                 channel.close()
@@ -131,10 +134,20 @@ class ChannelServerEnd(ServerEnd):
         grad = None if grad is None else torch.from_numpy(np.array(grad))  # a copy: releases the channel's value
         return Arrival(r, command.kind, command.step, command.version, grad, loss, count, seconds)
 
-    def stop(self) -> None:
+    def in_flight(self) -> list[int]:
+        return [r for r, command in enumerate(self._sent) if command is not None]
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        # A value pushed to another node's channel after that channel is closed crashes the receiving node's raylet
+        # (a RAY_CHECK in HandlePushMutableObject, ray-project/ray#63229): every answer in flight is read first,
+        # and each loop's last value is this None, which it reads before it ends.
+        self.settle(timeout_s)
         for r, channel in enumerate(self.go):
-            if self._sent[r] is None:
-                channel.write(None)
+            if self._sent[r] is None and r not in self._closed:
+                try:
+                    channel.write(None, timeout=timeout_s)
+                except RayChannelError:  # its worker is gone (a timeout is a RayChannelError too)
+                    pass
 
     def close(self) -> None:
         for channel in [*self.go, *self.answers]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sgd_dist.transports import GRADIENT, LOCAL, STOP, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.transports import GRADIENT, LOCAL, STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "sgd_dist-"
@@ -234,7 +234,11 @@ class ShmServerEnd(ServerEnd):
                 raise WorkerLost("workers did not attach to the shared-memory segment")
             time.sleep(1e-3)
 
-    def stop(self) -> None:
+    def in_flight(self) -> list[int]:
+        return [r for r, command in enumerate(self._sent) if command is not None]
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        self.settle(timeout_s)
         for r in range(self.layout.num_workers):
             if self._sent[r] is None:
                 self.send(r, Command(STOP))

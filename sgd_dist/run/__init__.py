@@ -1,0 +1,1 @@
+"""One run's driver and the files and sinks it records to."""
