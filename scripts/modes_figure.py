@@ -1,7 +1,7 @@
 """Compare the consistency modes on one problem: optimality gap against updates, samples and wall time.
 
 Runs ``sgd-dist train``'s function once per mode (one after another, on one embedded Ray), then draws one
-figure from the runs' metrics files. The README's modes figure is made with the defaults:
+figure from the runs' metrics files. The modes figures of docs/experiments.md are made with the defaults:
 
     .venv/bin/python scripts/modes_figure.py --out docs/modes.png
     .venv/bin/python scripts/modes_figure.py --slowdown 1:4 --out docs/modes_straggler.png   # worker 1 4x slower
