@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sgd_dist.backends.ray_backend import init_ray
+from sgd_dist.backends.ray.backend import init_ray
 from sgd_dist.config import build_config
-from sgd_dist.recording import read_metrics, read_summary
-from sgd_dist.replay import replay
-from sgd_dist.trainer import train
+from sgd_dist.run.replay import replay
+from sgd_dist.run.rundir import read_metrics, read_summary
+from sgd_dist.run.trainer import train
 
 SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))
 MODE_OPTIONS = {"sync": {}, "async": {}, "ssp": {"staleness_bound": 2}, "backup": {"backup_workers": 1},

@@ -17,8 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sgd_dist.config import load_config
-from sgd_dist.recording import read_metrics
-from sgd_dist.trainer import train
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {

@@ -1,4 +1,4 @@
-"""The ``sgd-dist`` command: a thin layer over ``sgd_dist.trainer.train``.
+"""The ``sgd-dist`` command: a thin layer over ``sgd_dist.run.trainer.train``.
 
 Exit codes: 0 success; 2 invalid config or usage, or a run that cannot fit where it would run (one line
 naming the field, nothing written); 1 a run that failed, or a cluster that cannot be reached or cannot host
@@ -101,8 +101,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _add_bench_parser(sub) -> None:
-    from sgd_dist.bench.options import (DEFAULT_DIMS, DEFAULT_STARTUP_REPEATS, DEFAULT_STEPS, DEFAULT_WARMUP,
-                                        DEFAULT_WORKERS, SYSTEMS)
+    from sgd_dist.bench.options import (
+        DEFAULT_DIMS,
+        DEFAULT_STARTUP_REPEATS,
+        DEFAULT_STEPS,
+        DEFAULT_WARMUP,
+        DEFAULT_WORKERS,
+        SYSTEMS,
+    )
 
     p = sub.add_parser("bench", help="time sgd_dist against its peers on one generated problem (table and figure)")
     p.add_argument("--dims", type=_int_list, default=list(DEFAULT_DIMS), metavar="D,D,...",
@@ -174,10 +180,9 @@ def _fail(code: int, message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sgd_dist.trainer import completed_summary, one_line, train  # torch and tqdm once the arguments are good
-
     from sgd_dist.backends.base import ClusterError
-    from sgd_dist.checkpoint import CheckpointError
+    from sgd_dist.run.checkpoint import CheckpointError
+    from sgd_dist.run.trainer import completed_summary, one_line, train  # torch and tqdm once the arguments are good
 
     _check_out(args)
     if args.resume is not None:
@@ -226,11 +231,11 @@ def _train(args: argparse.Namespace) -> int:
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
     print(_mode_line(s))
     if s.get("faults"):
-        from sgd_dist.trainer import describe_fault
+        from sgd_dist.run.trainer import describe_fault
 
         for entry in s["faults"]:
             print(f"fault: {describe_fault(entry)}")
-    from sgd_dist.stragglers import describe
+    from sgd_dist.engine.delays import describe_stragglers as describe
 
     for line in describe(s.get("stragglers", [])):
         print(f"straggler: {line}")
@@ -242,7 +247,7 @@ def _interrupted(run_dir: Path | None) -> str:
     """What an interrupted run left: the rows in its directory (and how to go on), or nothing at all."""
     if run_dir is None:
         return "interrupted before the run started; nothing was written"
-    from sgd_dist.checkpoint import CHECKPOINT_DIR, MANIFEST
+    from sgd_dist.run.checkpoint import CHECKPOINT_DIR, MANIFEST
 
     resume = (Path(run_dir) / CHECKPOINT_DIR / MANIFEST).is_file()
     return (f"interrupted; {run_dir} keeps the rows recorded so far"
@@ -264,7 +269,7 @@ def _mode_line(s: dict) -> str:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from sgd_dist.replay import replay
+    from sgd_dist.run.replay import replay
 
     report = replay(args.run_dir, args.out)
     verdict = "bit-equal" if report.exact else "DIFFERENT"
@@ -277,11 +282,11 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sgd_dist.plots import plot_run
+    from sgd_dist.run.plots import plot_run
 
     run_dir = Path(args.run_dir)
     if (run_dir / "results.csv").is_file():
-        from sgd_dist.sweep_plots import plot_sweep
+        from sgd_dist.study.plots import plot_sweep
 
         _print_figures(plot_sweep(run_dir))
         return EXIT_OK
@@ -300,7 +305,7 @@ def _print_figures(figures) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sgd_dist.sweep import load_experiment, run_sweep
+    from sgd_dist.study.sweep import load_experiment, run_sweep
 
     _check_out(args)
     sweep = load_experiment(args.config)  # every run's config validated here: a bad grid runs nothing
@@ -319,7 +324,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from sgd_dist import cost_model
+    from sgd_dist.study import cost_model
 
     sweep_dir = Path(args.sweep_dir)
     if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
@@ -367,7 +372,7 @@ def _config(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from sgd_dist.bench import BenchOptions, run_benchmark
     from sgd_dist.bench.report import results_markdown, startup_markdown, targets_markdown
-    from sgd_dist.recording import default_run_dir
+    from sgd_dist.run.rundir import default_run_dir
 
     _check_out(args)
     if min(args.steps, args.repeats) < 1 or args.warmup < 0 or args.startup_repeats < 0:
@@ -390,7 +395,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from sgd_dist.submit import SubmitError, submit
+    from sgd_dist.jobs.client import SubmitError, submit
 
     _check_out(args)
     config = load_config(args.config, args.overrides)
@@ -409,7 +414,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from sgd_dist import submit
+    from sgd_dist.jobs import client as submit
 
     try:
         if args.follow:

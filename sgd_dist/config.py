@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from sgd_dist.consistency import make_policy
+from sgd_dist.engine.policies import make_policy
 
 
 class ConfigError(ValueError):

@@ -76,9 +76,9 @@ def shm_entries_of(root: int) -> set[str]:
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray of this test session, local and bound to loopback."""
-    from sgd_dist.backends.ray_backend import init_ray
-
     import ray
+
+    from sgd_dist.backends.ray.backend import init_ray
 
     started = init_ray(num_cpus=SESSION_CPUS)
     yield ray
@@ -91,8 +91,8 @@ def ray_session():
 
 def inject_server_failure(ray, monkeypatch, fail_at: int) -> None:
     """Make the Ray backend's server actor fail at update ``fail_at + 1`` (a RuntimeError naming it)."""
-    import sgd_dist.backends.ray_backend as ray_backend
-    from sgd_dist.server import ParameterServer
+    import sgd_dist.backends.ray.backend as ray_backend
+    from sgd_dist.engine.server import ParameterServer
 
     class FailingParameterServer(ParameterServer):  # defined in a function: Ray pickles it by value into the actor
         def update(self, results, **kwargs):

@@ -12,7 +12,7 @@ scaling), weight decay as w <- w - lr (g + wd w), and three ways of combining th
   each computed on the weights after update ``version`` and, with the staleness-aware rate, divided by its
   staleness max(1, u - 1 - version).
 
-Only the inputs are shared with the code under test: the data (``sgd_dist.data.generate``) and the mini-batch
+Only the inputs are shared with the code under test: the data (``sgd_dist.core.data.generate``) and the mini-batch
 order (the sampler), both tested against their own definitions in test_data.py.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from sgd_dist.config import Config, OptimConfig
-from sgd_dist.data import MiniBatchSampler, generate
+from sgd_dist.core.data import MiniBatchSampler, generate
 
 
 def expected_lr(optim: OptimConfig, t: int, total_steps: int, global_batch: int) -> float:

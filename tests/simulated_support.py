@@ -13,12 +13,11 @@ import sys
 import time
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError
-
-from sgd_dist.backends.ray_backend import RayBackend
-
 from conftest import make_config
+from ray.exceptions import ActorDiedError, RayActorError
 from test_ray_local import _listening, _process_tree, _socket_inodes
+
+from sgd_dist.backends.ray.backend import RayBackend
 
 
 def _error(call) -> str | None:
@@ -81,8 +80,8 @@ def failed_run(out: str) -> None:
 
     from ray._common.utils import get_ray_address_file
 
-    import sgd_dist.backends.ray_backend as ray_backend
-    from sgd_dist.trainer import train
+    import sgd_dist.backends.ray.backend as ray_backend
+    from sgd_dist.run.trainer import train
 
     report: dict = {}
     original = ray_backend.RayBackend.run

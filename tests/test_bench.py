@@ -9,8 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from sgd_dist.bench import BenchOptions, run_benchmark
-from sgd_dist.bench import peers, report, runner
+from sgd_dist.bench import BenchOptions, peers, report, run_benchmark, runner
 from sgd_dist.bench.problem import Problem, measured_intervals, percentile, step_stats
 from sgd_dist.cli import _int_list, main
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_config
 
 from sgd_dist.backends import capacity
 from sgd_dist.config import ConfigError
-from sgd_dist.worker import ShardWorker
-
-from conftest import make_config
+from sgd_dist.engine.worker import ShardWorker
 
 
 @pytest.mark.parametrize("overrides", [[], ["train.batch_size=full"], ["data.dtype=float64", "data.n_features=30"]])

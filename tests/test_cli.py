@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_png, shm_entries_of
 
 from sgd_dist.transports.shm import PREFIX, SHM_DIR
-
-from conftest import assert_png, shm_entries_of
 
 SGD_DIST = str(Path(sys.executable).with_name("sgd-dist"))  # the installed console script
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,7 +236,7 @@ def test_traceback_prints_where_a_run_failed(tiny, tmp_path):
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "d"), "--traceback", *DIVERGES)
     assert proc.returncode == 1
     assert proc.stderr.startswith("Traceback (most recent call last):\n")
-    assert re.search(r'File ".*sgd_dist/trainer\.py", line \d+, in record\n', proc.stderr), proc.stderr
+    assert re.search(r'File ".*sgd_dist/run/trainer\.py", line \d+, in record\n', proc.stderr), proc.stderr
     last = proc.stderr.splitlines()[-1]
     assert re.fullmatch(rf"sgd-dist: error: {DIVERGED}", last), last  # no "--traceback shows where" now
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import pydantic
 import pytest
 import yaml
+from conftest import make_config
 
 from sgd_dist.config import ConfigError, build_config, dump_config, load_config
-
-from conftest import make_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

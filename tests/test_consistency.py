@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sgd_dist.consistency import (
+from sgd_dist.engine.policies import (
     Apply,
     AsyncPolicy,
     BackupPolicy,

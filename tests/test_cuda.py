@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_config
 
 from sgd_dist.backends.base import worker_args
-from sgd_dist.recording import read_metrics
-from sgd_dist.trainer import train
-from sgd_dist.worker import ShardWorker
-
-from conftest import make_config
+from sgd_dist.engine.worker import ShardWorker
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.run.trainer import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sgd_dist.data import BLOCK_ROWS, MiniBatchSampler, batch_indices, generate, shard_bounds, true_weights
-from sgd_dist.objectives import mse
-
 from conftest import make_config
+
+from sgd_dist.core.data import BLOCK_ROWS, MiniBatchSampler, batch_indices, generate, shard_bounds, true_weights
+from sgd_dist.core.objectives import mse
 
 
 def lesson2_data(n: int):

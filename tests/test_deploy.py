@@ -4,7 +4,7 @@ The head and the worker are started with the very `ray start` command lines of t
 (read from docker-compose.yml, with compose's own ${NAME:-default} substitution; only the knobs the file
 declares are set: a name of 127.0.0.1 for the head's host, free ports, loopback for the dashboard), each in
 its own process group, and stopped by signalling those groups. Then `sgd-dist submit` (and Ctrl-C on it, which
-leaves the job running), `sgd_dist.submit.submit()` from Python, the README's `ray job submit` line, `sgd-dist
+leaves the job running), `sgd_dist.jobs.client.submit()` from Python, the README's `ray job submit` line, `sgd-dist
 jobs`, and requests without the token or to a wrong address.
 docker-compose.yml itself is checked by docker-compose 1.29.2's parser (`docker-compose config`).
 """
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_support import (
     BIN,
     ROOT,
@@ -213,13 +212,13 @@ def test_a_failed_job_is_one_line_and_exit_1_and_its_run_directory_still_comes_b
 
 
 def test_submit_from_python_trains_on_the_cluster_and_brings_the_run_back(compose_cluster, tmp_path):
-    """`sgd_dist.submit.submit(address, config)`, as a notebook calls it (in a fresh process: this session's own
+    """`sgd_dist.jobs.client.submit(address, config)`, as a notebook calls it (in a fresh process: this session's own
     Ray switches stay out of it): the job's log goes to ``echo``, the run directory comes back, the result says so."""
     out = tmp_path / "run"
     script = f"""
 import json
 from sgd_dist.config import load_config
-from sgd_dist.submit import submit
+from sgd_dist.jobs.client import submit
 
 lines = []
 result = submit({compose_cluster["url"]!r}, load_config({str(ROOT / "configs" / "lesson2.yaml")!r},

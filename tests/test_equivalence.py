@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sgd_dist.recording import read_metrics
-from sgd_dist.trainer import train
-
 from conftest import make_config
+
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.run.trainer import train
 
 
 def run(config, tmp_path, name):

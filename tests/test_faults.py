@@ -16,21 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config
 
-from sgd_dist.checkpoint import CHECKPOINT_DIR, MANIFEST, load_checkpoint
+from sgd_dist.backends.base import server_args, worker_args
 from sgd_dist.cli import main
 from sgd_dist.config import ConfigError, load_config
-from sgd_dist.consistency import make_policy
-from sgd_dist.recording import last_recorded_step, read_metrics, read_summary
-from sgd_dist.replay import replay
-from sgd_dist.trainer import Recorder, eval_steps, train
-from sgd_dist.worker import ShardWorker
-from sgd_dist.backends.base import server_args, worker_args
-from sgd_dist.server import LoopHooks, ParameterServer, serve
-from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Command, WorkerLost
+from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Command, WorkerLost
+from sgd_dist.engine.policies import make_policy
+from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
+from sgd_dist.engine.worker import ShardWorker
+from sgd_dist.run.checkpoint import CHECKPOINT_DIR, MANIFEST, load_checkpoint
+from sgd_dist.run.replay import replay
+from sgd_dist.run.rundir import last_recorded_step, read_metrics, read_summary
+from sgd_dist.run.trainer import Recorder, eval_steps, train
 from sgd_dist.transports.local import LocalServerEnd
-
-from conftest import make_config
 
 STEPS = 60
 # 10 ms of injected delay per answer on average: long enough to kill things mid-run; a straggler delay changes
@@ -79,7 +78,7 @@ def test_a_worker_killed_from_outside_is_replaced_and_sync_ends_bit_equal(ray_se
                                                                           reference, transport):
     """SIGKILL to a worker's process from outside: noticed within 2 s, replaced (its shard regenerated), its
     step redone; every loss and the final weights equal the undisturbed run's."""
-    import sgd_dist.backends.ray_backend as ray_backend
+    import sgd_dist.backends.ray.backend as ray_backend
 
     killed: dict = {}
     original_run, original_rows = ray_backend.RayBackend.run, Recorder.rows
@@ -377,7 +376,7 @@ def test_resume_takes_the_runs_own_config_only(checkpointed, capsys):
 def test_rows_in_a_drain_reply_lost_to_ctrl_c_are_sent_again(ray_session, tmp_path, monkeypatch):
     """Ctrl-C while the driver waits for a drain: the server had already handed those rows out. They stay in its
     outbox until a later drain confirms them, so the final drain brings them again: no gap, no row twice."""
-    import sgd_dist.backends.ray_backend as ray_backend
+    import sgd_dist.backends.ray.backend as ray_backend
 
     original = ray_backend.RayBackend._drain
     lost: dict = {}

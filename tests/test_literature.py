@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_png
 from matplotlib.figure import Figure
 
-from conftest import assert_png
 from sgd_dist.config import ConfigError
-from sgd_dist.sweep import load_experiment, run_row
-from sgd_dist.sweep_plots import _noise_scale_overlay, best_steps, plot_sweep
+from sgd_dist.study.plots import _noise_scale_overlay, best_steps, plot_sweep
+from sgd_dist.study.sweep import load_experiment, run_row
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiments"
@@ -196,7 +196,7 @@ def test_crossover_plans_4096_rows_split_over_1_2_4_workers_at_each_problem_size
 
 
 def test_local_sgd_counts_its_communication_rounds_and_local_steps():
-    from sgd_dist.consistency import Dispatch, LocalSGDPolicy
+    from sgd_dist.engine.policies import Dispatch, LocalSGDPolicy
 
     policy = LocalSGDPolicy(num_workers=2, num_steps=5, local_steps=4)
     actions, dispatched = policy.start(), 0

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from deploy_support import BIN, ROOT, free_port
 
 pytestmark = pytest.mark.deploy

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from sgd_dist.cli import main
-from sgd_dist.config import load_config
-from sgd_dist.consistency import ReplayPolicy
-from sgd_dist.recording import read_metrics
-from sgd_dist.replay import read_schedule, replay
-from sgd_dist.server import ParameterServer
-from sgd_dist.backends.base import server_args
-from sgd_dist.trainer import train
-from sgd_dist.worker import GradientResult
-
 from conftest import make_config
 from plain_sgd import plain_schedule, plain_sgd
+
+from sgd_dist.backends.base import server_args
+from sgd_dist.cli import main
+from sgd_dist.config import load_config
+from sgd_dist.engine.policies import ReplayPolicy
+from sgd_dist.engine.server import ParameterServer
+from sgd_dist.engine.worker import GradientResult
+from sgd_dist.run.replay import read_schedule, replay
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.run.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ["shm", "ray"]

@@ -7,15 +7,14 @@ import math
 
 import pytest
 import torch
+from conftest import make_config
 from torch.func import grad, vmap
 
-from sgd_dist import noise_scale as ns
-from sgd_dist import objectives as obj
 from sgd_dist.backends.serial import SerialBackend
-from sgd_dist.data import generate, shard_bounds
-from sgd_dist.trainer import train
-
-from conftest import make_config
+from sgd_dist.core import noise_scale as ns
+from sgd_dist.core import objectives as obj
+from sgd_dist.core.data import generate, shard_bounds
+from sgd_dist.run.trainer import train
 
 
 def tiny(kind: str, n: int = 37):

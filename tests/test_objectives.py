@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sgd_dist import objectives as obj
-from sgd_dist.data import generate, shard_bounds
-
 from conftest import make_config
+
+from sgd_dist.core import objectives as obj
+from sgd_dist.core.data import generate, shard_bounds
 
 
 def data(kind="linear", n=3000, **extra):

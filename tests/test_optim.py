@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_config
 
 from sgd_dist.config import OptimConfig
-from sgd_dist.optim import base_lr, learning_rate, sgd_update_
-
-from conftest import make_config
+from sgd_dist.core.optim import base_lr, learning_rate, sgd_update_
 
 
 @pytest.mark.parametrize(

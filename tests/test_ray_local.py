@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from sgd_dist.backends.ray_backend import ClusterError, RayBackend
-
 from conftest import make_config
+
+from sgd_dist.backends.ray.backend import ClusterError, RayBackend
 
 
 def _process_tree(root: int) -> set[int]:
@@ -176,9 +175,9 @@ def test_the_workers_loops_have_ended_when_their_transport_closes(ray_session, t
     in flight."""
     import json
 
-    import sgd_dist.backends.ray_backend as ray_backend
-    from sgd_dist.server import ParameterServer
-    from sgd_dist.trainer import train
+    import sgd_dist.backends.ray.backend as ray_backend
+    from sgd_dist.engine.server import ParameterServer
+    from sgd_dist.run.trainer import train
 
     seen = str(tmp_path / "seen.json")
 

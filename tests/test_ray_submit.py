@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_support import (
     BIN,
     ROOT,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
+from conftest import make_config
 
 from sgd_dist.backends.base import server_args, worker_args
-from sgd_dist.data import generate
-from sgd_dist.objectives import loss_and_grad
-from sgd_dist.server import ParameterServer
-from sgd_dist.worker import GradientResult, ShardWorker
-
-from conftest import make_config
+from sgd_dist.core.data import generate
+from sgd_dist.core.objectives import loss_and_grad
+from sgd_dist.engine.server import ParameterServer
+from sgd_dist.engine.worker import GradientResult, ShardWorker
 
 
 def test_worker_holds_its_rows_and_takes_the_sampled_batch():

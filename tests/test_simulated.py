@@ -16,20 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config
 
-from sgd_dist.backends import simulated
 from sgd_dist.backends.base import worker_args
+from sgd_dist.backends.ray import simulated
 from sgd_dist.config import ConfigError, NetworkConfig, describe_fields, dump_config, load_config
-from sgd_dist.network import message_bytes, message_delay_s, round_trip_delay_s
-from sgd_dist.recording import read_metrics
-from sgd_dist.replay import replay
-from sgd_dist.trainer import train
-from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Command
+from sgd_dist.engine.delays import message_bytes, message_delay_s, round_trip_delay_s
+from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Command
+from sgd_dist.engine.worker import ShardWorker
+from sgd_dist.run.replay import replay
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.run.trainer import train
 from sgd_dist.transports.channel import _raylet_pid
 from sgd_dist.transports.shm import PREFIX, SHM_DIR, _alive
-from sgd_dist.worker import ShardWorker
-
-from conftest import make_config
 
 TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -230,7 +229,7 @@ def test_a_simulated_run_replays_on_the_serial_backend(simulated_run, tmp_path):
 
 
 def test_a_process_connected_to_ray_refuses_to_start_a_simulated_cluster(ray_session):
-    from sgd_dist.backends.ray_backend import ClusterError, RayBackend
+    from sgd_dist.backends.ray.backend import ClusterError, RayBackend
 
     with pytest.raises(ClusterError, match=r"^cluster\.simulated_nodes=2 starts its own Ray cluster, but this "
                                            r"process is already connected to Ray at 127\.0\.0\.1:\d+: run it in a "

@@ -6,14 +6,14 @@ from __future__ import annotations
 import statistics
 
 import pytest
+from conftest import make_config
 
 from sgd_dist.cli import main
 from sgd_dist.config import ConfigError, dump_config
-from sgd_dist.recording import read_metrics, read_summary
-from sgd_dist.stragglers import describe, extra_delay_s, find_stragglers
-from sgd_dist.trainer import train
-
-from conftest import make_config
+from sgd_dist.engine.delays import describe_stragglers as describe
+from sgd_dist.engine.delays import extra_delay_s, find_stragglers
+from sgd_dist.run.rundir import read_metrics, read_summary
+from sgd_dist.run.trainer import train
 
 
 def cfg(*overrides):

@@ -1,4 +1,4 @@
-"""sgd_dist.submit without a cluster: the run directory through a job's log, the staged working_dir, and the
+"""sgd_dist.jobs.client without a cluster: the run directory through a job's log, the staged working_dir, and the
 CLI's refusals before anything is submitted. The cluster round trips are in tests/test_deploy.py."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_config
+
 from sgd_dist.config import dump_config
-from sgd_dist.submit import (
+from sgd_dist.jobs.client import (
     ARCHIVE_LINE_CHARS,
     ARCHIVE_MARK,
     JOB_CONFIG,

@@ -26,9 +26,9 @@ from conftest import make_config
 from deploy_support import free_port, require
 
 from sgd_dist.config import ConfigError, load_config
-from sgd_dist.recording import read_metrics, read_summary
+from sgd_dist.run.rundir import read_metrics, read_summary
 from sgd_dist.run.trackers import MissingExtra, MlflowTracker, TensorBoardTracker, export_run
-from sgd_dist.trainer import train
+from sgd_dist.run.trainer import train
 
 BIN = Path(sys.executable).parent
 

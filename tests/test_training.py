@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from sgd_dist.config import ConfigError, load_config
-from sgd_dist.plots import plot_run
-from sgd_dist.recording import read_metrics, read_summary
-from sgd_dist.server import ParameterServer
-from sgd_dist.trainer import eval_steps, train
-
 from conftest import assert_png, inject_server_failure, make_config
 from plain_sgd import PlainRun, plain_data, plain_sgd
+
+from sgd_dist.config import ConfigError, load_config
+from sgd_dist.engine.server import ParameterServer
+from sgd_dist.run.plots import plot_run
+from sgd_dist.run.rundir import read_metrics, read_summary
+from sgd_dist.run.trainer import eval_steps, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -150,8 +149,8 @@ def test_logistic_run_reports_its_reference(tmp_path):
 def test_metrics_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
     """Rows are flushed as written: a reader sees each batch, whole, while the run is still going. The loop hands
     its rows over at every update here (instead of every 0.2 s, which a 400-step serial run finishes within)."""
-    import sgd_dist.server as server
-    import sgd_dist.trainer as trainer
+    import sgd_dist.engine.server as server
+    import sgd_dist.run.trainer as trainer
 
     monkeypatch.setattr(server, "EMIT_EVERY_S", 0.0)
     seen = []
@@ -181,7 +180,7 @@ def test_existing_output_directory_is_refused_before_anything_runs(tmp_path):
 
 
 def test_failed_run_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
-    from sgd_dist.server import ParameterServer
+    from sgd_dist.engine.server import ParameterServer
 
     original = ParameterServer.update
 
@@ -327,7 +326,7 @@ def test_data_kind_logistic_as_an_override_trains_a_shipped_linear_config(tmp_pa
 
 
 def test_the_training_time_is_the_metrics_clock_in_the_summary_and_the_plot(tmp_path):
-    from sgd_dist.plots import _title
+    from sgd_dist.run.plots import _title
 
     result = train(make_config("cluster.backend=serial", f"output.dir={tmp_path / 'r'}"), console=False, progress=False)
     s, rows = result.summary, read_metrics(result.run_dir)
@@ -339,7 +338,7 @@ def test_the_training_time_is_the_metrics_clock_in_the_summary_and_the_plot(tmp_
 def test_a_resumed_runs_time_covers_the_steps_it_records_once(tmp_path, monkeypatch):
     """After --resume the clock goes on from the checkpoint's: the training time and the samples/s are those of
     the steps metrics.jsonl holds, not this command's share of them over all the steps."""
-    from sgd_dist.trainer import Recorder
+    from sgd_dist.run.trainer import Recorder
 
     class Killed(Exception):
         pass
@@ -402,7 +401,7 @@ def test_in_a_notebook_the_bar_is_a_widget_or_one_line_says_why_not(monkeypatch)
     import tqdm.notebook
     import tqdm.std
 
-    from sgd_dist.trainer import progress_bar
+    from sgd_dist.run.trainer import progress_bar
 
     said: list[str] = []
     assert progress_bar(said.append) is tqdm.std.tqdm and said == []  # a terminal: the text bar, nothing said

@@ -7,25 +7,32 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import inject_server_failure, make_config, shm_entries_of
 
 from sgd_dist.backends.base import server_args, worker_args
-from sgd_dist.backends.ray_backend import ClusterError, RayBackend, pick_transport
-from sgd_dist.consistency import make_policy
-from sgd_dist.recording import last_recorded_step, read_metrics
-from sgd_dist.server import ParameterServer, serve
-from sgd_dist.trainer import eval_steps, train
+from sgd_dist.backends.ray.backend import ClusterError, RayBackend, pick_transport
+from sgd_dist.engine.policies import make_policy
+from sgd_dist.engine.server import ParameterServer, serve
+from sgd_dist.engine.worker import ShardWorker
+from sgd_dist.run.rundir import last_recorded_step, read_metrics
+from sgd_dist.run.trainer import eval_steps, train
 from sgd_dist.transports.channel import semaphores, sweep_stale_semaphores
 from sgd_dist.transports.local import LocalServerEnd
-from sgd_dist.transports.shm import PREFIX, SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker, sweep_stale_segments
-from sgd_dist.worker import ShardWorker
-
-from conftest import inject_server_failure, make_config, shm_entries_of
+from sgd_dist.transports.shm import (
+    PREFIX,
+    SHM_DIR,
+    Layout,
+    ShmServerEnd,
+    ShmWorkerEnd,
+    serve_worker,
+    sweep_stale_segments,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,22 +12,21 @@ import time
 
 import pytest
 import torch
+from conftest import make_config
 
-from sgd_dist import worker as worker_module
 from sgd_dist.backends.base import server_args, worker_args
 from sgd_dist.config import StragglersConfig
-from sgd_dist.consistency import ReplayPolicy, make_policy
+from sgd_dist.core.data import generate
 from sgd_dist.core.time_model import TimeProfile
-from sgd_dist.data import generate
-from sgd_dist.server import RECOVERY_POLL_S, LoopHooks, ParameterServer, serve
-from sgd_dist.stragglers import extra_delay_s
-from sgd_dist.trainer import eval_steps
-from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Command, WorkerLost
+from sgd_dist.engine import worker as worker_module
+from sgd_dist.engine.delays import extra_delay_s
+from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Command, WorkerLost
+from sgd_dist.engine.policies import ReplayPolicy, make_policy
+from sgd_dist.engine.server import RECOVERY_POLL_S, LoopHooks, ParameterServer, serve
+from sgd_dist.engine.worker import ShardWorker
+from sgd_dist.run.trainer import eval_steps
 from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.transports.virtual import VirtualServerEnd
-from sgd_dist.worker import ShardWorker
-
-from conftest import make_config
 
 D, BATCH = 4, 16  # make_config: 3 features + bias, batch 16; float32, so a message of d values is 16 bytes
 MSG_BYTES = D * 4

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-
-from sgd_dist.data import BLOCK_BYTES, BLOCK_ROWS, block_rows, generate, shard_bounds
-from sgd_dist.recording import read_metrics
-from sgd_dist.trainer import train
-
 from conftest import make_config
+
+from sgd_dist.core.data import BLOCK_BYTES, BLOCK_ROWS, block_rows, generate, shard_bounds
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.run.trainer import train
 
 
 def test_blocks_are_bounded_in_bytes_and_narrow_data_keeps_its_blocks():

@@ -12,6 +12,6 @@ def make_backend(config: Config) -> Backend:
         from sgd_dist.backends.serial import SerialBackend
 
         return SerialBackend(config)
-    from sgd_dist.backends.ray_backend import RayBackend  # imports ray only when asked for
+    from sgd_dist.backends.ray.backend import RayBackend  # imports ray only when asked for
 
     return RayBackend(config)

@@ -15,10 +15,10 @@ from typing import Any, Collection, Protocol, Sequence
 import torch
 
 from sgd_dist.config import Config
-from sgd_dist.consistency import make_policy
-from sgd_dist.data import shard_bounds, torch_dtype
-from sgd_dist.noise_scale import GradientMoments
-from sgd_dist.objectives import LinearStats, NewtonTerms
+from sgd_dist.core.data import shard_bounds, torch_dtype
+from sgd_dist.core.noise_scale import GradientMoments
+from sgd_dist.core.objectives import LinearStats, NewtonTerms
+from sgd_dist.engine.policies import make_policy
 
 Handle = Any  # a value (serial) or a ray.ObjectRef (ray)
 

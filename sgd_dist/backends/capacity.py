@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from sgd_dist.config import Config, ConfigError
-from sgd_dist.data import shard_bounds, torch_dtype
+from sgd_dist.core.data import shard_bounds, torch_dtype
 
 # A worker actor's own memory with a tiny shard: torch, Ray's core worker and the transport imported, after a
 # run (peak RSS 0.31 GB measured here, Ray 2.60, torch 2.13 CPU; the server actor is the same process kind).

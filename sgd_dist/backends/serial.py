@@ -8,9 +8,9 @@ import torch
 
 from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
-from sgd_dist.server import LoopHooks, ParameterServer, serve
+from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
+from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.transports.local import LocalServerEnd
-from sgd_dist.worker import ShardWorker
 
 
 def resolve_local_device(device: str) -> str:

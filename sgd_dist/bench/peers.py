@@ -3,7 +3,7 @@ returns the wall-clock times (seconds, one clock per system) at which its steps 
 
 Every system does the same arithmetic as the seed: a mean-squared-error loss, its gradient by
 ``loss.backward()``, then ``w.sub_(lr * g)`` under ``no_grad``; every worker draws its mini-batches from its
-own shard with ``sgd_dist.data.MiniBatchSampler``. Ray is imported only by the functions that use it, so a
+own shard with ``sgd_dist.core.data.MiniBatchSampler``. Ray is imported only by the functions that use it, so a
 torch.distributed child process stays light.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sgd_dist.bench.problem import Problem
-from sgd_dist.data import MiniBatchSampler, generate, shard_bounds
+from sgd_dist.core.data import MiniBatchSampler, generate, shard_bounds
 
 PEER_THREADS = 1  # every process of every system computes on one thread: K processes share K cores
 

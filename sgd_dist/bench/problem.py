@@ -1,6 +1,6 @@
 """The one problem every system of the benchmark solves, and the step statistics. No Ray, no torch.distributed.
 
-Linear regression from ``sgd_dist.data.generate``: d parameters are d - 1 features plus the bias column
+Linear regression from ``sgd_dist.core.data.generate``: d parameters are d - 1 features plus the bias column
 (so d = 2 is lesson 2's shape), rows x = [U(-1, 1)^(d-1), 1], y = x @ a + U(0, 1). K workers each hold
 one shard of ``rows_per_worker`` rows and take ``batch_size`` rows a step; the floor takes K x batch_size
 rows a step from the whole dataset. Every system starts at w = 0 and applies ``w.sub_(lr * g)``.

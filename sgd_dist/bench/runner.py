@@ -60,11 +60,11 @@ def steps_for(dim: int, steps: int, warmup: int) -> tuple[int, int]:
 
 
 def run_sgd_dist(problem: Problem, num_steps: int, transport: str | None, workdir: Path) -> tuple[list[float], dict]:
-    """One ``sgd_dist.trainer.train`` run on the Ray backend; the step ends from metrics.jsonl's
+    """One ``sgd_dist.run.trainer.train`` run on the Ray backend; the step ends from metrics.jsonl's
     ``wall_time_s`` (the server's clock, one row per step) and the run's summary."""
     from sgd_dist.config import build_config
-    from sgd_dist.recording import read_metrics
-    from sgd_dist.trainer import train
+    from sgd_dist.run.rundir import read_metrics
+    from sgd_dist.run.trainer import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     raw = {
@@ -91,7 +91,7 @@ def record_overhead_ms(summary: dict) -> float | None:
 
 
 def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | None:
-    """None if ``sgd_dist.data.generate`` can make one row at this d in bounded memory, else why not.
+    """None if ``sgd_dist.core.data.generate`` can make one row at this d in bounded memory, else why not.
 
     Tried in a child process under an address-space limit (torch's own runtime is ~0.7 GB of it), so a
     generator that draws a whole block at once (65,536 rows x d before issue 11's point 3: 26 GB at d = 1e5)
@@ -99,7 +99,7 @@ def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | N
     """
     limit = limit_bytes or GENERATION_LIMIT_BYTES
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (%d, %d)); "
-            "from sgd_dist.config import DataConfig; from sgd_dist.data import generate; "
+            "from sgd_dist.config import DataConfig; from sgd_dist.core.data import generate; "
             "generate(DataConfig.model_validate_json(sys.argv[1]), 0, 1)") % (limit, limit)
     proc = subprocess.run([sys.executable, "-c", code, problem.data_config().model_dump_json()],
                           capture_output=True, text=True, timeout=300)
@@ -108,7 +108,7 @@ def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | N
     asked = re.search(r"allocate (\d+) bytes", proc.stderr)
     why = f"asks for {int(asked.group(1)) / 1e9:.1f} GB at once" if asked else (
         proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:120]
-    return f"sgd_dist.data.generate cannot make a row at d={problem.dim} within {limit / 2**30:.1f} GiB: {why}"
+    return f"sgd_dist.core.data.generate cannot make a row at d={problem.dim} within {limit / 2**30:.1f} GiB: {why}"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -249,7 +249,7 @@ def _start_ray(plan: list[tuple[str, Runner]], max_workers: int) -> bool:
     """One embedded Ray for every system that uses one; none when Ray is already up or nothing needs it."""
     if all(label == report.FLOOR or label == report.DDP or run is _missing_ray_train for label, run in plan):
         return False
-    from sgd_dist.backends.ray_backend import init_ray
+    from sgd_dist.backends.ray.backend import init_ray
 
     return init_ray(num_cpus=max(RAY_CPUS, 2 * max_workers))
 

@@ -28,7 +28,7 @@ from fractions import Fraction
 
 import torch
 
-from sgd_dist.data import derive_seed
+from sgd_dist.core.data import derive_seed
 
 KINDS = ("none", "fp16", "bf16", "int8", "topk", "randk")
 SPARSE_KINDS = ("topk", "randk")  # the kinds that read compression.ratio

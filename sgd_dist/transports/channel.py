@@ -27,7 +27,7 @@ import torch
 from ray.exceptions import RayChannelError, RayChannelTimeoutError
 from ray.experimental.channel.shared_memory_channel import Channel
 
-from sgd_dist.transports import STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.engine.messages import STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
 
 SPIN_S = 2e-3
 MAX_SLEEP_S = 1e-3

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from sgd_dist.transports import Arrival, Command, ServerEnd
+from sgd_dist.engine.messages import Arrival, Command, ServerEnd
 
 
 class LocalServerEnd(ServerEnd):

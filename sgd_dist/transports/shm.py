@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sgd_dist.transports import GRADIENT, LOCAL, STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.engine.messages import GRADIENT, LOCAL, STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "sgd_dist-"

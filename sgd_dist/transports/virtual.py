@@ -36,10 +36,10 @@ from dataclasses import replace
 
 import torch
 
-from sgd_dist import network, stragglers
 from sgd_dist.config import StragglersConfig
 from sgd_dist.core.time_model import TimeProfile, compute_s, message_s, server_answer_s, server_update_s
-from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.engine.delays import extra_delay_s, message_bytes
+from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
 
 _KINDS = {GRADIENT: "gradient", LOCAL: "local", EVALUATE: "evaluate"}
 # events: a command reaches its worker, its answer leaves the worker, the answer reaches the server, a worker dies
@@ -163,7 +163,7 @@ class VirtualServerEnd(ServerEnd):
         self, workers: Sequence, profile: TimeProfile, *, latency_s: float = 0.0, bandwidth_bps: float | None = None,
         workers_per_node: int | None = None, cores: int | None = None, speed_factors: Sequence[float] | None = None,
         stragglers: StragglersConfig | None = None, delays: Mapping[int, Mapping[int, float]] | None = None,
-        start_s: float = 0.0, message_bytes: MessageBytes = network.message_bytes,
+        start_s: float = 0.0, message_bytes: MessageBytes = message_bytes,
     ) -> None:
         _check_arguments(workers, latency_s, bandwidth_bps, workers_per_node, cores, speed_factors)
         self.workers, self.profile, self.latency_s = workers, profile, latency_s
@@ -320,7 +320,7 @@ class VirtualServerEnd(ServerEnd):
             return
         wait_s = job.delay_s
         if self.stragglers is not None and job.answer.kind != EVALUATE:
-            wait_s += stragglers.extra_delay_s(self.stragglers, job.worker, job.answer.step, at_s - job.start_s)
+            wait_s += extra_delay_s(self.stragglers, job.worker, job.answer.step, at_s - job.start_s)
         if wait_s > 0:
             self._push(at_s + wait_s, _LEAVE, job)
         else:

@@ -19,7 +19,7 @@ from typing import Any
 
 from sgd_dist.backends.base import one_line
 from sgd_dist.config import Config, ConfigError, load_config
-from sgd_dist.recording import CONFIG_FILE, FAULTS_FILE, SUMMARY_FILE, read_metrics, read_summary
+from sgd_dist.run.rundir import CONFIG_FILE, FAULTS_FILE, SUMMARY_FILE, read_metrics, read_summary
 
 STATUSES = ("completed", "failed", "interrupted")
 

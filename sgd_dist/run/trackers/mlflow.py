@@ -29,7 +29,7 @@ import yaml
 
 import sgd_dist
 from sgd_dist.config import Config, dump_config
-from sgd_dist.recording import METRICS_FILE, write_json_atomic
+from sgd_dist.run.rundir import METRICS_FILE, write_json_atomic
 from sgd_dist.run.trackers.base import (
     MissingExtra,
     Scalars,

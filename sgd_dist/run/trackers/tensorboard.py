@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sgd_dist.config import Config, dump_config
-from sgd_dist.recording import FAULTS_FILE, METRICS_FILE
+from sgd_dist.run.rundir import FAULTS_FILE, METRICS_FILE
 from sgd_dist.run.trackers.base import (
     MissingExtra,
     Scalars,

@@ -21,10 +21,10 @@ from typing import Callable, Collection, Sequence
 import torch
 
 from sgd_dist.config import OptimConfig
-from sgd_dist.consistency import Apply, Dispatch, Drop
-from sgd_dist.objectives import penalty, weighted_mean
-from sgd_dist.optim import learning_rate, sgd_update_
-from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.core.objectives import penalty, weighted_mean
+from sgd_dist.core.optim import learning_rate, sgd_update_
+from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.engine.policies import Apply, Dispatch, Drop
 
 EMIT_EVERY_S = 0.2  # hand rows to the driver this often (and at the end)
 

@@ -15,11 +15,12 @@ from typing import Literal
 
 import torch
 
-from sgd_dist import network, noise_scale, objectives, stragglers
 from sgd_dist.config import DataConfig, NetworkConfig, OptimConfig, StragglersConfig
-from sgd_dist.data import MiniBatchSampler, generate
-from sgd_dist.optim import learning_rate, sgd_update_
-from sgd_dist.transports import EVALUATE, GRADIENT, LOCAL, Arrival, Command
+from sgd_dist.core import noise_scale, objectives
+from sgd_dist.core.data import MiniBatchSampler, generate
+from sgd_dist.core.optim import learning_rate, sgd_update_
+from sgd_dist.engine.delays import extra_delay_s, round_trip_delay_s
+from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,9 @@ class ShardWorker:
         # stragglers and the network cost wall time only: the numbers stay the same
         delay = 0.0
         if self.stragglers is not None and command.kind != EVALUATE:
-            delay += stragglers.extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0)
+            delay += extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0)
         if self.network is not None:  # the command's and the answer's time on this worker's link
-            delay += network.round_trip_delay_s(self.network, weights.numel(), weights.element_size(), command.kind)
+            delay += round_trip_delay_s(self.network, weights.numel(), weights.element_size(), command.kind)
         if command.kind != EVALUATE and command.step in self.delays:  # a fault: once
             delay += self.delays.pop(command.step)
         if delay > 0:

@@ -20,14 +20,17 @@ import torch
 from tqdm import std as tqdm_std
 
 import sgd_dist
-from sgd_dist import noise_scale, objectives, signals
+from sgd_dist import signals
 from sgd_dist.backends import Backend, make_backend
 from sgd_dist.backends.base import one_line, policy_for  # noqa: F401 (one_line: the CLI's and the sweep's)
 from sgd_dist.backends.capacity import check_this_machine
 from sgd_dist.config import Config
-from sgd_dist.data import true_weights
-from sgd_dist.stragglers import find_stragglers
-from sgd_dist.recording import (
+from sgd_dist.core import noise_scale, objectives
+from sgd_dist.core.data import true_weights
+from sgd_dist.engine.delays import find_stragglers
+from sgd_dist.engine.worker import peak_rss_bytes
+from sgd_dist.run.checkpoint import load_checkpoint, write_checkpoint
+from sgd_dist.run.rundir import (
     CONFIG_FILE,
     FAULTS_FILE,
     METRICS_FILE,
@@ -41,8 +44,6 @@ from sgd_dist.recording import (
     write_json_atomic,
     write_text_atomic,
 )
-from sgd_dist.checkpoint import load_checkpoint, write_checkpoint
-from sgd_dist.worker import peak_rss_bytes
 
 
 def truncate_jsonl(path: Path, key: str, last: int) -> list[dict]:
@@ -404,7 +405,7 @@ def train(
 
 
 def _draw_in_background(run_dir: Path) -> Future:
-    from sgd_dist.plots import plot_run
+    from sgd_dist.run.plots import plot_run
 
     pool = ThreadPoolExecutor(max_workers=1)
     figures = pool.submit(plot_run, run_dir)
@@ -467,7 +468,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
 
 def _where(config: Config) -> str:
     """' on 2 simulated nodes (network: 1 ms latency, unlimited bandwidth)' for the console's first line."""
-    from sgd_dist.network import describe
+    from sgd_dist.engine.delays import describe_network as describe
 
     cluster = config.cluster
     nodes = f" on {cluster.simulated_nodes} simulated nodes" if cluster.simulated_nodes else ""

@@ -16,8 +16,8 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sgd_dist.recording import read_metrics
-from sgd_dist.sweep import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, read_results, series
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.study.sweep import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, read_results, series
 
 WORKERS = "cluster.num_workers"
 MAX_LEGEND = 30  # lines beyond which loss_time.png leaves its legend out
@@ -230,8 +230,8 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
 
 
 def _predicted_speedup(path: Path, rows: list[dict], keys: list[str], target, sweep_dir: Path) -> str | None:
-    """The measured speedups (points) and the cost model's (sgd_dist.cost_model) for 1 to 1,024 workers."""
-    from sgd_dist import cost_model as cm
+    """The measured speedups (points) and the cost model's (sgd_dist.study.cost_model) for 1 to 1,024 workers."""
+    from sgd_dist.study import cost_model as cm
 
     if (why := _need_workers(rows)) is not None:
         return why
@@ -310,7 +310,7 @@ def _noise_scale_overlay(ax, reached: list[dict], keys: list[str]) -> None:
     """The critical batch predicted by the gradient noise scale (results.csv gradient_noise_scale: B_simple at the
     target gap) as a vertical line, and McCandlish et al.'s S = S_min (1 + B_noise / B) through the fewest steps
     at each batch: with B_noise = B_simple (S_min fitted), and with both fitted."""
-    from sgd_dist.noise_scale import fit_steps
+    from sgd_dist.core.noise_scale import fit_steps
 
     values = [r["gradient_noise_scale"] for r in reached if r.get("gradient_noise_scale")]
     if not values:

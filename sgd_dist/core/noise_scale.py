@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sgd_dist.objectives import _chunks
+from sgd_dist.core.objectives import _chunks
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sgd_dist.config import load_config
-from sgd_dist.data import generate
-from sgd_dist.recording import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary
+from sgd_dist.core.data import generate
+from sgd_dist.run.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary
 
 FIT_SAMPLE_ROWS = 2000
 

@@ -5,7 +5,7 @@
 (``runtime_env.working_dir`` holds a copy of the ``sgd_dist`` package and the resolved config), so the
 cluster's nodes need Ray and torch but no install of ``sgd_dist``.
 
-The job side is this module too: ``python -m sgd_dist.submit CONFIG`` (started with the head's own interpreter
+The job side is this module too: ``python -m sgd_dist.jobs.client CONFIG`` (started with the head's own interpreter
 by a small entrypoint script) trains into a temporary run directory
 on the cluster and prints it, as a marked base64 tar.gz, at the end of its log.
 
@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import sgd_dist
 from sgd_dist.config import Config, dump_config
-from sgd_dist.recording import SUMMARY_FILE, check_run_dir, default_run_dir
+from sgd_dist.run.rundir import SUMMARY_FILE, check_run_dir, default_run_dir
 
 # The run directory comes back through the job's log. The client cannot read the cluster's disk, and Ray's
 # job API has no way to fetch a job's files; its log is the one channel that the job API already
@@ -60,13 +60,13 @@ for _ in 1 2 3 4 5; do
     prefix=${lib%/lib/python*/site-packages/ray/_raylet.so}
     for py in "$prefix/bin/python3" "$prefix/bin/python" "$(readlink "/proc/$pid/exe")"; do
         if [ -x "$py" ] && "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('ray') is None)"; then
-            exec "$py" -m sgd_dist.submit "$@"
+            exec "$py" -m sgd_dist.jobs.client "$@"
         fi
     done
     break
 done
-if command -v python > /dev/null; then exec python -m sgd_dist.submit "$@"; fi
-exec python3 -m sgd_dist.submit "$@"
+if command -v python > /dev/null; then exec python -m sgd_dist.jobs.client "$@"; fi
+exec python3 -m sgd_dist.jobs.client "$@"
 """
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AUTH_HINT = ("; export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "

@@ -45,7 +45,7 @@ from sgd_dist.config import (
 RESULTS_FILE = "results.csv"
 EXPERIMENT_FILE = "experiment.yaml"
 RUNS_DIR = "runs"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RESERVED_KEYS = ("output.", "cluster.address")
 DIVERGED = "DivergenceError"  # a run whose loss stopped being finite: an outcome (its lr is too large), not a failure  # the sweep owns where runs go and which Ray they use
 Scaling = Literal["strong", "weak"]
@@ -295,7 +295,7 @@ COLUMNS_TAIL = [
     "speedup", "efficiency", "speedup_basis", "error",
     "gradient_noise_scale",
 ]
-# the cost model's prediction of each run (sgd_dist.cost_model), filled once every run is done
+# the cost model's prediction of each run (sgd_dist.study.cost_model), filled once every run is done
 PREDICTION_COLUMNS = ["predicted_step_ms", "step_ms_error_pct", "predicted_samples_per_s", "samples_per_s_error_pct",
                       "predicted_seconds_to_target", "seconds_to_target_error_pct", "prediction_fit"]
 
@@ -306,7 +306,7 @@ def columns(experiment: Experiment) -> list[str]:
 
 def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None = None) -> dict:
     """One results row from the plan (what was asked) and the run directory's files (what happened)."""
-    from sgd_dist.recording import METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
+    from sgd_dist.run.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
 
     config = plan.config
     row: dict[str, Any] = {
@@ -331,7 +331,7 @@ def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None =
         final_relative_gap=gap / optimal if gap is not None and optimal else None,
     )
     if "gradient_noise_scale" in summary:
-        from sgd_dist.noise_scale import at_relative_gap
+        from sgd_dist.core.noise_scale import at_relative_gap
 
         row["gradient_noise_scale"] = at_relative_gap(summary["gradient_noise_scale"], target_gap)
     return row
@@ -381,7 +381,7 @@ def _cell(value: Any) -> str:
 
 
 def write_results(path: Path, experiment: Experiment, rows: list[dict]) -> None:
-    from sgd_dist.recording import write_text_atomic
+    from sgd_dist.run.rundir import write_text_atomic
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns(experiment), extrasaction="ignore", lineterminator="\n")
@@ -458,9 +458,8 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
 
     Ray is initialised once for the whole sweep (or the process's existing Ray is used and left running).
     """
-    from sgd_dist.recording import SUMMARY_FILE, read_summary, write_text_atomic
-
     from sgd_dist.backends.capacity import check_this_machine
+    from sgd_dist.run.rundir import SUMMARY_FILE, read_summary, write_text_atomic
 
     stderr = stderr or sys.stderr
     out = Path(out)
@@ -503,7 +502,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
     result = SweepResult(out, rows, ran, kept, failed)
     result.model_lines = add_predictions(out, experiment, rows)
     if plots:
-        from sgd_dist.sweep_plots import plot_sweep
+        from sgd_dist.study.plots import plot_sweep
 
         result.figures = plot_sweep(out)
     return result
@@ -512,7 +511,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
 def add_predictions(out: Path, experiment: Experiment, rows: list[dict]) -> list[str]:
     """Fit the cost model on the sweep's runs, put each run's leave-one-point-out prediction and its error in
     its row, rewrite results.csv; return the lines to print (the coefficients, the table, the errors)."""
-    from sgd_dist.cost_model import curve_lines, error_lines, extrapolation_caveat, write_sweep_model
+    from sgd_dist.study.cost_model import curve_lines, error_lines, extrapolation_caveat, write_sweep_model
 
     try:
         result, found = write_sweep_model(out)
@@ -521,7 +520,7 @@ def add_predictions(out: Path, experiment: Experiment, rows: list[dict]) -> list
     for row in rows:
         row.update(result.predictions.get(row["run"], {}))
     write_results(out / RESULTS_FILE, experiment, rows)
-    return (["cost model (sgd_dist.cost_model), fitted on every completed run:"]
+    return (["cost model (sgd_dist.study.cost_model), fitted on every completed run:"]
             + [f"  {line}" for line in result.model.describe()]
             + ["measured against predicted, each run from a fit on the other grid points' runs:"]
             + error_lines(result.observations, result.predictions)
@@ -534,7 +533,7 @@ def _start_ray(sweep: Sweep) -> bool:
         return False
     if any(plan.config.cluster.simulated_nodes for plan in sweep.runs):
         return False  # a simulated cluster needs a process without Ray: every run starts and stops its own
-    from sgd_dist.backends.ray_backend import init_ray
+    from sgd_dist.backends.ray.backend import init_ray
 
     cpus = max(math.ceil(p.config.cluster.num_workers * p.config.cluster.cpus_per_worker) for p in sweep.runs)
     address = sweep.runs[0].config.cluster.address
@@ -543,7 +542,7 @@ def _start_ray(sweep: Sweep) -> bool:
 
 def _run_one(plan: RunPlan, run_dir: Path) -> str | None:
     """Train one run into run_dir; the error in one line if it failed (KeyboardInterrupt stops the sweep)."""
-    from sgd_dist.trainer import one_line, train
+    from sgd_dist.run.trainer import one_line, train
 
     config = plan.config.model_copy(update={"output": plan.config.output.model_copy(update={"dir": str(run_dir)})})
     try:

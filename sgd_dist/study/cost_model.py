@@ -634,8 +634,8 @@ def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str],
 def load_observations(sweep_dir: str | Path, cores: int | None = None) -> list[Observation]:
     """Every completed run of a sweep directory: results.csv, and each run's config.yaml and summary.json."""
     from sgd_dist.config import load_config
-    from sgd_dist.recording import read_summary
-    from sgd_dist.sweep import RESULTS_FILE, RUNS_DIR, read_results
+    from sgd_dist.run.rundir import read_summary
+    from sgd_dist.study.sweep import RESULTS_FILE, RUNS_DIR, read_results
 
     sweep_dir = Path(sweep_dir)
     with open(sweep_dir / RESULTS_FILE, newline="") as f:
@@ -755,7 +755,7 @@ def curve_lines(found: Sequence[Curve], table: bool = False) -> list[str]:
 def write_sweep_model(sweep_dir: str | Path, cores: int | None = None, workers_max: int = 1024) -> tuple[SweepModel, list[Curve]]:
     """Fit the sweep's model, write cost_model.json and predicted.csv (1 to workers_max workers, a core per
     process, as measured and over CLUSTER_NETWORK), and return the model and the curves."""
-    from sgd_dist.recording import write_text_atomic
+    from sgd_dist.run.rundir import write_text_atomic
 
     sweep_dir = Path(sweep_dir)
     result = model_sweep(sweep_dir, cores)

@@ -22,13 +22,10 @@ from typing import Any, Callable, Collection, Sequence
 
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from sgd_dist import signals
-from sgd_dist.backends import simulated
-from sgd_dist.backends.capacity import check_node_memory
 from sgd_dist.backends.base import (  # noqa: F401 (ClusterError: raised here, imported from here)
     Backend,
     ClusterError,
@@ -38,12 +35,15 @@ from sgd_dist.backends.base import (  # noqa: F401 (ClusterError: raised here, i
     worker_args,
     worker_threads,
 )
+from sgd_dist.backends.capacity import check_node_memory
+from sgd_dist.backends.ray import simulated
 from sgd_dist.config import Config
-from sgd_dist.server import LoopHooks, ParameterServer, serve
-from sgd_dist.transports import STOP_TIMEOUT_S, WorkerLost, channel
+from sgd_dist.engine.messages import STOP_TIMEOUT_S, WorkerLost
+from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
+from sgd_dist.engine.worker import ShardWorker
+from sgd_dist.transports import channel
 from sgd_dist.transports.channel import ChannelServerEnd
 from sgd_dist.transports.shm import SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker
-from sgd_dist.worker import ShardWorker
 
 DRAIN_EVERY_S = 0.2  # how often the driver collects metrics rows while the loop runs
 

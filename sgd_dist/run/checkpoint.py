@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sgd_dist.config import Config, dump_config
-from sgd_dist.recording import write_bytes_atomic
+from sgd_dist.run.rundir import write_bytes_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "latest.json"

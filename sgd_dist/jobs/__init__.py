@@ -1,0 +1,1 @@
+"""Runs submitted as jobs to a Ray cluster, and the job side that runs them there."""

@@ -1,0 +1,1 @@
+"""Studies over many runs: sweeps, their results.csv, the cost model and the figures."""
