@@ -142,6 +142,25 @@ def test_every_ratio_is_against_the_strongest_loop_of_the_same_sampling():
         assert (report.STRONGEST in r.note) == (r.system in (report.LOOP_SHUFFLE_FORMULA, report.LOOP_BLOCKS_FORMULA))
 
 
+def test_the_output_names_the_strongest_loop_of_each_sampling_and_the_floor():
+    rows = _rows()
+    rows.insert(0, rows.pop(3))  # the order of the rows does not decide which loop is the strongest
+    table = report.floors_markdown(rows).splitlines()
+    assert table[0].startswith("| d | workers | global batch | strongest loop, shuffle | ms | strongest loop, blocks |")
+    floor_1e5 = Problem(100_000, 2).read_bytes / 1e6 / 20.0
+    assert table[2:] == [
+        f"| 1000 | 2 | 512 | {report.LOOP_SHUFFLE_FORMULA} | 0.3 | {report.LOOP_BLOCKS_FORMULA} | 0.15 | "
+        f"{report.fmt_ms(Problem(1000, 2).read_bytes / 1e6 / 20.0)} |",
+        f"| 1e5 | 2 | 512 | {report.LOOP_SHUFFLE_FORMULA} | 14 | {report.LOOP_BLOCKS_FORMULA} | 7 | "
+        f"{report.fmt_ms(floor_1e5)} |"]
+    assert report.floors_markdown(rows) in report.results_markdown(rows)
+    no_blocks = report.fill_ratios([report.measured_row(report.LOOP_SHUFFLE_AUTOGRAD, 2, 1, 256, 0.1, 0.2, 10)],
+                                   None)
+    assert report.floors_markdown(no_blocks).splitlines()[2] == (
+        f"| 2 | 1 | 256 | {report.LOOP_SHUFFLE_AUTOGRAD} | 0.1 | not measured | - | - |")
+    assert report.floors_markdown([report.Row(report.DDP, 2, 1, 256, note="x")]) == ""
+
+
 def test_the_targets_say_pass_or_miss_from_the_ratios():
     startup = {"lesson2": {"ratio": 1.6}, "cluster": {"median_s": 2.5},
                "workers": {"16": {"ratio": 1.4}, "8": {"ratio": 1.2}}}
@@ -277,6 +296,14 @@ def test_the_benchmark_runs_and_its_table_is_well_formed(ray_session, tmp_path):
         for sampling in floor.SAMPLINGS:
             marked = [r for r in result.rows if (r.workers, r.sampling) == (k, sampling) and report.STRONGEST in r.note]
             assert len(marked) == 1 and marked[0].system in report.LOOPS and marked[0].vs_loop == 1.0
+    floors = report.floors_markdown(result.rows).splitlines()[2:]
+    assert len(floors) == 2  # one line per size, naming the strongest loop of each sampling
+    for k, line in zip((1, 2), floors, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for i, sampling in enumerate(floor.SAMPLINGS):
+            strongest = min((r for r in result.rows if r.system in report.LOOPS and (r.workers, r.sampling)
+                             == (k, sampling)), key=lambda r: r.median_ms)
+            assert cells[3 + 2 * i] == strongest.system
     assert sum(line.startswith("bench [") for line in lines) == len(result.rows)
     assert any(line.startswith("bench: memory bandwidth") for line in lines)
 

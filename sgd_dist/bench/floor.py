@@ -14,13 +14,12 @@ from typing import Iterator
 
 import torch
 
+from sgd_dist.bench.options import SAMPLINGS
 from sgd_dist.bench.problem import Problem
 from sgd_dist.core.data import generate
 
 # torch's own default in this process (all cores), read before any system of the benchmark changes it
 DEFAULT_THREADS = torch.get_num_threads()
-SAMPLINGS = ("shuffle", "blocks")
-"""shuffle: a per-epoch permutation, each batch gathered with ``X[idx]`` (a copy); blocks: contiguous batches."""
 GRADIENTS = ("autograd", "formula")
 BANDWIDTH_BYTES = 1 << 30
 BANDWIDTH_REPEATS = 5

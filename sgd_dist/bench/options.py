@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 SYSTEMS = ("floor", "docs-ps", "ddp", "ray-train", "sgd-dist")
+SAMPLINGS = ("shuffle", "blocks")
+"""shuffle: a per-epoch permutation, each batch gathered with ``X[idx]`` (a copy); blocks: contiguous batches."""
 DEFAULT_DIMS = (2, 1000, 100_000)
 DEFAULT_WORKERS = (1, 2, 4)
 DEFAULT_STEPS = 300

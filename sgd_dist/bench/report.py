@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from sgd_dist.bench.options import DEFAULT_STARTUP_WORKERS
+from sgd_dist.bench.options import DEFAULT_STARTUP_WORKERS, SAMPLINGS
 
 LOOP_BLOCKS_AUTOGRAD = "one process, contiguous batches, autograd"
 LOOP_BLOCKS_FORMULA = "one process, contiguous batches, written-out gradient"
@@ -226,6 +226,27 @@ def results_markdown(rows: list[Row]) -> str:
               "contiguous batches.",
               "floor ms: the bytes a step must read, 4 x (B x (d + 1) + 2 d) for the batch's rows and targets, the "
               f"weights and the gradient, over the memory bandwidth: {memory}."]
+    floors = floors_markdown(rows)
+    if floors:
+        lines += ["", "The baseline of each sampling's ratios, and the physical floor, at each size:", "", floors]
+    return "\n".join(lines)
+
+
+def floors_markdown(rows: list[Row]) -> str:
+    """Per size, the strongest one-process loop of each sampling (the baseline of that sampling's ratios) and the
+    bandwidth floor; '' when no loop was measured."""
+    best = strongest_loops(rows)
+    if not best:
+        return ""
+    head = "".join(f" strongest loop, {sampling} | ms |" for sampling in SAMPLINGS)
+    lines = [f"| d | workers | global batch |{head} bandwidth floor ms |", "|---" * (4 + 2 * len(SAMPLINGS)) + "|"]
+    for d, k, batch in dict.fromkeys((r.d, r.workers, r.global_batch) for r in rows):
+        cells = []
+        for sampling in SAMPLINGS:
+            loop = best.get((sampling, d, k))
+            cells += [loop.system, fmt_ms(loop.median_ms)] if loop else ["not measured", "-"]
+        floor = next((r.floor_ms for r in rows if (r.d, r.workers) == (d, k) and r.floor_ms), None)
+        lines.append(f"| {fmt_d(d)} | {k} | {batch} | {' | '.join(cells)} | {fmt_ms(floor)} |")
     return "\n".join(lines)
 
 

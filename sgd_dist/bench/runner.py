@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import ray
+
 from sgd_dist.backends.ray.backend import init_ray
 from sgd_dist.bench import floor, peers, report
-from sgd_dist.bench.options import SYSTEMS, BenchOptions
+from sgd_dist.bench.options import SAMPLINGS, SYSTEMS, BenchOptions
 from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
 from sgd_dist.bench.startup import measure_startup
 from sgd_dist.config import ConfigError, TrainConfig, build_config
@@ -159,8 +161,6 @@ def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] |
         interrupted = True  # write what was measured, then stop as asked
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
     log(f"bench: measured in {time.perf_counter() - t_bench:.0f} s" + (" (interrupted)" if interrupted else ""))
 
@@ -251,7 +251,7 @@ def _plan(options: BenchOptions) -> list[Planned]:
                      for label, (sampling, gradient) in report.LOOPS.items()]
         elif system == "sgd-dist":
             plan += [Planned(SGD_ROWS[t, s], s, _sgd_runner(t, s), True)
-                     for s in floor.SAMPLINGS for t in SGD_TRANSPORTS]
+                     for s in SAMPLINGS for t in SGD_TRANSPORTS]
         elif system == "ray-train" and not peers.ray_train_available():
             plan.append(Planned(report.RAY_TRAIN, "shuffle", _missing_ray_train, False))
         else:
