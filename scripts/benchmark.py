@@ -1,4 +1,4 @@
-"""The benchmark of issue 11 (point 4): the same as ``sgd-dist bench``, with the same options.
+"""`sgd-dist bench` as a script, with the same options.
 
     .venv/bin/python scripts/benchmark.py --dims 2,1000 --workers 2 --out bench-results
 """

@@ -1,10 +1,10 @@
-"""The peer systems, each a plain function that runs ``warmup + steps`` steps of the benchmark's problem and
-returns the wall-clock times (seconds, one clock per system) at which its steps ended.
+"""The distributed peer systems, each a plain function that runs ``warmup + steps`` steps of the benchmark's
+problem and returns the wall-clock times (seconds, one clock per system) at which its steps ended.
 
 Every system does the same arithmetic as the seed: a mean-squared-error loss, its gradient by
 ``loss.backward()``, then ``w.sub_(lr * g)`` under ``no_grad``; every worker draws its mini-batches from its
-own shard with ``sgd_dist.core.data.MiniBatchSampler``. Ray is imported only by the functions that use it, so a
-torch.distributed child process stays light.
+own shard with ``sgd_dist.core.data.MiniBatchSampler`` (a per-epoch permutation, gathered with ``X[idx]``). Ray is
+imported only by the functions that use it, so a torch.distributed child process stays light.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from sgd_dist.bench.problem import Problem
 from sgd_dist.core.data import MiniBatchSampler, generate, shard_bounds
 
-PEER_THREADS = 1  # every process of every system computes on one thread: K processes share K cores
+PEER_THREADS = 1  # each process of a distributed peer computes on one thread: K processes share K cores
 
 
 def _shard(problem: Problem, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,31 +33,7 @@ def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((pred - y) ** 2).mean()
 
 
-# -- 1. the floor: one plain PyTorch process ---------------------------------------------------------------
-
-def run_floor(problem: Problem, num_steps: int) -> list[float]:
-    """The seed's loop in this process on one thread, batch K x 256 over the whole dataset."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(PEER_THREADS)
-    try:
-        X, y = generate(problem.data_config())
-        sampler = MiniBatchSampler(problem.seed, 0, problem.n_samples, problem.global_batch)
-        w = torch.zeros(problem.dim, requires_grad=True)
-        stamps = [time.perf_counter()]
-        for step in range(num_steps):
-            idx = sampler.indices(step)
-            loss = _mse(X[idx] @ w, y[idx])
-            loss.backward()
-            with torch.no_grad():
-                w.sub_(problem.lr * w.grad)
-            w.grad = None
-            stamps.append(time.perf_counter())
-        return stamps
-    finally:
-        torch.set_num_threads(threads)
-
-
-# -- 2. Ray's documentation pattern: DataWorker / ParameterServer actors ----------------------------------
+# -- 1. Ray's documentation pattern: DataWorker / ParameterServer actors ----------------------------------
 
 class DataWorker:
     """As in Ray's parameter-server example, but holding only its own shard (not the whole dataset)."""
@@ -126,7 +102,7 @@ def run_docs_ps(problem: Problem, num_steps: int) -> list[float]:
             ray.kill(actor)
 
 
-# -- 3. torch.distributed gloo DDP, K processes ------------------------------------------------------------
+# -- 2. torch.distributed gloo DDP, K processes ------------------------------------------------------------
 
 class _Linear(torch.nn.Module):
     def __init__(self, dim: int) -> None:
@@ -202,7 +178,7 @@ def run_ddp(problem: Problem, num_steps: int) -> list[float]:
     raise AssertionError("unreachable")
 
 
-# -- 4. Ray Train's TorchTrainer, DDP over gloo ------------------------------------------------------------
+# -- 3. Ray Train's TorchTrainer, DDP over gloo ------------------------------------------------------------
 
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = "0.25"  # Ray's default of 2 s adds up to 2 s to every report()
 

@@ -2,8 +2,9 @@
 
 Linear regression from ``sgd_dist.core.data.generate``: d parameters are d - 1 features plus the bias column
 (so d = 2 is lesson 2's shape), rows x = [U(-1, 1)^(d-1), 1], y = x @ a + U(0, 1). K workers each hold
-one shard of ``rows_per_worker`` rows and take ``batch_size`` rows a step; the floor takes K x batch_size
-rows a step from the whole dataset. Every system starts at w = 0 and applies ``w.sub_(lr * g)``.
+one shard of ``rows_per_worker`` rows and take ``batch_size`` rows a step; the one-process loops take
+K x batch_size rows a step from the whole dataset. Every system starts at w = 0 and applies ``w.sub_(lr * g)``.
+A step's physical floor is the bytes it must read over the memory bandwidth.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from sgd_dist.config import DataConfig
 
+ITEMSIZE = 4  # float32
 MAX_ROWS_PER_WORKER = 8192
 DATA_BYTES_PER_WORKER = 256 << 20  # wide problems get fewer rows per shard, never fewer than one batch
 
@@ -28,7 +30,7 @@ class Problem:
     @property
     def rows_per_worker(self) -> int:
         """Up to 8,192 rows, fewer when a shard would pass 256 MB, a whole number of batches (at least 2)."""
-        fit = DATA_BYTES_PER_WORKER // (4 * (self.dim + 1))
+        fit = DATA_BYTES_PER_WORKER // (ITEMSIZE * (self.dim + 1))
         rows = min(MAX_ROWS_PER_WORKER, fit) // self.batch_size * self.batch_size
         return max(rows, 2 * self.batch_size)
 
@@ -45,14 +47,25 @@ class Problem:
         """Constant and small enough not to diverge: the mini-batch curvature grows like d / batch."""
         return 0.1 * min(1.0, self.batch_size / self.dim)
 
+    @property
+    def read_bytes(self) -> int:
+        """Bytes one step must read: the global batch's rows and targets, B x (d + 1), the weights (d) and the
+        gradient (d), each once, in float32. A second pass over the rows (X @ w, then r @ X) is not counted."""
+        return ITEMSIZE * (self.global_batch * (self.dim + 1) + 2 * self.dim)
+
     def data_config(self) -> DataConfig:
         return DataConfig(kind="linear", n_samples=self.n_samples, n_features=self.dim - 1, bias=True,
                           seed=self.seed, dtype="float32")
 
 
+def floor_ms(read_bytes: int, bandwidth_gb_s: float) -> float:
+    """Milliseconds to stream ``read_bytes`` at ``bandwidth_gb_s`` (1 GB = 1e9 bytes)."""
+    return read_bytes / (bandwidth_gb_s * 1e9) * 1e3
+
+
 def measured_intervals(stamps: list[float], warmup: int) -> list[float]:
     """Seconds per step from the times at which consecutive steps ended, the first ``warmup`` dropped."""
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return gaps[warmup:]
 
 

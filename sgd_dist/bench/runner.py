@@ -1,9 +1,10 @@
 """``run_benchmark``: every selected system at every selected size, one after another in one invocation, on
-the same generated problem; then the table, the target ratios, results.csv / results.md and bench.png.
+the same generated problem; then the table, the targets, results.csv / results.md and bench.png.
 
-One embedded Ray (loopback, dashboard off) serves the Ray-based systems, unless Ray is already initialised
-in this process, which is then used and left running. A system that fails at a size gets a note row with
-the error instead of numbers; the run goes on.
+The memory bandwidth is measured first, with nothing else of ours running. One embedded Ray (loopback,
+dashboard off) serves the Ray-based systems, unless Ray is already initialised in this process, which is then
+used and left running. A system that fails at a size gets a note row with the error instead of numbers, one
+that sgd_dist's config cannot express yet a 'not available' row; the run goes on.
 """
 
 from __future__ import annotations
@@ -19,21 +20,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sgd_dist.bench import peers, report
-from sgd_dist.bench.options import SYSTEMS, BenchOptions
+import ray
+
+from sgd_dist.backends.ray.backend import init_ray
+from sgd_dist.bench import floor, peers, report
+from sgd_dist.bench.options import SAMPLINGS, SYSTEMS, BenchOptions
 from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
+from sgd_dist.bench.startup import measure_startup
+from sgd_dist.config import ConfigError, TrainConfig, build_config
+from sgd_dist.run.rundir import read_metrics
+from sgd_dist.run.trainer import train
 
 WIDE_DIM = 10_000  # from here on a step costs milliseconds: a tenth of the steps and of the warm-up
 SGD_TRANSPORTS = ("shm", "ray")
+SGD_ROWS = {("shm", "shuffle"): report.SGD_SHM, ("ray", "shuffle"): report.SGD_RAY,
+            ("shm", "blocks"): report.SGD_SHM_BLOCKS, ("ray", "blocks"): report.SGD_RAY_BLOCKS}
 GENERATION_LIMIT_BYTES = 2 << 30
 RAY_CPUS = 8  # logical CPUs of the embedded Ray (at least): every worker gets one, on any machine
 
 _PEERS: dict[str, tuple[str, Callable[[Problem, int], list[float]]]] = {
-    "floor": (report.FLOOR, peers.run_floor),
     "docs-ps": (report.DOCS_PS, peers.run_docs_ps),
     "ddp": (report.DDP, peers.run_ddp),
     "ray-train": (report.RAY_TRAIN, peers.run_ray_train),
 }
+_NO_RAY = {"floor", "ddp"}  # the systems that need no Ray of ours
+
+
+class NotAvailable(Exception):
+    """sgd_dist's config cannot express this variant yet: its row says why, and no run is started."""
 
 
 @dataclass
@@ -41,16 +55,20 @@ class BenchResult:
     rows: list[report.Row]
     targets: list[dict]
     startup: dict | None
+    bandwidth: dict | None = None
     files: list[Path] = field(default_factory=list)
 
 
-def sgd_dist_variants() -> list[tuple[str, str | None]]:
-    """(row label, cluster.transport) for each sgd_dist row: one per transport once the config has the key."""
-    from sgd_dist.config import ClusterConfig
-
-    if "transport" in ClusterConfig.model_fields:
-        return [(f"sgd_dist {t}", t) for t in SGD_TRANSPORTS]
-    return [(report.SGD_SYNC, None)]
+def sampling_overrides(sampling: str) -> list[str]:
+    """The overrides that make an sgd_dist run sample this way; NotAvailable (why) when its config refuses them."""
+    if sampling == "shuffle" and "sampling" not in TrainConfig.model_fields:
+        return []  # the one sampling sgd_dist has: the per-epoch permutation
+    item = f"train.sampling={sampling}"
+    try:
+        build_config({}, [item])
+    except ConfigError as exc:
+        raise NotAvailable(f"sgd_dist's config refuses {item} ({exc})") from None
+    return [item]
 
 
 def steps_for(dim: int, steps: int, warmup: int) -> tuple[int, int]:
@@ -59,13 +77,10 @@ def steps_for(dim: int, steps: int, warmup: int) -> tuple[int, int]:
     return steps, warmup
 
 
-def run_sgd_dist(problem: Problem, num_steps: int, transport: str | None, workdir: Path) -> tuple[list[float], dict]:
+def run_sgd_dist(problem: Problem, num_steps: int, transport: str, sampling: str,
+                 workdir: Path) -> tuple[list[float], dict]:
     """One ``sgd_dist.run.trainer.train`` run on the Ray backend; the step ends from metrics.jsonl's
     ``wall_time_s`` (the server's clock, one row per step) and the run's summary."""
-    from sgd_dist.config import build_config
-    from sgd_dist.run.rundir import read_metrics
-    from sgd_dist.run.trainer import train
-
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     raw = {
         "data": problem.data_config().model_dump(mode="json"),
@@ -75,7 +90,7 @@ def run_sgd_dist(problem: Problem, num_steps: int, transport: str | None, workdi
                   "log_every": 0, "seed": problem.seed},
         "output": {"dir": str(run_dir), "plots": False},
     }
-    config = build_config(raw, [f"cluster.transport={transport}"] if transport else [])
+    config = build_config(raw, [f"cluster.transport={transport}", *sampling_overrides(sampling)])
     result = train(config, console=False, progress=False)
     rows = sorted(read_metrics(result.run_dir), key=lambda row: row["step"])
     return [row["wall_time_s"] for row in rows], result.summary
@@ -94,8 +109,8 @@ def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | N
     """None if ``sgd_dist.core.data.generate`` can make one row at this d in bounded memory, else why not.
 
     Tried in a child process under an address-space limit (torch's own runtime is ~0.7 GB of it), so a
-    generator that draws a whole block at once (65,536 rows x d before issue 11's point 3: 26 GB at d = 1e5)
-    fails there, instead of in K processes at once on this machine.
+    generator that draws a whole block at once (65,536 rows x d: 26 GB at d = 1e5) fails there, instead of in
+    K processes at once on this machine.
     """
     limit = limit_bytes or GENERATION_LIMIT_BYTES
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (%d, %d)); "
@@ -127,11 +142,13 @@ def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] |
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", peers.RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
     peers._loopback_gloo()  # before Ray starts, so that Ray Train's workers inherit it
 
+    bandwidth = floor.memory_bandwidth(options.bandwidth_bytes)  # first: nothing else of ours runs yet
+    log(f"bench: memory bandwidth {bandwidth['gb_s']:.1f} GB/s (copy of {bandwidth['copy_bytes'] / 2**30:.2g} GiB at "
+        f"{bandwidth['threads']} threads, best of {bandwidth['repeats']})")
     startup = None
-    if options.startup_repeats > 0:  # first, while no Ray of ours is running
-        from sgd_dist.bench.startup import measure_startup
-
-        startup = measure_startup(options.startup_repeats, options.startup_config, log)
+    if options.startup_repeats > 0:  # while no Ray of ours is running
+        startup = measure_startup(options.startup_repeats, options.startup_config, log,
+                                  workers=options.startup_workers, cluster=options.startup_cluster)
 
     plan = _plan(options)
     m = _Measurements()
@@ -144,20 +161,27 @@ def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] |
         interrupted = True  # write what was measured, then stop as asked
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
     log(f"bench: measured in {time.perf_counter() - t_bench:.0f} s" + (" (interrupted)" if interrupted else ""))
 
-    rows = _rows(options, plan, m)
-    targets = report.target_rows(rows, startup.get("ratio") if startup else None)
-    files = write_outputs(out, rows, targets, startup)
+    rows = report.fill_ratios(_rows(options, plan, m), bandwidth["gb_s"])
+    targets = report.target_rows(rows, startup)
+    files = write_outputs(out, rows, targets, startup, bandwidth)
     if interrupted:
         raise KeyboardInterrupt
-    return BenchResult(rows, targets, startup, files)
+    return BenchResult(rows, targets, startup, bandwidth, files)
 
 
 Key = tuple[str, int, int]  # (row label, d, workers)
+Runner = Callable[[Problem, int, Path], tuple[list[float], dict]]
+
+
+@dataclass(frozen=True)
+class Planned:
+    label: str
+    sampling: str
+    run: Runner
+    needs_ray: bool
 
 
 @dataclass
@@ -167,8 +191,7 @@ class _Measurements:
     extra: dict[Key, dict] = field(default_factory=dict)
 
 
-def _measure_all(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Measurements,
-                 log: Callable[[str], None]) -> None:
+def _measure_all(options: BenchOptions, plan: list[Planned], m: _Measurements, log: Callable[[str], None]) -> None:
     """Every size, every repeat, every system in turn; a failure becomes the row's note."""
     total = len(plan) * len(options.dims) * len(options.workers) * options.repeats
     done = 0
@@ -183,57 +206,74 @@ def _measure_all(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Meas
             for k in options.workers:
                 problem = Problem(dim, k, options.batch_size)
                 for rep in range(options.repeats):
-                    for label, run in plan:
+                    for p in plan:
                         done += 1
-                        key = (label, dim, k)
+                        key = (p.label, dim, k)
                         if gate or key in m.notes:  # a system that failed once at a size is not retried
                             m.notes.setdefault(key, gate or "")
                             continue
-                        where = f"bench [{done}/{total}] d={dim} workers={k} {label}"
-                        t0 = time.perf_counter()
-                        try:
-                            stamps, info = run(problem, warmup + num_steps, Path(workdir))
-                            seconds = measured_intervals(stamps, warmup)
-                            if not seconds:
-                                raise RuntimeError(f"only {len(stamps)} step times came back")
-                        except Exception as exc:
-                            m.notes[key] = _one_line(exc)
-                            log(f"{where}: no result: {m.notes[key]}")
-                            continue
-                        m.seconds.setdefault(key, []).extend(seconds)
-                        m.extra.setdefault(key, {}).update(info)
-                        med, p90 = step_stats(seconds)
-                        log(f"{where} (run {rep + 1}/{options.repeats}): median {med:.3f} ms, p90 {p90:.3f} ms "
-                            f"over {len(seconds)} steps ({time.perf_counter() - t0:.1f} s)")
+                        where = f"bench [{done}/{total}] d={dim} workers={k} {p.label}"
+                        _measure_one(p.run, problem, warmup, num_steps, Path(workdir), key, m, log,
+                                     f"{where} (run {rep + 1}/{options.repeats})")
 
 
-Runner = Callable[[Problem, int, Path], tuple[list[float], dict]]
+def _measure_one(run: Runner, problem: Problem, warmup: int, num_steps: int, workdir: Path, key: Key,
+                 m: _Measurements, log: Callable[[str], None], where: str) -> None:
+    t0 = time.perf_counter()
+    try:
+        stamps, info = run(problem, warmup + num_steps, workdir)
+        seconds = measured_intervals(stamps, warmup)
+        if not seconds:
+            raise RuntimeError(f"only {len(stamps)} step times came back")
+    except NotAvailable as exc:
+        m.notes[key] = f"{report.NOT_AVAILABLE}: {exc}"
+        log(f"{where}: {m.notes[key]}")
+        return
+    except Exception as exc:
+        m.notes[key] = _one_line(exc)
+        log(f"{where}: no result: {m.notes[key]}")
+        return
+    m.seconds.setdefault(key, []).extend(seconds)
+    m.extra.setdefault(key, {}).update(info)
+    med, p90 = step_stats(seconds)
+    log(f"{where}: median {med:.3f} ms, p90 {p90:.3f} ms over {len(seconds)} steps "
+        f"({time.perf_counter() - t0:.1f} s)")
 
 
-def _plan(options: BenchOptions) -> list[tuple[str, Runner]]:
-    """(row label, runner) in the order of SYSTEMS; Ray Train becomes a note row when it is not installed."""
-    plan: list[tuple[str, Runner]] = []
+def _plan(options: BenchOptions) -> list[Planned]:
+    """The rows to measure, in the order of SYSTEMS; Ray Train becomes a note row when it is not installed."""
+    plan: list[Planned] = []
     for system in SYSTEMS:
         if system not in options.systems:
             continue
-        if system == "sgd-dist":
-            for label, transport in sgd_dist_variants():
-                plan.append((label, _sgd_runner(transport)))
+        if system == "floor":
+            plan += [Planned(label, sampling, _loop_runner(sampling, gradient), False)
+                     for label, (sampling, gradient) in report.LOOPS.items()]
+        elif system == "sgd-dist":
+            plan += [Planned(SGD_ROWS[t, s], s, _sgd_runner(t, s), True)
+                     for s in SAMPLINGS for t in SGD_TRANSPORTS]
         elif system == "ray-train" and not peers.ray_train_available():
-            plan.append((report.RAY_TRAIN, _missing_ray_train))
+            plan.append(Planned(report.RAY_TRAIN, "shuffle", _missing_ray_train, False))
         else:
             label, fn = _PEERS[system]
-            plan.append((label, _peer_runner(fn)))
+            plan.append(Planned(label, "shuffle", _peer_runner(fn), system not in _NO_RAY))
     return plan
+
+
+def _loop_runner(sampling: str, gradient: str) -> Runner:
+    def run(problem: Problem, num_steps: int, workdir: Path) -> tuple[list[float], dict]:
+        stamps, _ = floor.run_loop(problem, num_steps, sampling, gradient)
+        return stamps, {"threads": floor.DEFAULT_THREADS}
+    return run
 
 
 def _peer_runner(fn: Callable[[Problem, int], list[float]]) -> Runner:
     return lambda problem, num_steps, workdir: (fn(problem, num_steps), {})
 
 
-def _sgd_runner(transport: str | None) -> Runner:
+def _sgd_runner(transport: str, sampling: str) -> Runner:
     def run(problem: Problem, num_steps: int, workdir: Path) -> tuple[list[float], dict]:
-        stamps, summary = run_sgd_dist(problem, num_steps, transport, workdir)
+        stamps, summary = run_sgd_dist(problem, num_steps, transport, sampling, workdir)
         info = {"record_ms_per_step": record_overhead_ms(summary)}
         if summary.get("transport"):
             info["transport"] = summary["transport"]
@@ -245,49 +285,53 @@ def _missing_ray_train(problem: Problem, num_steps: int, workdir: Path) -> tuple
     raise ModuleNotFoundError('ray.train is not installed (pip install "ray[train]==2.60.0", or ".[bench]")')
 
 
-def _start_ray(plan: list[tuple[str, Runner]], max_workers: int) -> bool:
+def _start_ray(plan: list[Planned], max_workers: int) -> bool:
     """One embedded Ray for every system that uses one; none when Ray is already up or nothing needs it."""
-    if all(label == report.FLOOR or label == report.DDP or run is _missing_ray_train for label, run in plan):
+    if not any(p.needs_ray for p in plan):
         return False
-    from sgd_dist.backends.ray.backend import init_ray
-
     return init_ray(num_cpus=max(RAY_CPUS, 2 * max_workers))
 
 
-def _rows(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Measurements) -> list[report.Row]:
+def _rows(options: BenchOptions, plan: list[Planned], m: _Measurements) -> list[report.Row]:
     rows = []
     for dim in options.dims:
         for k in options.workers:
             problem = Problem(dim, k, options.batch_size)
-            for label, _ in plan:
-                key = (label, dim, k)
+            for p in plan:
+                key = (p.label, dim, k)
+                shape = dict(sampling=p.sampling, read_mb=problem.read_bytes / 1e6)
                 if key not in m.seconds:
-                    rows.append(report.Row(label, dim, k, problem.global_batch, note=m.notes.get(key) or "not run"))
+                    rows.append(report.Row(p.label, dim, k, problem.global_batch, note=m.notes.get(key) or "not run",
+                                           **shape))
                     continue
                 med, p90 = step_stats(m.seconds[key])
                 info = m.extra.get(key, {})
                 record = info.get("record_ms_per_step")
                 note = "; ".join(filter(None, [
+                    f"{info['threads']} threads" if info.get("threads") else "",
                     f"transport {info['transport']}" if info.get("transport") else "",
                     f"recording {record:.3g} ms/step" if record is not None else "", m.notes.get(key, "")]))
-                rows.append(report.measured_row(label, dim, k, problem.global_batch, med, p90, len(m.seconds[key]),
-                                                record_ms_per_step=record, note=note))
-    return report.fill_vs_floor(rows)
+                rows.append(report.measured_row(p.label, dim, k, problem.global_batch, med, p90, len(m.seconds[key]),
+                                                record_ms_per_step=record, note=note, **shape))
+    return rows
 
 
-def write_outputs(out: Path, rows: list[report.Row], targets: list[dict], startup: dict | None) -> list[Path]:
+def write_outputs(out: Path, rows: list[report.Row], targets: list[dict], startup: dict | None,
+                  bandwidth: dict | None = None) -> list[Path]:
     csv_path = report.write_csv(rows, out / "results.csv")
     targets_path = report.write_targets_csv(targets, out / "targets.csv")
-    text = ["# sgd-dist bench", "", report.results_markdown(rows), "", "## Issue 11 targets (this run's medians, "
-            f"{report.TARGET_WORKERS} workers)", "", report.targets_markdown(targets), ""]
+    text = ["# sgd-dist bench", "", report.results_markdown(rows), "",
+            f"## Targets (this run's medians, {report.TARGET_WORKERS} workers)", "",
+            report.targets_markdown(targets), ""]
     if startup is not None:
         text += ["## Start-up", "", report.startup_markdown(startup), ""]
     md_path = out / "results.md"
     md_path.write_text("\n".join(text))
     files = [csv_path, md_path, targets_path]
-    if startup is not None:
-        files.append(out / "startup.json")
-        files[-1].write_text(json.dumps(startup, indent=2) + "\n")
+    extra = {"startup.json": startup, "bandwidth.json": bandwidth}
+    for name, value in extra.items():
+        if value is not None:
+            files.append(out / name)
+            files[-1].write_text(json.dumps(value, indent=2) + "\n")
     files.append(report.plot_results(csv_path, out / "bench.png"))
     return files
-
