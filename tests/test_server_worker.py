@@ -47,7 +47,8 @@ def test_server_averages_by_rows_and_updates_in_place():
 
 def test_server_state_is_a_plain_mapping_that_restores_exactly():
     config = make_config("optim.momentum=0.9", "optim.schedule=cosine")
-    grads = [GradientResult(torch.randn(4, generator=torch.Generator().manual_seed(s)), 1.0, 16, 0, s) for s in range(6)]
+    grads = [GradientResult(torch.randn(4, generator=torch.Generator().manual_seed(s)), 1.0, 16, 0, s)
+             for s in range(6)]
     one = ParameterServer(**server_args(config))
     for g in grads[:3]:
         one.update([g])
