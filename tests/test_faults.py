@@ -21,14 +21,17 @@ from conftest import make_config
 from sgd_dist.backends.base import server_args, worker_args
 from sgd_dist.cli import main
 from sgd_dist.config import ConfigError, load_config
+from sgd_dist.engine.evaluations import eval_steps
+from sgd_dist.engine.loop import Loop
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Command, WorkerLost
 from sgd_dist.engine.policies import make_policy
-from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
+from sgd_dist.engine.recovery import LoopHooks
+from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.run.checkpoint import CHECKPOINT_DIR, MANIFEST, load_checkpoint
 from sgd_dist.run.replay import replay
 from sgd_dist.run.rundir import last_recorded_step, read_metrics, read_summary
-from sgd_dist.run.trainer import Recorder, eval_steps, train
+from sgd_dist.run.trainer import Recorder, train
 from sgd_dist.transports.local import LocalServerEnd
 
 STEPS = 60
@@ -428,7 +431,7 @@ class _LosingEnd(LocalServerEnd):
 
 
 def _serve_losing_worker_1(config, lose_at: int, polls: int, faults: list, on_update=None):
-    """serve() with worker 1 lost at update ``lose_at``, its replacement up after ``polls`` polls; the fault
+    """The Loop with worker 1 lost at update ``lose_at``, its replacement up after ``polls`` polls; the fault
     records go to ``faults`` as they happen. Returns the rows and the final weights."""
     workers = [ShardWorker(**args) for args in worker_args(config)]
     server = ParameterServer(**server_args(config))
@@ -440,8 +443,8 @@ def _serve_losing_worker_1(config, lose_at: int, polls: int, faults: list, on_up
 
     hooks = LoopHooks(recover=recover, on_fault=faults.append, on_update=on_update)
     policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
-    serve(server, _LosingEnd(workers, lose_at), policy, config.cluster.num_workers,
-          eval_steps(config.train.steps, config.train.eval_every), rows.extend, hooks=hooks)
+    Loop(server, _LosingEnd(workers, lose_at), policy, config.cluster.num_workers,
+         eval_steps(config.train.steps, config.train.eval_every), rows.extend, hooks=hooks).run()
     return rows, server.weights
 
 
@@ -701,7 +704,7 @@ class _LosingAgainEnd(LocalServerEnd):
 
 
 def _serve(config, end_of, polls: int, faults: list | None = None, checkpoints: list | None = None):
-    """serve() on the local transport built by ``end_of(workers)``; a lost worker's replacement is up after
+    """The Loop on the local transport built by ``end_of(workers)``; a lost worker's replacement is up after
     ``polls`` polls; checkpoints go to ``checkpoints`` with the rows emitted by then."""
     workers = [ShardWorker(**args) for args in worker_args(config)]
     rows: list[dict] = []
@@ -717,8 +720,8 @@ def _serve(config, end_of, polls: int, faults: list | None = None, checkpoints: 
                       checkpoint_every=config.train.checkpoint_every,
                       on_checkpoint=on_checkpoint if checkpoints is not None else None)
     policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
-    stats = serve(ParameterServer(**server_args(config)), end_of(workers), policy, config.cluster.num_workers,
-                  eval_steps(config.train.steps, config.train.eval_every), rows.extend, hooks=hooks)
+    stats = Loop(ParameterServer(**server_args(config)), end_of(workers), policy, config.cluster.num_workers,
+                 eval_steps(config.train.steps, config.train.eval_every), rows.extend, hooks=hooks).run()
     return rows, stats
 
 

@@ -38,25 +38,25 @@ def test_server_averages_by_rows_and_updates_in_place():
     assert torch.equal(w0, torch.zeros(4)) and row0["step"] == 0 and row0["loss"] is None
     a = GradientResult(torch.tensor([1.0, 0, 0, 0]), 2.0, 30, 0, 0)
     b = GradientResult(torch.tensor([0.0, 1, 0, 0]), 4.0, 10, 1, 0)
-    w1, row = server.apply(a, b)
-    torch.testing.assert_close(w1, torch.tensor([-0.375, -0.125, 0, 0]))  # 0.5 * (0.75, 0.25)
+    row = server.update([a, b])
+    torch.testing.assert_close(server.weights, torch.tensor([-0.375, -0.125, 0, 0]))  # 0.5 * (0.75, 0.25)
     assert row["loss"] == 2.5 and row["samples_seen"] == 40 and row["step"] == 1 and row["lr"] == 0.5
-    w1[0] = 99.0  # the caller's copy is not the server's weights
+    w0[0] = 99.0  # start's copy is not the server's weights
     assert server.weights[0] == -0.375
 
 
 def test_server_state_is_a_plain_mapping_that_restores_exactly():
     config = make_config("optim.momentum=0.9", "optim.schedule=cosine")
-    grads = [GradientResult(torch.randn(4, generator=torch.Generator().manual_seed(s)), 1.0, 16, 0, s) for s in range(6)]
+    grads = [GradientResult(torch.randn(4, generator=torch.Generator().manual_seed(s)), 1.0, 16, 0, s)
+             for s in range(6)]
     one = ParameterServer(**server_args(config))
     for g in grads[:3]:
-        one.apply(g)
+        one.update([g])
     state = one.state_dict()
     assert set(state) == {"weights", "optimizer", "step", "samples_seen"}
     assert all(isinstance(v, (torch.Tensor, int, dict)) for v in state.values())
     two = ParameterServer(**server_args(config))
     two.load_state_dict(state)
     for g in grads[3:]:
-        w_one, r_one = one.apply(g)
-        w_two, r_two = two.apply(g)
-        assert torch.equal(w_one, w_two) and r_one["lr"] == r_two["lr"] and r_one["step"] == r_two["step"]
+        r_one, r_two = one.update([g]), two.update([g])
+        assert torch.equal(one.weights, two.weights) and r_one["lr"] == r_two["lr"] and r_one["step"] == r_two["step"]

@@ -14,10 +14,11 @@ from conftest import assert_png, inject_server_failure, make_config
 from plain_sgd import PlainRun, plain_data, plain_sgd
 
 from sgd_dist.config import ConfigError, load_config
+from sgd_dist.engine.evaluations import eval_steps
 from sgd_dist.engine.server import ParameterServer
 from sgd_dist.run.plots import plot_run
 from sgd_dist.run.rundir import read_metrics, read_summary
-from sgd_dist.run.trainer import eval_steps, train
+from sgd_dist.run.trainer import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -149,10 +150,10 @@ def test_logistic_run_reports_its_reference(tmp_path):
 def test_metrics_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
     """Rows are flushed as written: a reader sees each batch, whole, while the run is still going. The loop hands
     its rows over at every update here (instead of every 0.2 s, which a 400-step serial run finishes within)."""
-    import sgd_dist.engine.server as server
+    import sgd_dist.engine.loop as loop
     import sgd_dist.run.trainer as trainer
 
-    monkeypatch.setattr(server, "EMIT_EVERY_S", 0.0)
+    monkeypatch.setattr(loop, "DELIVER_TO_DRIVER_EVERY_S", 0.0)
     seen = []
     original = trainer.Recorder.record
 

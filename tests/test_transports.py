@@ -17,11 +17,13 @@ from conftest import inject_server_failure, make_config, shm_entries_of
 
 from sgd_dist.backends.base import server_args, worker_args
 from sgd_dist.backends.ray.backend import ClusterError, RayBackend, pick_transport
+from sgd_dist.engine.evaluations import eval_steps
+from sgd_dist.engine.loop import Loop
 from sgd_dist.engine.policies import make_policy
-from sgd_dist.engine.server import ParameterServer, serve
+from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.run.rundir import last_recorded_step, read_metrics
-from sgd_dist.run.trainer import eval_steps, train
+from sgd_dist.run.trainer import train
 from sgd_dist.transports.channel import semaphores, sweep_stale_semaphores
 from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.transports.shm import (
@@ -42,14 +44,14 @@ def segments() -> set[str]:
 
 
 def run_loop(config, end_factory):
-    """serve() over a transport end; returns the rows and the final weights."""
+    """The Loop over a transport end; returns the rows and the final weights."""
     workers = [ShardWorker(**args) for args in worker_args(config)]
     server = ParameterServer(**server_args(config))
     rows: list[dict] = []
     policy = make_policy(config.train.mode, config.cluster.num_workers, config.train.steps)
     end, finish = end_factory(workers)
     try:
-        serve(server, end, policy, config.cluster.num_workers, eval_steps(config.train.steps, 5), rows.extend)
+        Loop(server, end, policy, config.cluster.num_workers, eval_steps(config.train.steps, 5), rows.extend).run()
         end.stop()
     finally:
         finish()

@@ -20,11 +20,13 @@ from sgd_dist.core.data import generate
 from sgd_dist.core.time_model import TimeProfile
 from sgd_dist.engine import worker as worker_module
 from sgd_dist.engine.delays import extra_delay_s
+from sgd_dist.engine.evaluations import eval_steps
+from sgd_dist.engine.loop import Loop
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Command, WorkerLost
 from sgd_dist.engine.policies import ReplayPolicy, make_policy
-from sgd_dist.engine.server import RECOVERY_POLL_S, LoopHooks, ParameterServer, serve
+from sgd_dist.engine.recovery import RECOVERY_POLL_S, LoopHooks
+from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker
-from sgd_dist.run.trainer import eval_steps
 from sgd_dist.transports.local import LocalServerEnd
 from sgd_dist.transports.virtual import VirtualServerEnd
 
@@ -304,13 +306,13 @@ def test_bad_arguments_and_sleeping_workers_are_refused():
 # -- the numbers, through the real loop ------------------------------------------------------------------------
 
 def run_loop(config, end, policy=None, hooks=None, eval_at=None):
-    """serve() over ``end``; returns the rows, the final weights and the loop's statistics."""
+    """The Loop over ``end``; returns the rows, the final weights and the loop's statistics."""
     server = ParameterServer(**server_args(config))
     rows: list[dict] = []
     train = config.train
     policy = policy or make_policy(train.mode, config.cluster.num_workers, train.steps, local_steps=train.local_steps)
     eval_at = eval_steps(train.steps, train.eval_every) if eval_at is None else eval_at
-    stats = serve(server, end, policy, config.cluster.num_workers, eval_at, rows.extend, hooks=hooks)
+    stats = Loop(server, end, policy, config.cluster.num_workers, eval_at, rows.extend, hooks=hooks).run()
     return rows, server.weights, stats
 
 

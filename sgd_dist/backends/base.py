@@ -2,7 +2,7 @@
 
 A backend builds the workers and the server, answers the setup questions (worker info, the exact
 reference's sums) through a two-verb call mechanism (``_call`` / ``_get``: a direct call in the serial
-backend, an actor task on Ray), and runs the training loop: ``server.serve`` over a transport, with the
+backend, an actor task on Ray), and runs the training loop: ``engine.loop.Loop`` over a transport, with the
 metrics rows handed to the driver in batches. The loop itself is the same code everywhere.
 """
 

@@ -8,7 +8,9 @@ import torch
 
 from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
 from sgd_dist.config import Config
-from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
+from sgd_dist.engine.loop import Loop
+from sgd_dist.engine.recovery import LoopHooks
+from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.transports.local import LocalServerEnd
 
@@ -48,9 +50,9 @@ class SerialBackend(Backend):
     def run(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None = None) -> None:
         hooks = LoopHooks(checkpoint_every=self.config.train.checkpoint_every, on_checkpoint=sink.checkpoint,
                           on_fault=sink.fault)
-        self.loop_stats = serve(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers,
-                                eval_at, sink.rows, staleness_lr=self.config.optim.staleness_lr, hooks=hooks,
-                                restore=restore)
+        loop = Loop(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers, eval_at,
+                    sink.rows, staleness_lr=self.config.optim.staleness_lr, hooks=hooks, restore=restore)
+        self.loop_stats = loop.run()
 
     def final_weights(self) -> torch.Tensor:
         return self.server.weights.clone()

@@ -1,9 +1,9 @@
 """How commands and gradients travel between the parameter server and the workers.
 
-The server's loop (``server.serve``) and the worker's loop (``worker.ShardWorker.execute``) are written once
+The server's loop (``loop.Loop``) and the worker's loop (``worker.ShardWorker.execute``) are written once
 against two small interfaces: the server's end (``ServerEnd``: publish weights, send a command, receive the
-next arrival) and the worker's end (a transport-specific loop around ``execute``). Three transports implement
-them:
+next arrival; ``now`` is the loop's clock) and the worker's end (a transport-specific loop around ``execute``).
+Three transports implement them:
 
 - ``local``: everything in one process, the serial reference;
 - ``shm``: one node; weights, gradients and the control words live in one shared-memory segment, and each
@@ -90,6 +90,11 @@ class ServerEnd(ABC):
     def receive(self, timeout: float | None = None) -> Arrival | None:
         """Block until some worker answers, or ``timeout`` seconds (then None); arrivals of one worker come in the
         order it was sent commands."""
+
+    def now(self) -> float:
+        """The loop's clock, in seconds: every time the loop records (rows, recoveries, checkpoints) is read here,
+        so a transport that models time (``virtual``) gives its own."""
+        return time.perf_counter()
 
     def forget(self, worker: int) -> None:
         """``worker`` was lost: drop its command in flight (a replacement will be connected and sent it again)."""

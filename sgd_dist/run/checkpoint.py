@@ -1,6 +1,6 @@
 """Checkpoints of the parameter server's loop: written atomically, checked by checksum, loaded without unpickling.
 
-A checkpoint is everything ``server.serve`` needs to go on from update v as if it had never stopped: the
+A checkpoint is everything ``engine.loop.Loop`` needs to go on from update v as if it had never stopped: the
 server's state (weights, optimizer buffers, step, samples seen), the consistency policy's state, the answers
 that had arrived but were not yet applied, the commands in flight (re-sent on restore), and the loop's
 statistics. It is one ``torch.save`` file of tensors and plain values, read back with
@@ -43,7 +43,7 @@ def config_digest(config: Config) -> str:
 
 
 def write_checkpoint(run_dir: str | Path, state: dict, config: Config) -> Path:
-    """Write ``state`` (from ``server.serve``) as the run's latest checkpoint; return the file's path."""
+    """Write ``state`` (from the server's loop: ``engine.state.encode``) as the run's latest checkpoint; return the file's path."""
     import sgd_dist
 
     folder = Path(run_dir) / CHECKPOINT_DIR

@@ -28,6 +28,7 @@ from sgd_dist.config import Config
 from sgd_dist.core import noise_scale, objectives
 from sgd_dist.core.data import true_weights
 from sgd_dist.engine.delays import find_stragglers
+from sgd_dist.engine.evaluations import eval_steps
 from sgd_dist.engine.worker import peak_rss_bytes
 from sgd_dist.run.checkpoint import load_checkpoint, write_checkpoint
 from sgd_dist.run.rundir import (
@@ -90,14 +91,6 @@ def describe_fault(entry: dict) -> str:
         return f"{kind} at step {entry['step']} not injected: {entry['skipped']}"
     where = f"worker {entry['worker']}" if "worker" in entry else f"node {entry.get('node')}" if "node" in entry else "server"
     return f"injected {kind} ({where}) at step {entry['step']}"
-
-def eval_steps(num_steps: int, every: int) -> frozenset[int]:
-    """Step 0 (the start, as in the seed), every ``every`` steps, and the last step."""
-    steps = {0, num_steps}
-    if every:
-        steps.update(range(every, num_steps, every))
-    return frozenset(steps)
-
 
 class DivergenceError(RuntimeError):
     """The loss stopped being a finite number."""

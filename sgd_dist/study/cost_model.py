@@ -57,6 +57,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from sgd_dist.engine.evaluations import eval_steps
+
 MODES = ("sync", "async", "ssp", "backup", "local_sgd")
 SYNC_LIKE = ("sync", "backup", "local_sgd", "ssp")  # modes whose step time the server-cost fit uses (ssp: s = 0 only)
 
@@ -99,19 +101,12 @@ class Scenario:
         return sum(self.worker_batches) * (self.local_steps if self.mode == "local_sgd" else 1)
 
     def num_evaluations(self) -> int:
-        """Evaluations in the run: step 0, every eval_every, the last (trainer.eval_steps)."""
-        return len(_eval_steps(self.steps, self.eval_every))
+        """Evaluations in the run: step 0, every eval_every, the last (engine.evaluations.eval_steps)."""
+        return len(eval_steps(self.steps, self.eval_every))
 
     def evaluations_before(self, step: int) -> int:
         """Evaluations whose time is inside the server clock at update ``step`` (those of earlier versions)."""
-        return sum(1 for s in _eval_steps(max(self.steps, step), self.eval_every) if s < step)
-
-
-def _eval_steps(num_steps: int, every: int) -> set[int]:
-    steps = {0, num_steps}
-    if every:
-        steps.update(range(every, num_steps, every))
-    return steps
+        return sum(1 for s in eval_steps(max(self.steps, step), self.eval_every) if s < step)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ from sgd_dist.backends.capacity import check_node_memory
 from sgd_dist.backends.ray import simulated
 from sgd_dist.config import Config
 from sgd_dist.engine.messages import STOP_TIMEOUT_S, WorkerLost
-from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
+from sgd_dist.engine.loop import Loop
+from sgd_dist.engine.recovery import LoopHooks
+from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.transports import channel
 from sgd_dist.transports.channel import ChannelServerEnd
@@ -76,7 +78,7 @@ class _Worker(ShardWorker):
 
 
 class _Server:
-    """The parameter server as a Ray actor: runs ``server.serve`` on its transport and the workers' loops, replaces
+    """The parameter server as a Ray actor: runs the ``Loop`` on its transport and the workers' loops, replaces
     a lost worker, injects the configured faults; the driver drains its records concurrently (the actor has two
     threads: the loop and the drain). Every record keeps its place in the outbox until the driver confirms it has
     delivered it, so a drain whose reply never arrived (the driver interrupted while waiting) loses nothing: the
@@ -133,9 +135,9 @@ class _Server:
                           on_update=self._inject if self.faults else None, on_fault=self._fault,
                           stop=self._stopping.is_set)
         try:
-            stats = serve(self.server, self.end, policy, self.num_workers, eval_at,
-                          lambda rows: self._post("rows", rows), staleness_lr=self.staleness_lr,
-                          hooks=hooks, restore=restore, elapsed_s=elapsed_s)
+            stats = Loop(self.server, self.end, policy, self.num_workers, eval_at,
+                         lambda rows: self._post("rows", rows), staleness_lr=self.staleness_lr,
+                         hooks=hooks, restore=restore, elapsed_s=elapsed_s).run()
         finally:
             # also when the loop failed or was stopped: the workers' loops end before anything closes their
             # transport or kills them
