@@ -16,7 +16,6 @@ run, a cluster when it stops) they are removed; a live raylet's are never touche
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Collection, Sequence
@@ -28,10 +27,7 @@ from ray.exceptions import RayChannelError, RayChannelTimeoutError
 from ray.experimental.channel.shared_memory_channel import Channel
 
 from sgd_dist.engine.messages import STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
-
-SPIN_S = 2e-3
-MAX_SLEEP_S = 1e-3
-LIVENESS_EVERY_S = 0.5
+from sgd_dist.transports.base import Every, Waiter, alive
 
 
 def buffer_bytes(dim: int) -> int:
@@ -55,7 +51,7 @@ class ChannelServerEnd(ServerEnd):
         self._next = 0
         self.loops: list[ray.ObjectRef | None] = [None] * len(go)  # each worker's loop: ends when its actor dies
         self._closed: set[int] = set()  # lost workers whose channels are closed, until a replacement connects
-        self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+        self._liveness = Every()  # across calls: with others answering, every call may be short
 
     def watch(self, worker: int, loop: ray.ObjectRef) -> None:
         self.loops[worker] = loop
@@ -100,10 +96,8 @@ class ChannelServerEnd(ServerEnd):
 
     def receive(self, timeout: float | None = None) -> Arrival | None:
         k = len(self.answers)
-        t0, sleep = time.perf_counter(), 0.0
-        deadline = None if timeout is None else t0 + timeout
-        if time.perf_counter() > self._next_check:  # also when answers keep coming without a wait
-            self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+        waiter = Waiter(timeout)
+        if self._liveness.due():  # also when answers keep coming without a wait
             self._check_workers()
         while True:
             for i in range(k):
@@ -116,16 +110,10 @@ class ChannelServerEnd(ServerEnd):
                     continue
                 self._next = r + 1
                 return self._take(r, message)
-            now = time.perf_counter()
-            if now - t0 < SPIN_S:
-                os.sched_yield()
-            else:
-                sleep = min(MAX_SLEEP_S, sleep * 2 or 2e-5)
-                time.sleep(sleep)
-            if now > self._next_check:  # across calls: with others answering, every call may be short
-                self._next_check = now + LIVENESS_EVERY_S
+            now = waiter.pause()
+            if self._liveness.due(now):
                 self._check_workers()
-            if deadline is not None and now >= deadline:
+            if waiter.expired(now):
                 return None
 
     def _take(self, r: int, message: tuple) -> Arrival:
@@ -199,13 +187,11 @@ def sweep_stale_semaphores(names: Collection[str] | None = None, wait_s: float =
     Only a dead raylet's are touched: a live raylet may open its semaphores again by name. ``wait_s`` gives
     raylets that are shutting down that long to exit.
     """
-    from sgd_dist.transports.shm import _alive
-
     candidates = [n for n in (semaphores() if names is None else names) if _raylet_pid(n) is not None]
     deadline = time.monotonic() + wait_s
-    while any(_alive(_raylet_pid(n)) for n in candidates) and time.monotonic() < deadline:
+    while any(alive(_raylet_pid(n)) for n in candidates) and time.monotonic() < deadline:
         time.sleep(0.05)
-    stale = [n for n in candidates if not _alive(_raylet_pid(n))]
+    stale = [n for n in candidates if not alive(_raylet_pid(n))]
     for name in stale:
         (SEMAPHORES / name).unlink(missing_ok=True)
     return stale
