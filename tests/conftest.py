@@ -78,7 +78,7 @@ def ray_session():
     """The one Ray of this test session, local and bound to loopback."""
     import ray
 
-    from sgd_dist.backends.ray.backend import init_ray
+    from sgd_dist.backends.ray.cluster import init_ray
 
     started = init_ray(num_cpus=SESSION_CPUS)
     yield ray

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import make_config
 
-from sgd_dist.backends.ray.backend import ClusterError, RayBackend
+from sgd_dist.backends.base import ClusterError
+from sgd_dist.backends.ray.backend import RayBackend
 
 
 def _process_tree(root: int) -> set[int]:

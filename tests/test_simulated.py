@@ -230,7 +230,8 @@ def test_a_simulated_run_replays_on_the_serial_backend(simulated_run, tmp_path):
 
 
 def test_a_process_connected_to_ray_refuses_to_start_a_simulated_cluster(ray_session):
-    from sgd_dist.backends.ray.backend import ClusterError, RayBackend
+    from sgd_dist.backends.base import ClusterError
+    from sgd_dist.backends.ray.backend import RayBackend
 
     with pytest.raises(ClusterError, match=r"^cluster\.simulated_nodes=2 starts its own Ray cluster, but this "
                                            r"process is already connected to Ray at 127\.0\.0\.1:\d+: run it in a "

@@ -15,8 +15,9 @@ import pytest
 import torch
 from conftest import inject_server_failure, make_config, shm_entries_of
 
-from sgd_dist.backends.base import server_args, worker_args
-from sgd_dist.backends.ray.backend import ClusterError, RayBackend, pick_transport
+from sgd_dist.backends.base import ClusterError, server_args, worker_args
+from sgd_dist.backends.ray.backend import RayBackend
+from sgd_dist.backends.ray.cluster import pick_transport
 from sgd_dist.engine.policies import make_policy
 from sgd_dist.engine.server import ParameterServer, serve
 from sgd_dist.engine.worker import ShardWorker
