@@ -123,8 +123,8 @@ def made_segments(monkeypatch) -> list[str]:
     release = RayBackend._release_actors
 
     def noting_the_segment(self):
-        if self._segment is not None:
-            made.append(self._segment)
+        if self._links["shm"].segment is not None:
+            made.append(self._links["shm"].segment)
         release(self)
 
     monkeypatch.setattr(RayBackend, "_release_actors", noting_the_segment)

@@ -1,11 +1,13 @@
 """What the transports share: the polite poll (``Waiter``), how often a waiting side checks on its peers
-(``Every``), and whether a process is alive (``alive``)."""
+(``Every``), whether a process is alive (``alive``), and how a transport sets itself up between Ray actors
+(``Link``)."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 SPIN_S = 2e-3  # yield-spin this long before sleeping between polls
 MAX_SLEEP_S = 1e-3
@@ -57,3 +59,29 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+class Link(Protocol):
+    """A transport between Ray actors, set up by the transport itself; the backend only calls these.
+
+    The actors offer ``call(fn, *args)``, which runs ``fn(actor, *args)`` inside the actor, and each keeps its
+    end of the transport in its ``end`` attribute: so a transport's set-up steps live in its own module.
+    """
+
+    name: str  # the transport's name (cluster.transport, summary.json)
+
+    def connect(self, server: Any, workers: Sequence[Any], nodes: Sequence[str]) -> None:
+        """On the driver, before each run: set up the server actor's end and every worker's (on ``nodes``)."""
+
+    def start(self, end: Any, workers: Sequence[Any]) -> list[Any]:
+        """In the server actor: start each worker's loop; return the loops' refs (each ends with its loop)."""
+
+    def replace(self, end: Any, rank: int, worker: Any, node: str) -> Any:
+        """In the server actor: put a started replacement (on ``node``) in worker ``rank``'s place, start its loop
+        and return that loop's ref."""
+
+    def release(self) -> None:
+        """On the driver, once the actors are gone: remove what of this transport lives outside Ray."""
+
+    def shutdown(self) -> None:
+        """On the driver, once it has shut down the Ray it started: remove what that Ray left of this transport."""

@@ -11,7 +11,8 @@ Two rules of Ray's channels shape the code: a writer waits until every reader ha
 value, and a zero-copy numpy array read from a channel holds that value until it is dropped; so both sides
 copy what they read (d numbers) before they go on. Ray 2.60 leaves the channels' POSIX semaphores in
 /dev/shm after teardown, named after the raylet: once that raylet is gone (an embedded Ray at the end of its
-run, a cluster when it stops) they are removed; a live raylet's are never touched.
+run, a cluster when it stops) they are removed; a live raylet's are never touched. ``ChannelLink`` sets the
+transport up between Ray actors.
 """
 
 from __future__ import annotations
@@ -195,3 +196,71 @@ def sweep_stale_semaphores(names: Collection[str] | None = None, wait_s: float =
     for name in stale:
         (SEMAPHORES / name).unlink(missing_ok=True)
     return stale
+
+
+class ChannelLink:
+    """This transport between Ray actors anywhere (``transports.base.Link``).
+
+    The driver connects it before each run: the server actor makes each worker's go channel, each worker its
+    answer channel, and the server its end over them. The server actor starts the workers' loops and connects a
+    replacement. Once the driver has shut its own Ray down, the semaphores its channels left are removed.
+    """
+
+    name = "ray"
+
+    def __init__(self, num_workers: int, dim: int, dtype: str) -> None:
+        self.dim = dim
+        self._before: set[str] | None = None  # /dev/shm semaphores before this run made its channels
+
+    def connect(self, server, workers: Sequence, nodes: Sequence[str]) -> None:
+        if self._before is None:
+            self._before = semaphores()
+        go = ray.get(server.call.remote(_make_go, workers, nodes, self.dim))
+        server_node = ray.get(server.call.remote(_node_id))
+        answers = ray.get([w.call.remote(_make_answer, server, server_node, self.dim) for w in workers])
+        ray.get(server.call.remote(_open, go, answers))
+
+    def start(self, end: ChannelServerEnd, workers: Sequence) -> list[ray.ObjectRef]:
+        loops = [w.call.remote(_serve, g, a) for w, g, a in zip(workers, end.go, end.answers)]
+        for r, loop in enumerate(loops):
+            end.watch(r, loop)
+        return loops
+
+    def replace(self, end: ChannelServerEnd, rank: int, worker, node: str) -> ray.ObjectRef:
+        go = make_channel(worker, node, self.dim)
+        context = ray.get_runtime_context()
+        answer = ray.get(worker.call.remote(_make_answer, context.current_actor, context.get_node_id(), self.dim))
+        loop = worker.call.remote(_serve, go, answer)
+        end.connect(rank, go, answer, loop)
+        return loop
+
+    def release(self) -> None:
+        """Nothing outside Ray: the channels go with their actors."""
+
+    def shutdown(self) -> None:
+        if self._before is not None:  # the ones this run's channels made go with its raylet
+            sweep_stale_semaphores(semaphores() - self._before, wait_s=3.0)
+            self._before = None
+        sweep_stale_semaphores()  # and any other dead raylet's (a killed run's)
+
+
+def _make_go(server, workers: Sequence, nodes: Sequence[str], dim: int) -> list[Channel]:
+    """In the server actor: the workers' go channels, written by it."""
+    return [make_channel(w, node, dim) for w, node in zip(workers, nodes)]
+
+
+def _node_id(actor) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _make_answer(worker, reader, reader_node: str, dim: int) -> Channel:
+    """In a worker actor: its answer channel, read by the server."""
+    return make_channel(reader, reader_node, dim)
+
+
+def _open(server, go: Sequence[Channel], answers: Sequence[Channel]) -> None:
+    server.end = ChannelServerEnd(go, answers)
+
+
+def _serve(worker, go: Channel, answer: Channel) -> int:
+    return serve_worker(worker, go, answer)

@@ -16,7 +16,7 @@ and checks now and then that the other side's process is alive, so a dead peer i
 instead of a hang.
 
 The segment's name carries the creating process's pid; a new segment sweeps away segments whose creator is
-dead, so even a killed run leaves nothing behind for long.
+dead, so even a killed run leaves nothing behind for long. ``ShmLink`` sets the transport up between Ray actors.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+import ray
 import torch
 
 from sgd_dist.engine.messages import GRADIENT, LOCAL, STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
@@ -256,3 +258,57 @@ def serve_worker(worker, end: ShmWorkerEnd) -> int:
             return served
         end.answer(worker.execute(command, weights))
         served += 1
+
+
+class ShmLink:
+    """This transport between Ray actors on one node (``transports.base.Link``).
+
+    The driver connects it before each run: the server actor creates the segment and every worker attaches. The
+    server actor starts the workers' loops and attaches a replacement; the driver removes the segment should its
+    server die holding it (a killed server cannot).
+    """
+
+    name = "shm"
+
+    def __init__(self, num_workers: int, dim: int, dtype: str) -> None:
+        self.layout = Layout(num_workers, dim, dtype)
+        self.segment: str | None = None
+
+    def connect(self, server: Any, workers: Sequence[Any], nodes: Sequence[str]) -> None:
+        self.segment = ray.get(server.call.remote(_create, self.layout))
+        ray.get([w.call.remote(_attach, self.segment, self.layout) for w in workers])
+
+    def start(self, end: ShmServerEnd, workers: Sequence[Any]) -> list[ray.ObjectRef]:
+        loops = [w.call.remote(_serve) for w in workers]
+        end.wait_attached()
+        return loops
+
+    def replace(self, end: ShmServerEnd, rank: int, worker: Any, node: str) -> ray.ObjectRef:
+        ray.get(worker.call.remote(_attach, self.segment, self.layout))
+        return worker.call.remote(_serve)
+
+    def release(self) -> None:
+        if self.segment is not None:  # the server may have died holding it (same node only: shm)
+            (SHM_DIR / self.segment).unlink(missing_ok=True)
+            self.segment = None
+
+    def shutdown(self) -> None:
+        """Nothing of this transport outlives Ray but the segment, which ``release`` removes."""
+
+
+def _create(server: Any, layout: Layout) -> str:
+    """In the server actor: its end, with a new segment; returns the segment's name for the workers."""
+    server.end = ShmServerEnd(layout)
+    return server.end.segment.name
+
+
+def _attach(worker: Any, name: str, layout: Layout) -> None:
+    worker.end = ShmWorkerEnd(name, layout, worker.rank)
+
+
+def _serve(worker: Any) -> int:
+    try:
+        return serve_worker(worker, worker.end)
+    finally:
+        worker.end.close()
+        worker.end = None

@@ -1,9 +1,11 @@
-"""The Ray backend: shard workers and the parameter server as Ray actors.
+"""The Ray backend: builds the shard workers and the parameter server as Ray actors (``actors``) on the
+cluster ``cluster`` connects to, runs the loop on the transport the placement allows while the driver drains the
+server's records, rebuilds a lost server from the latest checkpoint, and releases everything it made.
 
 Without an address (and without RAY_ADDRESS) it starts an embedded local Ray bound to 127.0.0.1 with the
 dashboard off; with one it joins that cluster. If Ray is already initialised in this process (a notebook, a
 test session) it is used as it is and left running, and an address naming another cluster is refused. With
-``cluster.simulated_nodes`` it starts a multi-node cluster on this machine instead (``backends/simulated.py``).
+``cluster.simulated_nodes`` it starts a multi-node cluster on this machine instead (``simulated.py``).
 """
 
 from __future__ import annotations
@@ -11,11 +13,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-import signal
-import threading
 import time
-from collections import deque
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import ray
 import torch
@@ -24,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sgd_dist import signals
 from sgd_dist.backends.base import Backend, ClusterError, Sink, one_line, server_args, worker_args, worker_threads
-from sgd_dist.backends.ray import simulated
+from sgd_dist.backends.ray import actors, simulated
 from sgd_dist.backends.ray.cluster import (
     check_cluster,
     gcs_alive,
@@ -35,219 +34,12 @@ from sgd_dist.backends.ray.cluster import (
     start_simulated,
 )
 from sgd_dist.config import Config
-from sgd_dist.engine.messages import STOP_TIMEOUT_S, WorkerLost
-from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
-from sgd_dist.engine.worker import ShardWorker
-from sgd_dist.transports import channel
-from sgd_dist.transports.channel import ChannelServerEnd
-from sgd_dist.transports.shm import SHM_DIR, Layout, ShmServerEnd, ShmWorkerEnd, serve_worker
+from sgd_dist.engine.messages import STOP_TIMEOUT_S
+from sgd_dist.transports.base import Link
+from sgd_dist.transports.channel import ChannelLink
+from sgd_dist.transports.shm import ShmLink
 
 DRAIN_EVERY_S = 0.2  # how often the driver collects metrics rows while the loop runs
-
-
-class _Worker(ShardWorker):
-    """A shard worker as a Ray actor: the plain worker, plus the shared-memory loop and its node."""
-
-    _shm: ShmWorkerEnd | None = None
-
-    def info(self) -> dict:
-        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
-
-    def make_channel(self, reader: Any, reader_node: str, dim: int):
-        """This worker's answer channel, read by the server."""
-        return channel.make_channel(reader, reader_node, dim)
-
-    def serve_channels(self, go, answer) -> int:
-        return channel.serve_worker(self, go, answer)
-
-    def attach(self, name: str, layout: Layout) -> None:
-        self._shm = ShmWorkerEnd(name, layout, self.rank)
-
-    def serve_shm(self) -> int:
-        assert self._shm is not None
-        try:
-            return serve_worker(self, self._shm)
-        finally:
-            self._shm.close()
-            self._shm = None
-
-
-class _Server:
-    """The parameter server as a Ray actor: runs ``server.serve`` on its transport and the workers' loops, replaces
-    a lost worker, injects the configured faults; the driver drains its records concurrently (the actor has two
-    threads: the loop and the drain). Every record keeps its place in the outbox until the driver confirms it has
-    delivered it, so a drain whose reply never arrived (the driver interrupted while waiting) loses nothing: the
-    next drain sends those records again."""
-
-    def __init__(self, server_kwargs: dict, num_workers: int, staleness_lr: bool, specs: list[tuple[dict, dict]],
-                 checkpoint_every: int, faults: Sequence) -> None:
-        self.server = ParameterServer(**server_kwargs)
-        self.num_workers, self.staleness_lr = num_workers, staleness_lr
-        self.specs = specs  # each worker's constructor arguments and actor options: to build a replacement
-        self.checkpoint_every = checkpoint_every
-        self.faults = [f for f in faults if f.kind in ("kill_worker", "kill_server")]
-        self.end: ShmServerEnd | ChannelServerEnd | None = None
-        self.outbox: deque[tuple[int, str, Any]] = deque()  # (sequence number, kind, payload), oldest first
-        self._posted = 0  # the sequence number of the newest record
-        self._acked = 0  # the newest one the driver has delivered
-        self._lock = threading.Lock()  # the loop posts while the driver's drain reads
-        self.workers: list[Any] = []
-        self.pids: list[int] = []
-        self.killed_at: dict[int, float] = {}  # worker -> when an injected kill hit it
-        self._shm: tuple[str, Layout] | None = None
-        self._stopping = threading.Event()  # the driver gave the run up: end the loops
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def setup_shm(self, layout: Layout) -> str:
-        """Create the shared-memory segment; return its name for the workers."""
-        self.end = ShmServerEnd(layout)
-        self._shm = (self.end.segment.name, layout)
-        return self.end.segment.name
-
-    def make_channels(self, workers: Sequence[Any], nodes: Sequence[str], dim: int) -> list:
-        """The workers' go channels, written by this actor."""
-        return [channel.make_channel(w, node, dim) for w, node in zip(workers, nodes)]
-
-    def setup_channels(self, go: Sequence, answers: Sequence) -> None:
-        self.end = ChannelServerEnd(go, answers)
-
-    def run(self, policy, eval_at: Collection[int], workers: Sequence[Any], pids: Sequence[int],
-            restore: dict | None = None, elapsed_s: float = 0.0) -> dict:
-        assert self.end is not None
-        self.workers, self.pids = list(workers), list(pids)
-        if isinstance(self.end, ShmServerEnd):
-            loops = [w.serve_shm.remote() for w in self.workers]
-            self.end.wait_attached()
-        else:
-            loops = [w.serve_channels.remote(g, a) for w, g, a in zip(self.workers, self.end.go, self.end.answers)]
-            for r, loop in enumerate(loops):
-                self.end.watch(r, loop)
-        self.loops = loops
-        hooks = LoopHooks(recover=self._replace, checkpoint_every=self.checkpoint_every,
-                          on_checkpoint=lambda state: self._post("checkpoint", state),
-                          on_update=self._inject if self.faults else None, on_fault=self._fault,
-                          stop=self._stopping.is_set)
-        try:
-            stats = serve(self.server, self.end, policy, self.num_workers, eval_at,
-                          lambda rows: self._post("rows", rows), staleness_lr=self.staleness_lr,
-                          hooks=hooks, restore=restore, elapsed_s=elapsed_s)
-        finally:
-            # also when the loop failed or was stopped: the workers' loops end before anything closes their
-            # transport or kills them
-            self.end.stop(STOP_TIMEOUT_S)
-            ray.wait(self.loops, num_returns=len(self.loops), timeout=STOP_TIMEOUT_S)
-        return {**stats, "workers": self.workers}
-
-    def stop(self) -> None:
-        """End the loop at its next turn, and the workers' loops after it (the driver gave the run up)."""
-        self._stopping.set()
-
-    def _fault(self, entry: dict) -> None:
-        killed = self.killed_at.pop(entry.get("worker"), None)
-        if entry["fault"] == "worker_lost" and killed is not None:
-            entry["noticed_s"] = entry["noticed_unix"] - killed
-        self._post("fault", entry)
-
-    def _post(self, kind: str, payload: Any) -> int:
-        with self._lock:
-            self._posted += 1
-            self.outbox.append((self._posted, kind, payload))
-            return self._posted
-
-    def _inject(self, version: int) -> None:
-        """The configured kills due at this update."""
-        due = [f for f in self.faults if f.step == version]
-        for fault in due:
-            self.faults.remove(fault)
-            if fault.kind == "kill_worker":
-                r = fault.worker
-                self.killed_at[r] = time.time()
-                self._post("fault", {"fault": "kill_worker", "worker": r, "how": fault.how, "step": version,
-                                     "at_unix": self.killed_at[r]})
-                if fault.how == "ray_kill":
-                    ray.kill(self.workers[r], no_restart=True)
-                else:
-                    os.kill(self.pids[r], signal.SIGKILL)
-            else:
-                posted = self._post("fault", {"fault": "kill_server", "step": version, "at_unix": time.time()})
-                # the driver learns of it before it happens: wait until it has delivered that record
-                deadline = time.monotonic() + 2.0
-                while self._acked < posted and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    def _replace(self, r: int) -> Callable[[], bool]:
-        """Start a new worker r (its shard regenerated from the seed); return a poll that connects it to the
-        transport once it is up and then says True. The loop serves the other workers meanwhile."""
-        kwargs, options = self.specs[r]
-        try:
-            ray.kill(self.workers[r], no_restart=True)
-        except Exception:
-            pass
-        anywhere = {"num_cpus": 0, "num_gpus": options.get("num_gpus", 0)}  # any live node's CPU
-
-        def launch(opts: dict) -> tuple[Any, ray.ObjectRef, float]:
-            worker = _WorkerActor.options(**opts).remote(**kwargs)
-            return worker, worker.info.remote(), time.monotonic() + REPLACE_TIMEOUT_S
-
-        # its reserved place went with a node: straight to any live node
-        fallback = simulated.pinned_node_lost(options.get("scheduling_strategy"))
-        pending = launch(anywhere if fallback else options)
-
-        def ready() -> bool:
-            nonlocal pending, fallback
-            worker, info_ref, deadline = pending
-            if not ray.wait([info_ref], timeout=0)[0]:
-                if time.monotonic() < deadline:
-                    return False
-                ray.kill(worker)
-                if fallback:
-                    raise WorkerLost(f"worker {r}'s replacement did not start within {REPLACE_TIMEOUT_S:g} s", r)
-                fallback, pending = True, launch(anywhere)  # its reserved place may be gone: try any node
-                return False
-            self._connect(r, worker, ray.get(info_ref))
-            return True
-
-        return ready
-
-    def _connect(self, r: int, worker: Any, info: dict) -> None:
-        """Put a started replacement in worker r's place on the transport and start its loop."""
-        self.workers[r], self.pids[r] = worker, info["pid"]
-        if isinstance(self.end, ShmServerEnd):
-            name, layout = self._shm
-            ray.get(worker.attach.remote(name, layout))
-            self.loops[r] = worker.serve_shm.remote()
-        else:
-            dim = self.server.weights.numel()
-            go = channel.make_channel(worker, info["node_id"], dim)
-            me = ray.get_runtime_context().current_actor
-            answer = ray.get(worker.make_channel.remote(me, self.node_id(), dim))
-            self.loops[r] = worker.serve_channels.remote(go, answer)
-            self.end.connect(r, go, answer, self.loops[r])
-
-    def drain(self, acked: int) -> list[tuple[int, str, Any]]:
-        """The records after ``acked`` (the newest the driver has delivered); those up to it are let go."""
-        with self._lock:
-            self._acked = max(self._acked, acked)
-            while self.outbox and self.outbox[0][0] <= acked:
-                self.outbox.popleft()
-            return list(self.outbox)
-
-    def weights(self) -> torch.Tensor:
-        return self.server.weights.clone()
-
-    def close_transport(self) -> None:
-        if self.end is not None:
-            self.end.close()
-            self.end = None
-
-
-_WorkerActor = ray.remote(_Worker)
-_ServerActor = ray.remote(_Server)
-
-REPLACE_TIMEOUT_S = 30.0  # a replacement worker must be up (its shard generated) within this
 MAX_SERVER_RESTARTS = 3
 
 
@@ -269,8 +61,10 @@ class RayBackend(Backend):
         self._faults = list(config.faults)  # those not injected yet
         self._run: ray.ObjectRef | None = None  # the server's loop, while it may still run
         cluster = config.cluster
-        self._segment: str | None = None
-        self._semaphores: set[str] | None = None  # /dev/shm semaphores before this run made its channels
+        # each transport the workers may be placed for (pick_transport), set up by itself
+        data = config.data
+        self._links: dict[str, Link] = {link.name: link(cluster.num_workers, data.dim, data.dtype)
+                                        for link in (ShmLink, ChannelLink)}
         self.simulated = None  # cluster.simulated_nodes: the ray.cluster_utils.Cluster this run started
         self._simulated_nodes: list[Any] = []  # its nodes in index order (the head first); None once removed
         if cluster.simulated_nodes:
@@ -304,7 +98,7 @@ class RayBackend(Backend):
         self._specs = [({**args, "device": self.device, "num_threads": threads},
                         dict(num_cpus=cpus, num_gpus=gpus_per_worker, scheduling_strategy=strategy))
                        for args, strategy in zip(worker_args(config), strategies)]
-        self.workers = [_WorkerActor.options(**options).remote(**kwargs) for kwargs, options in self._specs]
+        self.workers = [actors.WorkerActor.options(**options).remote(**kwargs) for kwargs, options in self._specs]
         nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
         if self.simulated is not None:  # the server goes on the head, which is never removed
             self._start_server(self.simulated_node_ids[0])
@@ -339,7 +133,7 @@ class RayBackend(Backend):
     def _start_server(self, node: str | None) -> None:
         config = self.config
         placement = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
-        self.server = _ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
+        self.server = actors.ServerActor.options(num_cpus=0, max_concurrency=2, scheduling_strategy=placement).remote(
             server_args(config), config.cluster.num_workers, config.optim.staleness_lr, self._specs,
             config.train.checkpoint_every, self._faults)
 
@@ -386,24 +180,13 @@ class RayBackend(Backend):
 
     def _run_once(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None,
                   clock: float | None) -> None:
-        config = self.config
         self._acked = 0  # a new server numbers its records from 1
-        if self.transport == "shm":
-            layout = Layout(config.cluster.num_workers, config.data.dim, config.data.dtype)
-            self._segment = ray.get(self.server.setup_shm.remote(layout))
-            ray.get([w.attach.remote(self._segment, layout) for w in self.workers])
-        else:
-            dim = config.data.dim
-            if self._semaphores is None:
-                self._semaphores = channel.semaphores()
-            go = ray.get(self.server.make_channels.remote(self.workers, [i["node_id"] for i in self.info], dim))
-            server_node = ray.get(self.server.node_id.remote())
-            answers = ray.get([w.make_channel.remote(self.server, server_node, dim) for w in self.workers])
-            ray.get(self.server.setup_channels.remote(go, answers))
+        link = self._links[self.transport]
+        link.connect(self.server, self.workers, [info["node_id"] for info in self.info])
         # the server runs the workers' loops, notices a lost worker and replaces it
         if clock is not None:  # rebuilt: its rows' wall times go on from the lost server's, recovery included
             restore = {**restore, "elapsed_s": clock} if restore is not None else None
-        run = self._run = self.server.run.remote(policy, frozenset(eval_at), self.workers,
+        run = self._run = self.server.run.remote(policy, frozenset(eval_at), link, self.workers,
                                                  [i["pid"] for i in self.info], restore, clock or 0.0)
         try:
             while True:
@@ -506,9 +289,8 @@ class RayBackend(Backend):
 
     def _release_local(self) -> None:
         self.workers, self.server = [], None
-        if self._segment is not None:  # the server may have died holding it (same node only: shm)
-            (SHM_DIR / self._segment).unlink(missing_ok=True)
-            self._segment = None
+        for link in self._links.values():  # what the server may have died holding (a segment)
+            link.release()
 
     def close(self) -> None:
         if ray.is_initialized():
@@ -520,11 +302,9 @@ class RayBackend(Backend):
                 ray.shutdown()
                 self._started = False
                 self._stop_simulated()
-                if self._semaphores is not None:  # the ones this run's channels made go with its raylet
-                    channel.sweep_stale_semaphores(channel.semaphores() - self._semaphores, wait_s=3.0)
-                channel.sweep_stale_semaphores()
+                for link in self._links.values():  # what our Ray left of each transport
+                    link.shutdown()
         self._stop_simulated()  # Ray may have gone down under the run
-        self._semaphores = None
 
     def _stop_simulated(self) -> None:
         if self.simulated is not None:
