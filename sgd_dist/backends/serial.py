@@ -10,7 +10,7 @@ from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, work
 from sgd_dist.config import Config
 from sgd_dist.engine.server import LoopHooks, ParameterServer, serve
 from sgd_dist.engine.worker import ShardWorker
-from sgd_dist.transports.local import LocalServerEnd
+from sgd_dist.transports import local
 
 
 def resolve_local_device(device: str) -> str:
@@ -48,7 +48,7 @@ class SerialBackend(Backend):
     def run(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None = None) -> None:
         hooks = LoopHooks(checkpoint_every=self.config.train.checkpoint_every, on_checkpoint=sink.checkpoint,
                           on_fault=sink.fault)
-        self.loop_stats = serve(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers,
+        self.loop_stats = serve(self.server, local.connect(self.workers), policy, self.config.cluster.num_workers,
                                 eval_at, sink.rows, staleness_lr=self.config.optim.staleness_lr, hooks=hooks,
                                 restore=restore)
 
