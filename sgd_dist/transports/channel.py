@@ -57,7 +57,7 @@ class ChannelServerEnd(ServerEnd):
     def watch(self, worker: int, loop: ray.ObjectRef) -> None:
         self.loops[worker] = loop
 
-    def connect(self, worker: int, go: Channel, answer: Channel, loop: ray.ObjectRef) -> None:
+    def replace(self, worker: int, go: Channel, answer: Channel, loop: ray.ObjectRef) -> None:
         """A replacement worker's channels and loop."""
         self.go[worker], self.answers[worker] = go, answer
         self._closed.discard(worker)
@@ -231,7 +231,7 @@ class ChannelLink:
         context = ray.get_runtime_context()
         answer = ray.get(worker.call.remote(_make_answer, context.current_actor, context.get_node_id(), self.dim))
         loop = worker.call.remote(_serve, go, answer)
-        end.connect(rank, go, answer, loop)
+        end.replace(rank, go, answer, loop)
         return loop
 
     def release(self) -> None:

@@ -60,9 +60,8 @@ class RayBackend(Backend):
         self._node_removed_at: float | None = None  # when the driver last removed a simulated node
         self._faults = list(config.faults)  # those not injected yet
         self._run: ray.ObjectRef | None = None  # the server's loop, while it may still run
-        cluster = config.cluster
-        # each transport the workers may be placed for (pick_transport), set up by itself
-        data = config.data
+        cluster, data = config.cluster, config.data
+        # each transport pick_transport may choose; it sets itself up between the actors (transports.base.Link)
         self._links: dict[str, Link] = {link.name: link(cluster.num_workers, data.dim, data.dtype)
                                         for link in (ShmLink, ChannelLink)}
         self.simulated = None  # cluster.simulated_nodes: the ray.cluster_utils.Cluster this run started
@@ -271,8 +270,8 @@ class RayBackend(Backend):
         return ray.get(self.server.weights.remote())
 
     def _release_actors(self) -> None:
-        """Stop the loops, then kill the server and the workers, remove the segment and the placement group (Ray
-        stays up)."""
+        """Stop the loops, then kill the server and the workers, remove what the transport keeps outside Ray (a
+        segment) and the placement group (Ray stays up)."""
         self._stop_loop()
         if self.server is not None:
             try:
