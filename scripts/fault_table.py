@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sgd_dist.backends.ray.backend import init_ray
+from sgd_dist.backends.ray.cluster import init_ray
 from sgd_dist.config import build_config
 from sgd_dist.run.replay import replay
 from sgd_dist.run.rundir import read_metrics, read_summary

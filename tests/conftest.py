@@ -78,7 +78,7 @@ def ray_session():
     """The one Ray of this test session, local and bound to loopback."""
     import ray
 
-    from sgd_dist.backends.ray.backend import init_ray
+    from sgd_dist.backends.ray.cluster import init_ray
 
     started = init_ray(num_cpus=SESSION_CPUS)
     yield ray
@@ -91,7 +91,7 @@ def ray_session():
 
 def inject_server_failure(ray, monkeypatch, fail_at: int) -> None:
     """Make the Ray backend's server actor fail at update ``fail_at + 1`` (a RuntimeError naming it)."""
-    import sgd_dist.backends.ray.backend as ray_backend
+    from sgd_dist.backends.ray import actors
     from sgd_dist.engine.server import ParameterServer
 
     class FailingParameterServer(ParameterServer):  # defined in a function: Ray pickles it by value into the actor
@@ -100,9 +100,9 @@ def inject_server_failure(ray, monkeypatch, fail_at: int) -> None:
                 raise RuntimeError(f"injected failure at update {fail_at + 1}")
             return super().update(results, **kwargs)
 
-    class FailingServer(ray_backend._Server):
+    class FailingServer(actors.Server):
         def __init__(self, server_kwargs, *args):
             super().__init__(server_kwargs, *args)
             self.server = FailingParameterServer(**server_kwargs)
 
-    monkeypatch.setattr(ray_backend, "_ServerActor", ray.remote(FailingServer))
+    monkeypatch.setattr(actors, "ServerActor", ray.remote(FailingServer))

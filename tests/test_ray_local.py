@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import make_config
 
-from sgd_dist.backends.ray.backend import ClusterError, RayBackend
+from sgd_dist.backends.base import ClusterError
+from sgd_dist.backends.ray.backend import RayBackend
 
 
 def _process_tree(root: int) -> set[int]:
@@ -175,7 +176,7 @@ def test_the_workers_loops_have_ended_when_their_transport_closes(ray_session, t
     in flight."""
     import json
 
-    import sgd_dist.backends.ray.backend as ray_backend
+    from sgd_dist.backends.ray import actors
     from sgd_dist.engine.server import ParameterServer
     from sgd_dist.run.trainer import train
 
@@ -187,7 +188,7 @@ def test_the_workers_loops_have_ended_when_their_transport_closes(ray_session, t
                 raise RuntimeError("injected failure at update 51")
             return super().update(results, **kwargs)
 
-    class Server(ray_backend._Server):  # defined here: Ray pickles it by value into the actor
+    class Server(actors.Server):  # defined here: Ray pickles it by value into the actor
         def __init__(self, server_kwargs, *args):
             super().__init__(server_kwargs, *args)
             if ending == "the server failed":
@@ -195,11 +196,11 @@ def test_the_workers_loops_have_ended_when_their_transport_closes(ray_session, t
 
         def close_transport(self):
             loops = getattr(self, "loops", [])
-            running = ray_backend.ray.wait(loops, num_returns=len(loops), timeout=0)[1] if loops else []
+            running = actors.ray.wait(loops, num_returns=len(loops), timeout=0)[1] if loops else []
             Path(seen).write_text(json.dumps({"loops": len(loops), "running": len(running)}))
             super().close_transport()
 
-    monkeypatch.setattr(ray_backend, "_ServerActor", ray_session.remote(Server))
+    monkeypatch.setattr(actors, "ServerActor", ray_session.remote(Server))
     options = {"completed": ["train.steps=50"], "the driver failed": ["train.steps=100000", "optim.lr=1e6"],
                "the server failed": ["train.steps=100000", "train.mode=async"]}[ending]
     config = make_config(*options, f"cluster.transport={transport}", f"output.dir={tmp_path / 'r'}")

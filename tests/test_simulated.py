@@ -27,8 +27,9 @@ from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.run.replay import replay
 from sgd_dist.run.rundir import read_metrics
 from sgd_dist.run.trainer import train
+from sgd_dist.transports.base import alive
 from sgd_dist.transports.channel import _raylet_pid
-from sgd_dist.transports.shm import PREFIX, SHM_DIR, _alive
+from sgd_dist.transports.shm import PREFIX, SHM_DIR
 
 TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -63,9 +64,9 @@ def _stale(names: set[str]) -> list[str]:
     for name in names:
         if name.startswith(PREFIX):
             pid = name[len(PREFIX):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 left.append(name)
-        elif (pid := _raylet_pid(name)) is not None and not _alive(pid):
+        elif (pid := _raylet_pid(name)) is not None and not alive(pid):
             left.append(name)
     return [name for name in left if (SHM_DIR / name).exists()]
 
@@ -206,7 +207,7 @@ def test_two_simulated_nodes_equal_the_serial_reference(simulated_run, tmp_path)
 def test_a_simulated_cluster_leaves_no_process_and_nothing_in_dev_shm(simulated_run):
     run_dir, _, before = simulated_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert not any(_alive(w["pid"]) for w in summary["workers"])
+    assert not any(alive(w["pid"]) for w in summary["workers"])
     gcs = f"--gcs-address={summary['ray_address']}"
     leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and gcs.encode() in _cmdline(p)]
     assert leftovers == []
@@ -229,7 +230,8 @@ def test_a_simulated_run_replays_on_the_serial_backend(simulated_run, tmp_path):
 
 
 def test_a_process_connected_to_ray_refuses_to_start_a_simulated_cluster(ray_session):
-    from sgd_dist.backends.ray.backend import ClusterError, RayBackend
+    from sgd_dist.backends.base import ClusterError
+    from sgd_dist.backends.ray.backend import RayBackend
 
     with pytest.raises(ClusterError, match=r"^cluster\.simulated_nodes=2 starts its own Ray cluster, but this "
                                            r"process is already connected to Ray at 127\.0\.0\.1:\d+: run it in a "
@@ -259,7 +261,7 @@ def test_removing_a_simulated_node_kills_the_workers_on_it(tmp_path):
     assert "already were" in seen["remove_again"] and seen["node_ids_after"] == [head, None]
     assert not seen["ray_initialized_after"] and not seen["simulated_after"]
     # close() stopped the whole cluster: every raylet, the GCS, the workers; nothing left in /dev/shm
-    assert not any(_alive(pid) for pid in seen["cluster_pids"] + seen["worker_pids"])
+    assert not any(alive(pid) for pid in seen["cluster_pids"] + seen["worker_pids"])
     assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and seen["session"].encode() in _cmdline(p)] == []
     assert not any(_raylet_pid(name) in seen["raylet_pids"] for name in _shm_entries())
     assert _stale(_shm_entries() - before) == []
@@ -303,7 +305,7 @@ def test_a_simulated_cluster_stops_after_a_failed_run(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("DivergenceError")
     assert not seen["ray_initialized_after"] and seen["address_file_after"] == seen["address_file_before"]
-    assert len(seen["cluster_pids"]) >= 4 and not any(_alive(pid) for pid in seen["cluster_pids"] + seen["worker_pids"])
+    assert len(seen["cluster_pids"]) >= 4 and not any(alive(pid) for pid in seen["cluster_pids"] + seen["worker_pids"])
     assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and seen["session"].encode() in _cmdline(p)] == []
     # nothing in /dev/shm named after the run's processes: a segment after its server, a semaphore after its raylet
     # (other sessions on this machine may leave their own meanwhile)

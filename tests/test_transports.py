@@ -15,8 +15,9 @@ import pytest
 import torch
 from conftest import inject_server_failure, make_config, shm_entries_of
 
-from sgd_dist.backends.base import server_args, worker_args
-from sgd_dist.backends.ray.backend import ClusterError, RayBackend, pick_transport
+from sgd_dist.backends.base import ClusterError, server_args, worker_args
+from sgd_dist.backends.ray.backend import RayBackend
+from sgd_dist.backends.ray.cluster import pick_transport
 from sgd_dist.engine.evaluations import eval_steps
 from sgd_dist.engine.loop import Loop
 from sgd_dist.engine.policies import make_policy
@@ -124,8 +125,8 @@ def made_segments(monkeypatch) -> list[str]:
     release = RayBackend._release_actors
 
     def noting_the_segment(self):
-        if self._segment is not None:
-            made.append(self._segment)
+        if self._links["shm"].segment is not None:
+            made.append(self._links["shm"].segment)
         release(self)
 
     monkeypatch.setattr(RayBackend, "_release_actors", noting_the_segment)

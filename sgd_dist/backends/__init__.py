@@ -4,14 +4,10 @@ reference) and ``ray`` (actors on a Ray cluster)."""
 from __future__ import annotations
 
 from sgd_dist.backends.base import Backend
+from sgd_dist.backends.ray.backend import RayBackend
+from sgd_dist.backends.serial import SerialBackend
 from sgd_dist.config import Config
 
 
 def make_backend(config: Config) -> Backend:
-    if config.cluster.backend == "serial":
-        from sgd_dist.backends.serial import SerialBackend
-
-        return SerialBackend(config)
-    from sgd_dist.backends.ray.backend import RayBackend  # imports ray only when asked for
-
-    return RayBackend(config)
+    return SerialBackend(config) if config.cluster.backend == "serial" else RayBackend(config)

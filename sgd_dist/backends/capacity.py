@@ -14,6 +14,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+import torch
+
 from sgd_dist.config import Config, ConfigError
 from sgd_dist.core.data import shard_bounds, torch_dtype
 
@@ -78,8 +80,6 @@ def check_this_machine(config: Config) -> list[str]:
         return []
     cluster = config.cluster
     if cluster.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError("cluster.device=cuda, but this machine has no CUDA device (torch sees none); "
                               "use cpu or auto")

@@ -12,7 +12,7 @@ from sgd_dist.engine.loop import Loop
 from sgd_dist.engine.recovery import LoopHooks
 from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker
-from sgd_dist.transports.local import LocalServerEnd
+from sgd_dist.transports import local
 
 
 def resolve_local_device(device: str) -> str:
@@ -50,7 +50,7 @@ class SerialBackend(Backend):
     def run(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None = None) -> None:
         hooks = LoopHooks(checkpoint_every=self.config.train.checkpoint_every, on_checkpoint=sink.checkpoint,
                           on_fault=sink.fault)
-        loop = Loop(self.server, LocalServerEnd(self.workers), policy, self.config.cluster.num_workers, eval_at,
+        loop = Loop(self.server, local.connect(self.workers), policy, self.config.cluster.num_workers, eval_at,
                     sink.rows, staleness_lr=self.config.optim.staleness_lr, hooks=hooks, restore=restore)
         self.loop_stats = loop.run()
 

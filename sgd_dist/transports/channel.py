@@ -11,12 +11,12 @@ Two rules of Ray's channels shape the code: a writer waits until every reader ha
 value, and a zero-copy numpy array read from a channel holds that value until it is dropped; so both sides
 copy what they read (d numbers) before they go on. Ray 2.60 leaves the channels' POSIX semaphores in
 /dev/shm after teardown, named after the raylet: once that raylet is gone (an embedded Ray at the end of its
-run, a cluster when it stops) they are removed; a live raylet's are never touched.
+run, a cluster when it stops) they are removed; a live raylet's are never touched. ``ChannelLink`` sets the
+transport up between Ray actors.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Collection, Sequence
@@ -28,10 +28,7 @@ from ray.exceptions import RayChannelError, RayChannelTimeoutError
 from ray.experimental.channel.shared_memory_channel import Channel
 
 from sgd_dist.engine.messages import STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
-
-SPIN_S = 2e-3
-MAX_SLEEP_S = 1e-3
-LIVENESS_EVERY_S = 0.5
+from sgd_dist.transports.base import Every, Waiter, alive
 
 
 def buffer_bytes(dim: int) -> int:
@@ -55,12 +52,12 @@ class ChannelServerEnd(ServerEnd):
         self._next = 0
         self.loops: list[ray.ObjectRef | None] = [None] * len(go)  # each worker's loop: ends when its actor dies
         self._closed: set[int] = set()  # lost workers whose channels are closed, until a replacement connects
-        self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+        self._liveness = Every()  # across calls: with others answering, every call may be short
 
     def watch(self, worker: int, loop: ray.ObjectRef) -> None:
         self.loops[worker] = loop
 
-    def connect(self, worker: int, go: Channel, answer: Channel, loop: ray.ObjectRef) -> None:
+    def replace(self, worker: int, go: Channel, answer: Channel, loop: ray.ObjectRef) -> None:
         """A replacement worker's channels and loop."""
         self.go[worker], self.answers[worker] = go, answer
         self._closed.discard(worker)
@@ -100,10 +97,8 @@ class ChannelServerEnd(ServerEnd):
 
     def receive(self, timeout: float | None = None) -> Arrival | None:
         k = len(self.answers)
-        t0, sleep = time.perf_counter(), 0.0
-        deadline = None if timeout is None else t0 + timeout
-        if time.perf_counter() > self._next_check:  # also when answers keep coming without a wait
-            self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+        waiter = Waiter(timeout)
+        if self._liveness.due():  # also when answers keep coming without a wait
             self._check_workers()
         while True:
             for i in range(k):
@@ -116,16 +111,10 @@ class ChannelServerEnd(ServerEnd):
                     continue
                 self._next = r + 1
                 return self._take(r, message)
-            now = time.perf_counter()
-            if now - t0 < SPIN_S:
-                os.sched_yield()
-            else:
-                sleep = min(MAX_SLEEP_S, sleep * 2 or 2e-5)
-                time.sleep(sleep)
-            if now > self._next_check:  # across calls: with others answering, every call may be short
-                self._next_check = now + LIVENESS_EVERY_S
+            now = waiter.pause()
+            if self._liveness.due(now):
                 self._check_workers()
-            if deadline is not None and now >= deadline:
+            if waiter.expired(now):
                 return None
 
     def _take(self, r: int, message: tuple) -> Arrival:
@@ -199,13 +188,79 @@ def sweep_stale_semaphores(names: Collection[str] | None = None, wait_s: float =
     Only a dead raylet's are touched: a live raylet may open its semaphores again by name. ``wait_s`` gives
     raylets that are shutting down that long to exit.
     """
-    from sgd_dist.transports.shm import _alive
-
     candidates = [n for n in (semaphores() if names is None else names) if _raylet_pid(n) is not None]
     deadline = time.monotonic() + wait_s
-    while any(_alive(_raylet_pid(n)) for n in candidates) and time.monotonic() < deadline:
+    while any(alive(_raylet_pid(n)) for n in candidates) and time.monotonic() < deadline:
         time.sleep(0.05)
-    stale = [n for n in candidates if not _alive(_raylet_pid(n))]
+    stale = [n for n in candidates if not alive(_raylet_pid(n))]
     for name in stale:
         (SEMAPHORES / name).unlink(missing_ok=True)
     return stale
+
+
+class ChannelLink:
+    """This transport between Ray actors anywhere (``transports.base.Link``).
+
+    The driver connects it before each run: the server actor makes each worker's go channel, each worker its
+    answer channel, and the server its end over them. The server actor starts the workers' loops and connects a
+    replacement. Once the driver has shut its own Ray down, the semaphores its channels left are removed.
+    """
+
+    name = "ray"
+
+    def __init__(self, num_workers: int, dim: int, dtype: str) -> None:
+        self.dim = dim
+        self._before: set[str] | None = None  # /dev/shm semaphores before this run made its channels
+
+    def connect(self, server, workers: Sequence, nodes: Sequence[str]) -> None:
+        if self._before is None:
+            self._before = semaphores()
+        go = ray.get(server.call.remote(_make_go, workers, nodes, self.dim))
+        server_node = ray.get(server.call.remote(_node_id))
+        answers = ray.get([w.call.remote(_make_answer, server, server_node, self.dim) for w in workers])
+        ray.get(server.call.remote(_open, go, answers))
+
+    def start(self, end: ChannelServerEnd, workers: Sequence) -> list[ray.ObjectRef]:
+        loops = [w.call.remote(_serve, g, a) for w, g, a in zip(workers, end.go, end.answers)]
+        for r, loop in enumerate(loops):
+            end.watch(r, loop)
+        return loops
+
+    def replace(self, end: ChannelServerEnd, rank: int, worker, node: str) -> ray.ObjectRef:
+        go = make_channel(worker, node, self.dim)
+        context = ray.get_runtime_context()
+        answer = ray.get(worker.call.remote(_make_answer, context.current_actor, context.get_node_id(), self.dim))
+        loop = worker.call.remote(_serve, go, answer)
+        end.replace(rank, go, answer, loop)
+        return loop
+
+    def release(self) -> None:
+        """Nothing outside Ray: the channels go with their actors."""
+
+    def shutdown(self) -> None:
+        if self._before is not None:  # the ones this run's channels made go with its raylet
+            sweep_stale_semaphores(semaphores() - self._before, wait_s=3.0)
+            self._before = None
+        sweep_stale_semaphores()  # and any other dead raylet's (a killed run's)
+
+
+def _make_go(server, workers: Sequence, nodes: Sequence[str], dim: int) -> list[Channel]:
+    """In the server actor: the workers' go channels, written by it."""
+    return [make_channel(w, node, dim) for w, node in zip(workers, nodes)]
+
+
+def _node_id(actor) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _make_answer(worker, reader, reader_node: str, dim: int) -> Channel:
+    """In a worker actor: its answer channel, read by the server."""
+    return make_channel(reader, reader_node, dim)
+
+
+def _open(server, go: Sequence[Channel], answers: Sequence[Channel]) -> None:
+    server.end = ChannelServerEnd(go, answers)
+
+
+def _serve(worker, go: Channel, answer: Channel) -> int:
+    return serve_worker(worker, go, answer)

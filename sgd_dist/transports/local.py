@@ -35,3 +35,8 @@ class LocalServerEnd(ServerEnd):
         if not self._answers and timeout is not None:  # every command in flight was lost (a test's fault)
             return None
         return self._answers.popleft()
+
+
+def connect(workers: Sequence) -> LocalServerEnd:
+    """This transport set up: the server calls the workers, its own objects, directly."""
+    return LocalServerEnd(workers)

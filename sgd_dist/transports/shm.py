@@ -16,7 +16,7 @@ and checks now and then that the other side's process is alive, so a dead peer i
 instead of a hang.
 
 The segment's name carries the creating process's pid; a new segment sweeps away segments whose creator is
-dead, so even a killed run leaves nothing behind for long.
+dead, so even a killed run leaves nothing behind for long. ``ShmLink`` sets the transport up between Ray actors.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+import ray
 import torch
 
 from sgd_dist.engine.messages import GRADIENT, LOCAL, STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
+from sgd_dist.transports.base import Every, Waiter, alive
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "sgd_dist-"
-SPIN_S = 2e-3  # yield-spin this long before sleeping between polls
-MAX_SLEEP_S = 1e-3
-LIVENESS_EVERY_S = 0.5
 
 # ctrl columns
 _CMD_SEQ, _CMD_KIND, _CMD_STEP, _CMD_VERSION, _CMD_SLOT, _ANS_SEQ, _ANS_COUNT, _PID, _CMD_LOCAL = range(9)
@@ -66,15 +66,6 @@ def _aligned(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def sweep_stale_segments() -> list[str]:
     """Remove segments whose creating process is gone; return their names."""
     removed = []
@@ -83,7 +74,7 @@ def sweep_stale_segments() -> list[str]:
             pid = int(path.name[len(PREFIX):].split("-")[0])
         except ValueError:
             continue
-        if not _alive(pid):
+        if not alive(pid):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
@@ -120,30 +111,6 @@ class _Segment:
             pass
 
 
-class _Waiter:
-    """Poll politely: yield while the wait is short, then sleep in growing steps; check a peer's pid."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.sleep = 0.0
-        self.next_check = self.t0 + LIVENESS_EVERY_S
-
-    def pause(self) -> float:
-        now = time.perf_counter()
-        if now - self.t0 < SPIN_S:
-            os.sched_yield()
-        else:
-            self.sleep = min(MAX_SLEEP_S, self.sleep * 2 or 2e-5)
-            time.sleep(self.sleep)
-        return now
-
-    def due(self, now: float) -> bool:
-        if now < self.next_check:
-            return False
-        self.next_check = now + LIVENESS_EVERY_S
-        return True
-
-
 class ShmServerEnd(ServerEnd):
     name = "shm"
     views = True
@@ -162,7 +129,7 @@ class ShmServerEnd(ServerEnd):
         self._slot_of = [0] * k
         self._seq = [0] * k
         self._next = 0
-        self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+        self._liveness = Every()  # across calls: with others answering, every call may be short
 
     def _free_slot(self) -> int:
         return next(s for s in range(self.layout.num_slots) if s != self._current and self._refs[s] == 0)
@@ -188,11 +155,9 @@ class ShmServerEnd(ServerEnd):
     def receive(self, timeout: float | None = None) -> Arrival | None:
         ctrl, k = self.segment.ctrl, self.layout.num_workers
         answers = ctrl[:, _ANS_SEQ]
-        if time.perf_counter() > self._next_check:  # also when answers keep coming without a wait
-            self._next_check = time.perf_counter() + LIVENESS_EVERY_S
+        if self._liveness.due():  # also when answers keep coming without a wait
             self._check_workers()
-        waiter = _Waiter()
-        deadline = None if timeout is None else waiter.t0 + timeout
+        waiter = Waiter(timeout)
         while True:
             for i in range(k):
                 r = (self._next + i) % k
@@ -200,10 +165,9 @@ class ShmServerEnd(ServerEnd):
                     self._next = r + 1
                     return self._take(r)
             now = waiter.pause()
-            if now > self._next_check:  # across calls: with others answering, every call may be short
-                self._next_check = now + LIVENESS_EVERY_S
+            if self._liveness.due(now):
                 self._check_workers()
-            if deadline is not None and now >= deadline:
+            if waiter.expired(now):
                 return None
 
     def _take(self, r: int) -> Arrival:
@@ -217,7 +181,7 @@ class ShmServerEnd(ServerEnd):
     def _check_workers(self) -> None:
         for r in range(self.layout.num_workers):
             pid = int(self.segment.ctrl[r, _PID])
-            if self._sent[r] is not None and pid and not _alive(pid):
+            if self._sent[r] is not None and pid and not alive(pid):
                 raise WorkerLost(f"worker {r} (pid {pid}) died", r)
 
     def forget(self, worker: int) -> None:
@@ -262,10 +226,10 @@ class ShmWorkerEnd:
     def wait(self) -> tuple[Command, torch.Tensor]:
         ctrl = self.segment.ctrl[self.rank]
         server_pid = int(self.segment.server[0])
-        waiter = _Waiter()
+        waiter, liveness = Waiter(), Every()
         while ctrl[_CMD_SEQ] == self._seen:
             now = waiter.pause()
-            if waiter.due(now) and not _alive(server_pid):
+            if liveness.due(now) and not alive(server_pid):
                 return Command(STOP), self._weights[0]
         self._seen = int(ctrl[_CMD_SEQ])
         command = Command(int(ctrl[_CMD_KIND]), int(ctrl[_CMD_STEP]), int(ctrl[_CMD_VERSION]), int(ctrl[_CMD_LOCAL]))
@@ -294,3 +258,57 @@ def serve_worker(worker, end: ShmWorkerEnd) -> int:
             return served
         end.answer(worker.execute(command, weights))
         served += 1
+
+
+class ShmLink:
+    """This transport between Ray actors on one node (``transports.base.Link``).
+
+    The driver connects it before each run: the server actor creates the segment and every worker attaches. The
+    server actor starts the workers' loops and attaches a replacement; the driver removes the segment should its
+    server die holding it (a killed server cannot).
+    """
+
+    name = "shm"
+
+    def __init__(self, num_workers: int, dim: int, dtype: str) -> None:
+        self.layout = Layout(num_workers, dim, dtype)
+        self.segment: str | None = None
+
+    def connect(self, server: Any, workers: Sequence[Any], nodes: Sequence[str]) -> None:
+        self.segment = ray.get(server.call.remote(_create, self.layout))
+        ray.get([w.call.remote(_attach, self.segment, self.layout) for w in workers])
+
+    def start(self, end: ShmServerEnd, workers: Sequence[Any]) -> list[ray.ObjectRef]:
+        loops = [w.call.remote(_serve) for w in workers]
+        end.wait_attached()
+        return loops
+
+    def replace(self, end: ShmServerEnd, rank: int, worker: Any, node: str) -> ray.ObjectRef:
+        ray.get(worker.call.remote(_attach, self.segment, self.layout))
+        return worker.call.remote(_serve)
+
+    def release(self) -> None:
+        if self.segment is not None:  # the server may have died holding it (same node only: shm)
+            (SHM_DIR / self.segment).unlink(missing_ok=True)
+            self.segment = None
+
+    def shutdown(self) -> None:
+        """Nothing of this transport outlives Ray but the segment, which ``release`` removes."""
+
+
+def _create(server: Any, layout: Layout) -> str:
+    """In the server actor: its end, with a new segment; returns the segment's name for the workers."""
+    server.end = ShmServerEnd(layout)
+    return server.end.segment.name
+
+
+def _attach(worker: Any, name: str, layout: Layout) -> None:
+    worker.end = ShmWorkerEnd(name, layout, worker.rank)
+
+
+def _serve(worker: Any) -> int:
+    try:
+        return serve_worker(worker, worker.end)
+    finally:
+        worker.end.close()
+        worker.end = None

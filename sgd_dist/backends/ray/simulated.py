@@ -20,6 +20,10 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
+import ray
+from ray._common.utils import get_ray_address_file
+from ray.cluster_utils import Cluster
+
 NODE_RESOURCE = "sgd_dist_node_{}"
 HOST = "127.0.0.1"
 # Ray's Cluster gives each node 150 MiB of object store; the exact reference's d x d sums (512 MB at d = 8192)
@@ -44,8 +48,6 @@ def pinned_node_lost(strategy: Any) -> bool:
     index = getattr(strategy, "placement_group_bundle_index", -1)
     if group is None or index < 0:
         return False
-    import ray
-
     pins = [key for key in group.bundle_specs[index] if key.startswith(NODE_RESOURCE.format(""))]
     return bool(pins) and pins[0] not in ray.cluster_resources()
 
@@ -61,9 +63,6 @@ def start(num_nodes: int, num_cpus: int, num_workers: int) -> tuple[Any, list[An
     Returns the ``Cluster`` and its nodes in index order (``Cluster.worker_nodes`` is a set). On failure,
     what was started is stopped. The caller has made Ray bind to loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
     """
-    import ray
-    from ray.cluster_utils import Cluster
-
     def args(index: int) -> dict:
         return dict(node_ip_address=HOST, num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
                     resources={node_resource(index): num_workers})
@@ -94,8 +93,6 @@ def _keep_address_file() -> Iterator[None]:
     ``Cluster`` writes its address there when the head starts and deletes the file when it shuts down,
     whosever address it held: another cluster on this shared machine may rely on it.
     """
-    from ray._common.utils import get_ray_address_file
-
     path = Path(get_ray_address_file(None))
     try:
         before: str | None = path.read_text()
