@@ -329,6 +329,7 @@ def serve(
                     scales = [1 / max(1, age) for age in ages] if staleness_lr else None
                     row = server.update(arrivals, deltas=policy.model_deltas, scales=scales)
                     row["applied"] = [[a.worker, a.step, a.version] for a in arrivals]
+                    row["answer_s"] = [a.seconds for a in arrivals]  # the per-worker views over time
                     row["staleness"] = max(ages)
                     end.publish(server.step, server.weights)
                     rows.append(row)
@@ -385,4 +386,4 @@ def serve(
     assert not held and not deferred, (held, deferred)
     return {"record_seconds": server.record_seconds, "staleness": staleness, "dropped": dropped,
             "policy": policy.summary(), "replacements": {r: n for r, n in replacements.items() if n},
-            "answer_ms": {r: 1e3 * statistics.median(t) for r, t in answer_s.items() if t}}
+            "answer_ms": {r: 1e3 * statistics.median(t) for r, t in answer_s.items() if t}, "answer_s": answer_s}
