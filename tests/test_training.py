@@ -409,6 +409,7 @@ def test_in_a_notebook_the_bar_is_a_widget_or_one_line_says_why_not(monkeypatch)
     monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))  # a kernel
     monkeypatch.setattr(tqdm.notebook, "IProgress", None)  # ipywidgets missing
     monkeypatch.setattr("sgd_dist.run.progress._display", lambda *a, **k: None)  # IPython, as in every kernel
+    monkeypatch.setattr("sgd_dist.run.progress._noted", [])
     assert progress_bar(said.append) is NotebookTextBar
     assert said == ["sgd-dist: progress is one line of text here: ipywidgets is not installed "
                     "(pip install ipywidgets for the notebook's bar)"]

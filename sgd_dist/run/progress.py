@@ -45,6 +45,11 @@ class NotebookTextBar(tqdm_std.tqdm):
         self._text = ""
         super().__init__(*args, **kwargs)
 
+    def close(self) -> None:
+        if not self.disable:
+            self.display()  # the final count: refreshes are at most once a NOTEBOOK_REFRESH_S
+        super().close()
+
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         text = self.format_meter(**self.format_dict) if msg is None else msg
         if not text:  # closing without `leave`: keep the last state (one line) rather than an empty output
@@ -60,14 +65,19 @@ class NotebookTextBar(tqdm_std.tqdm):
 
 def bar_class(say: Callable[[str], None] = print) -> type:
     """The bar for this process: text on stderr outside Jupyter; in a kernel, tqdm's widget when ipywidgets is
-    installed, else NotebookTextBar (said once, in one line)."""
+    installed, else NotebookTextBar (said once a process, in one line)."""
     if not in_notebook() or _display is None:
         return tqdm_std.tqdm
     if tqdm_notebook is not None and tqdm_notebook.IProgress is not None:
         return tqdm_notebook.tqdm
-    say("sgd-dist: progress is one line of text here: ipywidgets is not installed (pip install ipywidgets for "
-        "the notebook's bar)")
+    if not _noted:
+        say("sgd-dist: progress is one line of text here: ipywidgets is not installed (pip install ipywidgets for "
+            "the notebook's bar)")
+        _noted.append(True)
     return NotebookTextBar
+
+
+_noted: list[bool] = []  # whether this process was told why its notebook bar is text
 
 
 def progress_bar(total: int | None, unit: str, desc: str | None = None, *, enabled: bool | None = None,

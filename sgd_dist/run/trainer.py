@@ -30,10 +30,8 @@ from sgd_dist.core.data import true_weights
 from sgd_dist.engine.delays import find_stragglers
 from sgd_dist.engine.worker import peak_rss_bytes
 from sgd_dist.run.checkpoint import load_checkpoint, write_checkpoint
-from sgd_dist.run.workers import worker_table, worst_worker_ratio
 from sgd_dist.run.progress import RunStats
 from sgd_dist.run.progress import bar_class as progress_bar
-from sgd_dist.run.trackers.fanout import Trackers, trackers_for
 from sgd_dist.run.rundir import (
     CONFIG_FILE,
     FAULTS_FILE,
@@ -48,6 +46,8 @@ from sgd_dist.run.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
+from sgd_dist.run.trackers.fanout import Trackers, trackers_for
+from sgd_dist.run.workers import worker_table, worst_worker_ratio
 
 
 def truncate_jsonl(path: Path, key: str, last: int) -> list[dict]:

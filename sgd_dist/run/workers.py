@@ -59,6 +59,6 @@ def table_lines(table: dict, stragglers: list[dict]) -> list[str]:
         share = f"{100 * w['dropped_share']:6.1f}%" if w["dropped_share"] is not None else f"{'-':>7}"
         line = f"{int(r):>6}  {w['answers']:>7}  {ms(w['median_ms'])}{ms(w['p90_ms'])}  {share}  {w['replacements']:>8}"
         if int(r) in factor:
-            line += f"  straggler: {factor[int(r)]:.1f}x the others' median"
+            line += f"  <- straggler, {factor[int(r)]:.1f}x the others' median"
         lines.append(line)
     return lines
