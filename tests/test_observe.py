@@ -239,7 +239,8 @@ def test_results_csv_carries_each_runs_worst_worker_ratio(tmp_path):
     rows = read_results(tmp_path / "sweep" / "results.csv")
     assert len(rows) == 2
     for row in rows:
-        medians = [w["median_ms"] for w in read_summary(tmp_path / "sweep" / "runs" / row["run"])["per_worker"].values()]
+        table = read_summary(tmp_path / "sweep" / "runs" / row["run"])["per_worker"]
+        medians = [w["median_ms"] for w in table.values()]
         worst = max(m / statistics.median([o for j, o in enumerate(medians) if j != i]) for i, m in enumerate(medians))
         assert row["worst_worker_ratio"] == pytest.approx(worst, rel=1e-12)
     assert result.failed == 0

@@ -497,10 +497,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None,
             failed += row["status"] == "failed"
             rows.append(row)
             write_results(out / RESULTS_FILE, experiment, add_speedups(rows, list(experiment.grid)))
-            bar.write(f"{head}: {_describe(row, kept_before=done)}", file=stderr)
-            stderr.flush()
-            bar.set_postfix_str(_postfix(row), refresh=False)
-            bar.update(1)
+            _note(bar, stderr, f"{head}: {_describe(row, kept_before=done)}", row)
     finally:
         bar.close()
         if started:
@@ -568,12 +565,16 @@ def _finished(summary: dict) -> bool:
     return summary.get("status") == "completed" or str(summary.get("error", "")).startswith(DIVERGED)
 
 
-def _postfix(row: dict) -> str:
-    """The sweep bar's note on the last run: its samples/s and final relative gap."""
+def _note(bar, stderr, line: str, row: dict) -> None:
+    """A run's line above the sweep's bar, and the bar one run on with the run's samples/s and final gap."""
+    bar.write(line, file=stderr)
+    stderr.flush()
     if row["status"] != "completed":
-        return f"last run {row['status']}"
-    gap = f", gap {row['final_relative_gap']:.1e}" if row["final_relative_gap"] is not None else ""
-    return f"last run {row['samples_per_s']:,.0f} samples/s{gap}"
+        bar.set_postfix_str(f"last run {row['status']}", refresh=False)
+    else:
+        gap = f", gap {row['final_relative_gap']:.1e}" if row["final_relative_gap"] is not None else ""
+        bar.set_postfix_str(f"last run {row['samples_per_s']:,.0f} samples/s{gap}", refresh=False)
+    bar.update(1)
 
 
 def _describe(row: dict, kept_before: bool) -> str:
