@@ -75,6 +75,7 @@ class Tracker(ABC):
     def schedule(self, lines: list[dict]) -> None:
         """schedule.jsonl's lines for the same rows (each update's applied [worker, step, version] answers and
         their times, ``answer_s``); the per-worker views use them, the others need not."""
+        return None  # optional, unlike the rest: a tracker of the rows alone leaves it
 
     @abstractmethod
     def rewind(self, step: int) -> None:
