@@ -236,7 +236,10 @@ def _train(args: argparse.Namespace) -> int:
         for entry in s["faults"]:
             print(f"fault: {describe_fault(entry)}")
     from sgd_dist.engine.delays import describe_stragglers as describe
+    from sgd_dist.run.workers import table_lines
 
+    if s.get("per_worker"):
+        print("\n".join(table_lines(s["per_worker"], s.get("stragglers", []))))
     for line in describe(s.get("stragglers", [])):
         print(f"straggler: {line}")
     print(f"results in {result.run_dir}/")

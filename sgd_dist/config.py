@@ -320,6 +320,27 @@ class FaultConfig(_Section):
         return self
 
 
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None
+    """Where MLflow records the run: an http(s) tracking server, a database URI or file:DIR; null: MLflow's default (MLFLOW_TRACKING_URI, else ./mlruns)."""
+    experiment: str = "sgd_dist"
+    """MLflow experiment to record the run in (created if missing)."""
+    run_name: str | None = None
+    """Name of the MLflow run; null: the run directory's name."""
+
+    @field_validator("tracking_uri", "experiment", "run_name")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (null for the default)")
+        return value
+
+
+def _switch(value: Any) -> Any:
+    """output.mlflow: true stands for its defaults, false for none."""
+    return {} if value is True else None if value is False else value
+
+
 class OutputConfig(_Section):
     dir: str | None = None
     """Run directory; null makes runs/<name>-<timestamp>. It must not exist yet or be empty."""
@@ -342,6 +363,19 @@ class OutputConfig(_Section):
         return value
     plots: bool = True
     """Draw loss.png (and fit.png for one-feature problems) at the end of the run."""
+    tensorboard: bool | str = False
+    """TensorBoard event files: true writes them under the run directory (tensorboard/), a directory path writes them to <path>/<run directory's name> (point `tensorboard --logdir` at it to overlay runs); needs the tensorboard extra."""
+    mlflow: Annotated[MlflowConfig | None, BeforeValidator(_switch)] = None
+    """Record the run in MLflow ({tracking_uri, experiment, run_name}; true: the defaults); null: not at all; needs the mlflow extra."""
+    ray_metrics: bool = True
+    """On the ray backend, export the run's step, samples/s, staleness, answer times and faults through Ray's metrics (Prometheus, the dashboard), labelled by run."""
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be true, false or a directory path")
+        return value
 
 
 class Config(_Section):

@@ -402,14 +402,17 @@ def test_in_a_notebook_the_bar_is_a_widget_or_one_line_says_why_not(monkeypatch)
     import tqdm.notebook
     import tqdm.std
 
-    from sgd_dist.run.trainer import progress_bar
+    from sgd_dist.run.progress import NotebookTextBar
+    from sgd_dist.run.progress import bar_class as progress_bar
 
     said: list[str] = []
     assert progress_bar(said.append) is tqdm.std.tqdm and said == []  # a terminal: the text bar, nothing said
     monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))  # a kernel
     monkeypatch.setattr(tqdm.notebook, "IProgress", None)  # ipywidgets missing
-    assert progress_bar(said.append) is tqdm.std.tqdm
-    assert said == ["sgd-dist: the progress bar is plain text here: ipywidgets is not installed "
+    monkeypatch.setattr("sgd_dist.run.progress._display", lambda *a, **k: None)  # IPython, as in every kernel
+    monkeypatch.setattr("sgd_dist.run.progress._noted", [])
+    assert progress_bar(said.append) is NotebookTextBar
+    assert said == ["sgd-dist: progress is one line of text here: ipywidgets is not installed "
                     "(pip install ipywidgets for the notebook's bar)"]
     monkeypatch.setattr(tqdm.notebook, "IProgress", object)  # ipywidgets there
     assert progress_bar(said.append) is tqdm.notebook.tqdm and len(said) == 1

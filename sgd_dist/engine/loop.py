@@ -129,7 +129,8 @@ class Loop:
         assert not self.held and not self.deferred, (self.held, self.deferred)
         return {"record_seconds": self.server.record_seconds, "staleness": self.tally.staleness,
                 "dropped": self.tally.dropped, "policy": self.policy.summary(),
-                "replacements": self.recoveries.summary(), "answer_ms": self.tally.answer_ms()}
+                "replacements": self.recoveries.summary(), "answer_ms": self.tally.answer_ms(),
+                "answer_s": self.tally.answer_s}
 
     # -- the steps of run -------------------------------------------------------------------------------------
     def _start(self) -> list:
@@ -199,6 +200,7 @@ class Loop:
         scales = [1 / max(1, age) for age in ages] if self.staleness_lr else None
         row = server.update(arrivals, deltas=self.policy.model_deltas, scales=scales)
         row["applied"] = [[a.worker, a.step, a.version] for a in arrivals]
+        row["answer_s"] = [a.seconds for a in arrivals]  # the per-worker views over time
         row["staleness"] = max(ages)
         self.end.publish(server.step, server.weights)
         self.rows.add(row)

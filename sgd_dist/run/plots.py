@@ -6,6 +6,7 @@ works headless and can redraw any finished or killed run: ``sgd-dist plot RUN_DI
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from matplotlib.figure import Figure
 
 from sgd_dist.config import load_config
 from sgd_dist.core.data import generate
-from sgd_dist.run.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary
+from sgd_dist.run.rundir import CONFIG_FILE, SCHEDULE_FILE, SUMMARY_FILE, read_metrics, read_summary
 
 FIT_SAMPLE_ROWS = 2000
 
@@ -25,7 +26,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     config = load_config(run_dir / CONFIG_FILE)
     rows = read_metrics(run_dir)
     summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).exists() else {}
-    paths = [_loss_figure(run_dir / "loss.png", rows, summary, config)]
+    paths = [_loss_figure(run_dir / "loss.png", rows, summary, config, worker_series(run_dir))]
     if config.data.n_features == 1 and summary.get("weights"):
         paths.append(_fit_figure(run_dir / "fit.png", summary, config))
     return paths
@@ -53,9 +54,47 @@ def _title(summary: dict, config) -> str:
     return head
 
 
-def _loss_figure(path: Path, rows: list[dict], summary: dict, config) -> Path:
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    axes = fig.subplots(2, 2)
+def worker_series(run_dir: Path) -> dict[int, dict[str, list]]:
+    """Each worker's applied answers over the run, from schedule.jsonl: the update that applied each, its
+    staleness (updates between the weights it was computed on and that update) and its answer time in ms
+    (where the schedule has the times)."""
+    series: dict[int, dict[str, list]] = {}
+    path = run_dir / SCHEDULE_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    for text in lines:
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue  # a half-written last line
+        times = line.get("answer_s") or [None] * len(line["applied"])
+        for (worker, _, version), seconds in zip(line["applied"], times, strict=True):
+            s = series.setdefault(worker, {"update": [], "staleness": [], "answer_ms": []})
+            s["update"].append(line["update"])
+            s["staleness"].append(line["update"] - 1 - version)
+            s["answer_ms"].append(None if seconds is None else 1e3 * seconds)
+    return series
+
+
+def _worker_panels(axes, series: dict[int, dict[str, list]]) -> None:
+    """Staleness and answer time per worker against the update that applied the answer."""
+    legend = len(series) <= 8  # past that a legend hides the lines
+    for worker, s in sorted(series.items()):
+        axes[0].plot(s["update"], s["staleness"], ".", ms=4, alpha=0.6, label=f"worker {worker}")
+        timed = [(u, ms) for u, ms in zip(s["update"], s["answer_ms"], strict=True) if ms is not None]
+        axes[1].plot([u for u, _ in timed], [ms for _, ms in timed], ".", ms=4, alpha=0.6, label=f"worker {worker}")
+    axes[0].set(xlabel="update", ylabel="staleness of the applied answer (updates)")
+    axes[1].set(xlabel="update", ylabel="answer time (ms)", yscale="log")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if legend and series:
+            ax.legend(markerscale=4)
+
+
+def _loss_figure(path: Path, rows: list[dict], summary: dict, config, workers: dict | None = None) -> Path:
+    fig = Figure(figsize=(12, 12 if workers else 8), layout="constrained")
+    axes = fig.subplots(3 if workers else 2, 2)
+    if workers:
+        _worker_panels(axes[2], workers)
     steps = [r for r in rows if r.get("loss") is not None]
     evals = [r for r in rows if r.get("eval_loss") is not None]
     gaps = [r for r in evals if r.get("optimality_gap") is not None and r["optimality_gap"] > 0]

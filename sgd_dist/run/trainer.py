@@ -31,6 +31,8 @@ from sgd_dist.engine.delays import find_stragglers
 from sgd_dist.engine.evaluations import eval_steps
 from sgd_dist.engine.worker import peak_rss_bytes
 from sgd_dist.run.checkpoint import load_checkpoint, write_checkpoint
+from sgd_dist.run.progress import RunStats
+from sgd_dist.run.progress import bar_class as progress_bar
 from sgd_dist.run.rundir import (
     CONFIG_FILE,
     FAULTS_FILE,
@@ -45,6 +47,8 @@ from sgd_dist.run.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
+from sgd_dist.run.trackers.fanout import Trackers, trackers_for
+from sgd_dist.run.workers import worker_table, worst_worker_ratio
 
 
 def truncate_jsonl(path: Path, key: str, last: int) -> list[dict]:
@@ -157,7 +161,7 @@ class Recorder:
     console line per logged step and drives the progress bar; writes the checkpoints and logs the faults."""
 
     def __init__(self, run_dir: Path, config: Config, reference: Reference, console: bool, progress: bool | None,
-                 bar: type = tqdm_std.tqdm):
+                 bar: type = tqdm_std.tqdm, trackers: Trackers | None = None):
         self.run_dir = run_dir
         self.config = config
         self.reference = reference
@@ -175,6 +179,8 @@ class Recorder:
         self._faults_file: MetricsWriter | None = None
         self.checkpoints = 0
         self.checkpoint_seconds = 0.0
+        self.trackers = trackers or Trackers()  # TensorBoard, MLflow, Ray's metrics: fed each batch as it comes
+        self.stats = RunStats()  # the bar's samples/s and gap
 
     def checkpoint(self, state: dict) -> None:
         t0 = time.perf_counter()
@@ -187,6 +193,7 @@ class Recorder:
         if self._faults_file is None:
             self._faults_file = MetricsWriter(self.run_dir / FAULTS_FILE)
         self._faults_file.write(entry)
+        self.trackers.fault(entry)
         if self.console:
             self.bar.write(f"fault: {describe_fault(entry)}")
 
@@ -203,6 +210,8 @@ class Recorder:
         self.last_eval = next((row for row in reversed(kept) if "eval_loss" in row), None)
         self.bar.n = max(step, 0)
         self.bar.refresh()
+        self.trackers.rewind(step)
+        self.stats.rewind()
 
     # the backends' Sink interface
     def rows(self, rows: list[dict]) -> None:
@@ -210,10 +219,12 @@ class Recorder:
 
     def record(self, rows: list[dict]) -> None:
         log_every, steps = self.config.train.log_every, self.config.train.steps
+        schedule = []
         for row in rows:
-            applied = row.pop("applied", None)
+            applied, answer_s = row.pop("applied", None), row.pop("answer_s", None)
             if applied is not None:
-                self.schedule.write({"update": row["step"], "applied": applied})
+                schedule.append({"update": row["step"], "applied": applied, "answer_s": answer_s})
+                self.schedule.write(schedule[-1])
             if "eval_loss" in row:
                 if self.reference.objective is not None:
                     row["optimality_gap"] = row["eval_loss"] + row["eval_penalty"] - self.reference.objective
@@ -230,7 +241,9 @@ class Recorder:
             if self.console and log_every and (step % log_every == 0 or step == steps):
                 self.bar.write(self._line(row))
         if rows:
+            self.bar.set_postfix_str(self.stats(rows, self.last_eval), refresh=False)
             self.bar.update(rows[-1]["step"] - self.bar.n)
+        self.trackers.rows(rows, schedule)
 
     def _line(self, row: dict) -> str:
         step, t = row["step"], row["wall_time_s"]
@@ -258,20 +271,6 @@ class Recorder:
         self.schedule.close()
         if self._faults_file is not None:
             self._faults_file.close()
-
-
-def progress_bar(say) -> type:
-    """The progress bar tqdm.auto would pick: a widget in a Jupyter kernel, text on stderr elsewhere. In a kernel
-    without ipywidgets that is text too, said in one line (tqdm.auto would warn in several)."""
-    if "ipykernel.zmqshell" not in sys.modules:
-        return tqdm_std.tqdm
-    from tqdm import notebook
-
-    if notebook.IProgress is None:
-        say("sgd-dist: the progress bar is plain text here: ipywidgets is not installed "
-            "(pip install ipywidgets for the notebook's bar)")
-        return tqdm_std.tqdm
-    return notebook.tqdm
 
 
 @dataclass(frozen=True)
@@ -342,6 +341,7 @@ def train(
         say(note)
     say(f"sgd-dist: {config.cluster.backend} backend, {config.cluster.num_workers} workers{_where(config)}, "
         f"{config.data.n_samples:,} rows x {config.data.dim} parameters; generating the shards where they live")
+    trackers = trackers_for(config)  # a missing optional package fails here, before anything starts
     try:
         backend = make_backend(config)
     except BaseException as exc:
@@ -349,16 +349,18 @@ def train(
         raise
     recorder: Recorder | None = None
     summary: dict | None = None
+    failed: dict | None = None
     try:
         if restore is None:
             write_config(run_dir, config)
+        trackers.start(config, run_dir, resumed=restore is not None)
         t_setup = time.perf_counter() - t_start
         say(f"sgd-dist: run directory {run_dir}  (setup {t_setup:.1f} s, device {backend.device})")
         reference = compute_reference(config, backend)
         t_reference = time.perf_counter() - t_start - t_setup
         noise = measure_noise_scale(config, backend, reference) if config.train.gradient_noise_scale else None
         recorder = Recorder(run_dir, config, reference, console, progress,
-                            progress_bar(say) if progress is not False else tqdm_std.tqdm)
+                            progress_bar(say) if progress is not False else tqdm_std.tqdm, trackers)
         if restore is not None:
             step = int(restore["server"]["step"])
             recorder.rewind(step)
@@ -377,7 +379,7 @@ def train(
         exc.run_dir = run_dir if (run_dir / CONFIG_FILE).exists() else None
         if exc.run_dir is not None:
             last = last_recorded_step(run_dir / METRICS_FILE)
-            write_json_atomic(run_dir / SUMMARY_FILE, {
+            write_json_atomic(run_dir / SUMMARY_FILE, failed := {
                 "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                 "error": signals.describe(exc) if isinstance(exc, KeyboardInterrupt) else one_line(exc),
                 "steps_recorded": last, "steps": config.train.steps, "backend": config.cluster.backend,
@@ -392,8 +394,11 @@ def train(
         # the figures are drawn from the files alone: draw them while the cluster shuts down (about a second each)
         figures = _draw_in_background(run_dir) if config.output.plots and summary is not None else None
         backend.close()
+        if failed is not None:
+            trackers.finish(failed, failed["status"])
     if figures is not None:
         figures.result()
+    trackers.finish(summary, "completed")  # after the figures: they go among its artifacts
     return RunResult(run_dir, summary)
 
 
@@ -477,6 +482,7 @@ def _mode_summary(config: Config, stats: dict) -> dict:
     ages = [age for age, n in counts.items() for _ in range(n)]
     dropped = stats.get("dropped", [])
     per_worker = {r: sum(1 for d in dropped if d[0] == r) for r in range(config.cluster.num_workers)}
+    table = worker_table(config.cluster.num_workers, stats.get("answer_s", {}), dropped, stats.get("replacements", {}))
     return {
         **params,
         "staleness": {"median": statistics.median(ages) if ages else None, "max": max(ages, default=None),
@@ -486,6 +492,8 @@ def _mode_summary(config: Config, stats: dict) -> dict:
         "num_dropped": len(dropped),
         "dropped_per_worker": per_worker,
         "dropped": dropped,
+        "per_worker": table,
+        "worst_worker_ratio": worst_worker_ratio(table),
         "policy": stats.get("policy", {}),
     }
 

@@ -41,6 +41,7 @@ from sgd_dist.config import (
     drop_unused_keys,
     format_validation_error,
 )
+from sgd_dist.run.progress import progress_bar
 
 RESULTS_FILE = "results.csv"
 EXPERIMENT_FILE = "experiment.yaml"
@@ -293,7 +294,7 @@ COLUMNS_TAIL = [
     "samples_per_s", "median_step_ms", "steps", "train_time_s", "optimal_loss",
     "target_step", "target_time_s", "target_samples", "final_relative_gap",
     "speedup", "efficiency", "speedup_basis", "error",
-    "gradient_noise_scale",
+    "gradient_noise_scale", "worst_worker_ratio",
 ]
 # the cost model's prediction of each run (sgd_dist.study.cost_model), filled once every run is done
 PREDICTION_COLUMNS = ["predicted_step_ms", "step_ms_error_pct", "predicted_samples_per_s", "samples_per_s_error_pct",
@@ -329,6 +330,7 @@ def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None =
         target_step=None if hit is None else hit["step"], target_time_s=None if hit is None else hit["wall_time_s"],
         target_samples=None if hit is None else hit["samples_seen"],
         final_relative_gap=gap / optimal if gap is not None and optimal else None,
+        worst_worker_ratio=summary.get("worst_worker_ratio"),
     )
     if "gradient_noise_scale" in summary:
         from sgd_dist.core.noise_scale import at_relative_gap
@@ -395,7 +397,8 @@ def read_results(path: str | Path) -> list[dict]:
     """results.csv's rows, numbers as numbers and empty cells as None (grid values stay text)."""
     numeric_int = {"repeat", "num_workers", "n_features", "global_batch", "steps", "target_step", "target_samples"}
     numeric = {"samples_per_s", "median_step_ms", "train_time_s", "optimal_loss", "target_time_s",
-               "final_relative_gap", "speedup", "efficiency", "gradient_noise_scale", *PREDICTION_COLUMNS[:-1]}
+               "final_relative_gap", "speedup", "efficiency", "gradient_noise_scale", "worst_worker_ratio",
+               *PREDICTION_COLUMNS[:-1]}
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
@@ -453,10 +456,13 @@ def _differences(a: dict, b: dict) -> list[str]:
     return [key for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
-def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None) -> SweepResult:
+def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None,
+              progress: bool | None = None) -> SweepResult:
     """Run every run not finished under ``out`` one at a time, rewriting results.csv after each.
 
     Ray is initialised once for the whole sweep (or the process's existing Ray is used and left running).
+    ``progress``: a bar over the runs (ETA, the last run's samples/s and gap) and each run's own; None shows
+    them on a terminal or in a notebook only.
     """
     from sgd_dist.backends.capacity import check_this_machine
     from sgd_dist.run.rundir import SUMMARY_FILE, read_summary, write_text_atomic
@@ -473,6 +479,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
     rows: list[dict] = []
     ran = kept = failed = 0
     started = _start_ray(sweep)
+    bar = progress_bar(len(sweep.runs), "run", "sweep", enabled=progress)
     try:
         for plan in sweep.runs:
             run_dir = out / RUNS_DIR / plan.name
@@ -484,14 +491,15 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None)
             else:
                 if run_dir.exists():  # half-written (killed) or failed: clear it and run again
                     shutil.rmtree(run_dir)
-                error = _run_one(plan, run_dir)
+                error = _run_one(plan, run_dir, progress)
                 ran += 1
             row = run_row(plan, run_dir, experiment.target_gap, error)
             failed += row["status"] == "failed"
             rows.append(row)
             write_results(out / RESULTS_FILE, experiment, add_speedups(rows, list(experiment.grid)))
-            print(f"{head}: {_describe(row, kept_before=done)}", file=stderr, flush=True)
+            _note(bar, stderr, f"{head}: {_describe(row, kept_before=done)}", row)
     finally:
+        bar.close()
         if started:
             import ray
 
@@ -540,13 +548,13 @@ def _start_ray(sweep: Sweep) -> bool:
     return init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, cpus))
 
 
-def _run_one(plan: RunPlan, run_dir: Path) -> str | None:
+def _run_one(plan: RunPlan, run_dir: Path, progress: bool | None = False) -> str | None:
     """Train one run into run_dir; the error in one line if it failed (KeyboardInterrupt stops the sweep)."""
     from sgd_dist.run.trainer import one_line, train
 
     config = plan.config.model_copy(update={"output": plan.config.output.model_copy(update={"dir": str(run_dir)})})
     try:
-        train(config, console=False, progress=False)
+        train(config, console=False, progress=progress)
     except Exception as exc:
         return one_line(exc)
     return None
@@ -555,6 +563,18 @@ def _run_one(plan: RunPlan, run_dir: Path) -> str | None:
 def _finished(summary: dict) -> bool:
     """Completed, or diverged (the same config would diverge again): kept on resume."""
     return summary.get("status") == "completed" or str(summary.get("error", "")).startswith(DIVERGED)
+
+
+def _note(bar, stderr, line: str, row: dict) -> None:
+    """A run's line above the sweep's bar, and the bar one run on with the run's samples/s and final gap."""
+    bar.write(line, file=stderr)
+    stderr.flush()
+    if row["status"] != "completed":
+        bar.set_postfix_str(f"last run {row['status']}", refresh=False)
+    else:
+        gap = f", gap {row['final_relative_gap']:.1e}" if row["final_relative_gap"] is not None else ""
+        bar.set_postfix_str(f"last run {row['samples_per_s']:,.0f} samples/s{gap}", refresh=False)
+    bar.update(1)
 
 
 def _describe(row: dict, kept_before: bool) -> str:

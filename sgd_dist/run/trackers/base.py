@@ -72,6 +72,11 @@ class Tracker(ABC):
     def fault(self, entry: dict) -> None:
         """A fault record, as faults.jsonl holds it (``fault``, ``step`` and the kind's own fields)."""
 
+    def schedule(self, lines: list[dict]) -> None:
+        """schedule.jsonl's lines for the same rows (each update's applied [worker, step, version] answers and
+        their times, ``answer_s``); the per-worker views use them, the others need not."""
+        return None  # optional, unlike the rest: a tracker of the rows alone leaves it
+
     @abstractmethod
     def rewind(self, step: int) -> None:
         """The rows after ``step`` are dropped and will come again; metrics.jsonl keeps the row at ``step``."""
