@@ -269,6 +269,8 @@ class TrainConfig(_Section):
     """Print one console line every this many steps (and at the last); 0: none."""
     seed: int = Field(0, ge=0)
     """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
+    sampling: Literal["shuffle", "blocks"] = "shuffle"
+    """How a worker draws its mini-batches from its shard, each keyed by (seed, worker, local epoch). shuffle: the next batch_size rows of a fresh permutation of the shard each epoch, gathered into a kept buffer; blocks: the shard's contiguous batch_size-row blocks in an order permuted each epoch, read in place (no gather: cheaper on wide rows, but the same rows share a batch every epoch). Ignored with batch_size=full."""
     checkpoint_every: Count = Field(1000, ge=0)
     """Checkpoint the server (weights, optimizer, policy, answers in flight) every this many steps into RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it. 0: none (a lost server then restarts from step 0). The default, 1000, makes a long run resumable for a few milliseconds per checkpoint, and leaves short runs (and the tests' tiny ones) without any."""
     gradient_noise_scale: tuple[Annotated[float, Field(gt=0)], ...] = ()

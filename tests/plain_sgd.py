@@ -13,7 +13,7 @@ scaling), weight decay as w <- w - lr (g + wd w), and three ways of combining th
   staleness max(1, u - 1 - version).
 
 Only the inputs are shared with the code under test: the data (``sgd_dist.core.data.generate``) and the mini-batch
-order (the sampler), both tested against their own definitions in test_data.py.
+order (the train.sampling sampler's indices), both tested against their own definitions in test_data.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from sgd_dist.config import Config, OptimConfig
-from sgd_dist.core.data import MiniBatchSampler, generate
+from sgd_dist.core.data import generate, make_sampler
 
 
 def expected_lr(optim: OptimConfig, t: int, total_steps: int, global_batch: int) -> float:
@@ -67,7 +67,8 @@ class _Shards:
         self.data = [generate(config.data, starts[r], starts[r + 1]) for r in range(k)]
         batch = config.train.batch_size
         sizes = [batch] * k if isinstance(batch, (int, str)) else list(batch)
-        self.samplers = [None if size == "full" else MiniBatchSampler(config.train.seed, r, starts[r + 1] - starts[r], size)
+        self.samplers = [None if size == "full" else
+                         make_sampler(config.train.sampling, config.train.seed, r, starts[r + 1] - starts[r], size)
                          for r, size in enumerate(sizes)]
         self.rows = [len(self.data[r][1]) if size == "full" else size for r, size in enumerate(sizes)]
 

@@ -1,12 +1,14 @@
-"""Synthetic data: the seed's generator, shard identity, the sampler. No Ray."""
+"""Synthetic data: the seed's generator, shard identity, the samplers and the batches they take. No Ray."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_config
 
-from sgd_dist.core.data import BLOCK_ROWS, MiniBatchSampler, batch_indices, generate, shard_bounds, true_weights
+from sgd_dist.core.data import (BLOCK_ROWS, Batches, BlockSampler, MiniBatchSampler, batch_indices, generate,
+                                make_sampler, shard_bounds, true_weights)
 from sgd_dist.core.objectives import mse
 
 
@@ -100,3 +102,98 @@ def test_batch_is_a_pure_function_of_seed_rank_step():
 def test_rows_outside_the_dataset_are_refused():
     with pytest.raises(ValueError, match=r"rows \[0, 600\) are outside the dataset \[0, 512\)"):
         generate(make_config().data, 0, 600)
+
+
+def keyed(*keys: int) -> torch.Generator:
+    """A torch generator seeded from numpy's SeedSequence of the keys: the samplers' key, written out."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0]))
+
+
+SHUFFLE_STREAM, BLOCKS_STREAM = 2, 3  # the batch streams' keys after the user seed
+
+
+def test_shuffle_takes_the_next_rows_of_its_epochs_permutation():
+    rows, batch, seed, rank = 103, 10, 3, 1
+    sampler = make_sampler("shuffle", seed, rank, rows, batch)
+    for step in [0, 9, 10, 25, 3]:
+        epoch, position = divmod(step, 10)
+        perm = torch.randperm(rows, generator=keyed(seed, SHUFFLE_STREAM, rank, epoch))
+        assert torch.equal(sampler.indices(step), perm[position * batch : (position + 1) * batch])
+
+
+def test_blocks_is_its_definition():
+    """Epoch e: the batches [o + jB, o + (j + 1)B) in the order of randperm(n // B), then o uniform on 0..n mod B,
+    both from the generator keyed by (seed, rank, e)."""
+    rows, batch, seed, rank = 103, 10, 3, 1
+    sampler = make_sampler("blocks", seed, rank, rows, batch)
+    for step in [0, 9, 10, 25, 3, 41]:
+        epoch, position = divmod(step, 10)
+        g = keyed(seed, BLOCKS_STREAM, rank, epoch)
+        order = torch.randperm(10, generator=g)
+        offset = int(torch.randint(4, (), generator=g))
+        lo = offset + int(order[position]) * batch
+        assert torch.equal(sampler.indices(step), torch.arange(lo, lo + batch))
+
+
+def test_blocks_visits_every_row_once_per_epoch_in_contiguous_batches():
+    rows, batch = 120, 8  # 15 batches, no row left over
+    sampler = BlockSampler(seed=3, rank=1, shard_rows=rows, batch_size=batch)
+    orders = []
+    for epoch in range(4):
+        starts = [sampler.start(epoch * 15 + i) for i in range(15)]
+        assert sorted(starts) == list(range(0, rows, batch))  # contiguous batches tiling the shard
+        seen = torch.cat([sampler.indices(epoch * 15 + i) for i in range(15)])
+        assert sorted(seen.tolist()) == list(range(rows))  # every row once
+        orders.append(starts)
+    assert len({tuple(o) for o in orders}) == 4  # a new order each epoch
+
+
+def test_blocks_with_rows_left_over_moves_its_window():
+    rows, batch = 103, 10  # 10 batches, 3 rows outside the epoch's window
+    sampler = BlockSampler(seed=3, rank=1, shard_rows=rows, batch_size=batch)
+    offsets = set()
+    for epoch in range(12):
+        starts = sorted(sampler.start(epoch * 10 + i) for i in range(10))
+        offsets.add(starts[0])
+        assert starts == list(range(starts[0], starts[0] + 100, batch)) and starts[-1] + batch <= rows
+    assert offsets == {0, 1, 2, 3}  # over epochs every row is visited
+
+
+def test_blocks_is_keyed_by_seed_worker_and_epoch():
+    def order(seed, rank, epoch):
+        sampler = BlockSampler(seed, rank, 400, 10)
+        return [sampler.start(epoch * 40 + i) for i in range(40)]
+
+    assert order(3, 1, 2) == order(3, 1, 2)  # two samplers, one key: the same batches
+    assert order(3, 1, 2) != order(3, 0, 2) and order(3, 1, 2) != order(4, 1, 2) and order(3, 1, 2) != order(3, 1, 3)
+    revisit = BlockSampler(3, 1, 400, 10)
+    assert [revisit.start(s) for s in [85, 5, 85]] == [order(3, 1, 2)[5], order(3, 1, 0)[5], order(3, 1, 2)[5]]
+
+
+def test_an_unknown_sampling_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"^train\.sampling must be one of shuffle, blocks, got 'random'$"):
+        make_sampler("random", 0, 0, 100, 10)
+
+
+def test_shuffled_batches_are_gathered_into_the_same_buffers_every_step():
+    X, y = generate(make_config("data.n_samples=300").data)
+    batches = Batches(X, y, MiniBatchSampler(3, 0, 300, 32))
+    pointers = set()
+    for step in [0, 4, 9, 12]:
+        idx = MiniBatchSampler(3, 0, 300, 32).indices(step)
+        xb, yb = batches(step)
+        assert torch.equal(xb, X[idx]) and torch.equal(yb, y[idx])
+        pointers.add((xb.data_ptr(), yb.data_ptr()))
+    assert len(pointers) == 1  # no new tensor per step
+
+
+def test_block_batches_are_views_of_the_shard():
+    X, y = generate(make_config("data.n_samples=300").data)
+    batches = Batches(X, y, BlockSampler(3, 0, 300, 32))
+    for step in [0, 4, 9, 12]:
+        lo = BlockSampler(3, 0, 300, 32).start(step)
+        xb, yb = batches(step)
+        assert torch.equal(xb, X[lo : lo + 32]) and torch.equal(yb, y[lo : lo + 32])
+        assert xb.data_ptr() == X[lo].data_ptr() and yb.data_ptr() == y[lo:].data_ptr()  # no copy
+    whole = Batches(X, y, None)(7)
+    assert whole[0] is X and whole[1] is y

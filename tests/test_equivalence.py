@@ -51,8 +51,9 @@ def test_ray_equals_serial(ray_session, tmp_path, num_workers, transport):
         ("data.kind=logistic", "optim.schedule=step", "optim.step_size=7", "optim.lr_scaling=linear",
          "optim.base_batch_size=16", "data.x_dist=normal"),
         ("data.n_samples=515", "cluster.num_workers=3", "train.batch_size=full", "data.dtype=float64"),
+        ("train.sampling=blocks", "train.batch_size=24", "train.steps=25", "data.kind=logistic"),  # 10 batches
     ],
-    ids=["momentum-cosine-wd", "logistic-step-scaled", "uneven-full-batch-f64"],
+    ids=["momentum-cosine-wd", "logistic-step-scaled", "uneven-full-batch-f64", "blocks"],
 )
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_ray_equals_serial_across_options(ray_session, tmp_path, overrides, transport):

@@ -83,7 +83,7 @@ def test_local_sgd_with_one_local_step_is_sync_to_round_off(ray_session, tmp_pat
 def test_local_sgd_matches_plain_local_sgd_at_every_round(ray_session, tmp_path, backend, dtype, rtol):
     """H = 3 local steps a round with a warm-up and cosine over the local steps, weight decay in each local step
     and uneven batches (the models averaged by rows), against plain local SGD. Not bit-equal: the run's gradient
-    is autograd's of the mean squared error, the reference's the closed form, rounded in another order; in
+    is autograd's of the mean squared error (written out), the reference's the closed form in float64; in
     float64 they agree to ~1e-15, in float32 to ~4e-7."""
     summary, rows = run(tmp_path, "l", f"cluster.backend={backend}", "train.mode=local_sgd", "train.local_steps=3",
                         "optim.schedule=cosine", "optim.warmup_steps=4", "optim.weight_decay=0.05",
@@ -105,6 +105,16 @@ def test_an_asynchronous_run_replays_bit_for_bit(ray_session, tmp_path, workers,
     report = replay(tmp_path / "run", tmp_path / "replayed")
     assert report.exact, report
     assert report.losses_compared == 150 + 5 and report.updates == 150
+
+
+def test_an_asynchronous_blocks_run_replays_bit_for_bit(ray_session, tmp_path):
+    summary, _ = run(tmp_path, "run", "train.mode=async", "train.sampling=blocks", "train.batch_size=[8, 24]",
+                     "data.n_samples=1000", "train.steps=120", "train.eval_every=40")
+    assert summary["status"] == "completed"
+    assert load_config(tmp_path / "run" / "config.yaml").train.sampling == "blocks"
+    report = replay(tmp_path / "run", tmp_path / "replayed")
+    assert report.exact, report
+    assert report.losses_compared == 120 + 4 and report.updates == 120
 
 
 def test_a_changed_schedule_is_caught_by_the_replay(ray_session, tmp_path, capsys):

@@ -40,6 +40,65 @@ def test_weighted_mean_of_shard_gradients_is_the_big_batch_gradient(kind):
     torch.testing.assert_close(obj.weighted_mean([g for _, g in parts], counts), full, rtol=1e-12, atol=1e-14)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def batch_of(kind: str, rows: int, dtype: str, features: int = 40):
+    X, y = generate(make_config(f"data.kind={kind}", f"data.n_samples={rows}", f"data.n_features={features}",
+                                f"data.dtype={dtype}", "cluster.num_workers=1", "train.batch_size=full").data)
+    w = torch.randn(X.shape[1], generator=torch.Generator().manual_seed(rows), dtype=X.dtype)
+    return w, X, y
+
+
+def assert_written_out_equals_autograd(kind: str, w, X, y) -> None:
+    loss, grad = obj.loss_and_grad(kind, w, X, y)  # autograd, the seed's way
+    fast_loss, fast_grad = obj.fast_loss_and_grad(kind, w, X, y)
+    assert fast_loss == loss
+    assert torch.equal(fast_grad, grad), (fast_grad - grad).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows", [1, 16, 100, 333, 4096])  # 100 and 333: 1 / B is not exact in binary
+def test_the_written_out_gradient_equals_autograd_bit_for_bit(kind, dtype, rows):
+    w, X, y = batch_of(kind, rows, dtype)
+    previous = torch.get_num_threads()
+    try:
+        for threads in sorted({1, previous}):
+            torch.set_num_threads(threads)
+            assert_written_out_equals_autograd(kind, w, X, y)
+            assert_written_out_equals_autograd(kind, w, X[rows // 4 :], y[rows // 4 :])  # a view: a block batch
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+@pytest.mark.parametrize("rows", [16, 333, 4096])
+def test_the_written_out_gradient_equals_autograd_bit_for_bit_on_cuda(kind, rows):
+    w, X, y = batch_of(kind, rows, "float32", features=1000)
+    assert_written_out_equals_autograd(kind, w.cuda(), X.cuda(), y.cuda())
+
+
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+def test_full_data_passes_with_kept_chunks_equal_fresh_float64_copies(kind):
+    X, y = generate(make_config(f"data.kind={kind}", "data.n_samples=1001").data)  # float32 rows
+    w = torch.tensor([1.0, -2.0, 0.5, 0.1])
+    chunks = obj.Float64Chunks()
+    fresh = [X[lo : lo + 300].double() for lo in range(0, 1001, 300)]
+    expected = sum(float(((xc @ w.double() - y[lo : lo + 300].double()) ** 2).sum()) if kind == "linear" else
+                   float(torch.nn.functional.binary_cross_entropy_with_logits(
+                       xc @ w.double(), y[lo : lo + 300].double(), reduction="sum"))
+                   for lo, xc in zip(range(0, 1001, 300), fresh))
+    for _ in range(2):  # the second pass reuses the first one's buffers
+        assert obj.loss_sum(kind, w, X, y, chunk_rows=300, chunks=chunks) == pytest.approx(expected, rel=1e-14)
+    assert obj.loss_sum(kind, w, X, y, chunk_rows=300, chunks=chunks) == obj.loss_sum(kind, w, X, y, chunk_rows=300)
+    first = [xc.data_ptr() for xc, _ in chunks(X, y, 300)]
+    assert len(set(first)) == 1 and [xc.data_ptr() for xc, _ in chunks(X, y, 300)] == first  # kept, not remade
+    stats, again = obj.linear_stats(X, y, 300, chunks), obj.linear_stats(X, y, 300)
+    assert torch.equal(stats.xtx, again.xtx) and torch.equal(stats.xty, again.xty) and stats.yty == again.yty
+
+
 def test_least_squares_from_summed_shard_statistics_equals_lstsq_on_all_rows():
     X, y = data(n=5000, **{"data.noise": "normal"})
     stats = [obj.linear_stats(X[a:b], y[a:b], chunk_rows=700) for a, b in shard_bounds(5000, 4)]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_config
 
 from sgd_dist.backends.base import server_args, worker_args
 from sgd_dist.core.data import generate
 from sgd_dist.core.objectives import loss_and_grad
+from sgd_dist.core.optim import learning_rate, sgd_update_
 from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import GradientResult, ShardWorker
 
@@ -24,6 +26,39 @@ def test_worker_holds_its_rows_and_takes_the_sampled_batch():
     loss, grad = loss_and_grad("linear", w, worker.X[idx], worker.y[idx])
     assert result.count == 16 and result.loss == loss and torch.equal(result.grad, grad)
     assert worker.info()["rows"] == [256, 512]
+
+
+def test_a_blocks_worker_takes_a_contiguous_batch_in_place():
+    config = make_config("train.sampling=blocks", "train.batch_size=24")
+    worker = ShardWorker(**worker_args(config)[1])
+    w = torch.tensor([0.5, -0.5, 1.0, 0.0])
+    for step in [0, 7, 13]:  # 10 batches of 24 per epoch in the 256-row shard
+        lo = worker.sampler.start(step)
+        X, y = worker.batch(step)
+        assert X.data_ptr() == worker.X[lo].data_ptr() and X.shape[0] == 24  # a view, no copy
+        loss, grad = loss_and_grad("linear", w, worker.X[lo : lo + 24], worker.y[lo : lo + 24])
+        result = worker.gradient(w, step)
+        assert result.loss == loss and torch.equal(result.grad, grad)
+
+
+@pytest.mark.parametrize("sampling", ["shuffle", "blocks"])
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+def test_local_steps_equal_autograd_sgd_on_the_sampled_batches(sampling, kind):
+    """Local SGD's inner steps on the written-out gradient, against the same steps by autograd, bit for bit."""
+    config = make_config(f"data.kind={kind}", f"train.sampling={sampling}", "train.mode=local_sgd",
+                         "train.local_steps=4", "optim.weight_decay=0.05", "optim.schedule=cosine")
+    args = worker_args(config)[0]
+    worker = ShardWorker(**args)
+    w0 = torch.tensor([0.5, -0.5, 1.0, 0.1])
+    delta, loss, rows = worker.local_steps(w0, 8, 4)
+    w, losses = w0.clone(), []
+    for t in range(8, 12):
+        idx = worker.sampler.indices(t)
+        batch_loss, grad = loss_and_grad(kind, w, worker.X[idx], worker.y[idx])
+        lr = learning_rate(config.optim, t, args["total_steps"], args["global_batch_size"])
+        sgd_update_(w, grad, {}, lr=lr, weight_decay=0.05)
+        losses.append(batch_loss)
+    assert rows == 64 and loss == sum(x * 16 for x in losses) / 64 and torch.equal(delta, w0 - w)
 
 
 def test_full_batch_worker_uses_the_whole_shard():

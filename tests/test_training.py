@@ -80,6 +80,13 @@ def test_lesson2_matches_plain_sgd_at_every_step(ray_session, tmp_path, backend)
     assert w_star.tolist() == pytest.approx([3.0, 2.5], abs=0.1)
 
 
+def test_a_blocks_run_matches_plain_sgd_on_its_contiguous_batches(tmp_path):
+    config = make_config("cluster.backend=serial", "train.sampling=blocks", "train.batch_size=24", "train.steps=30",
+                         "data.n_samples=515", "cluster.num_workers=3", f"output.dir={tmp_path / 'b'}")
+    result = train(config, console=False, progress=False)
+    assert_matches_plain_sgd(config, read_metrics(result.run_dir), result.summary)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

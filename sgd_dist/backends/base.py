@@ -122,7 +122,7 @@ def worker_args(config: Config) -> list[dict]:
         dict(data=config.data, rank=rank, start=start, stop=stop, batch_size=size, seed=config.train.seed,
              optim=config.optim, total_steps=config.train.steps * config.train.local_steps,
              global_batch_size=config.global_batch_size(), stragglers=config.stragglers,
-             network=config.cluster.network,
+             network=config.cluster.network, sampling=config.train.sampling,
              delays={f.step: f.seconds for f in config.faults if f.kind == "delay" and f.worker == rank})
         for rank, ((start, stop), size) in enumerate(zip(bounds, config.worker_batch_sizes()))
     ]

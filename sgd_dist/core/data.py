@@ -1,10 +1,14 @@
-"""Seeded synthetic data, generated shard by shard where it lives, and the mini-batch sampler. No Ray.
+"""Seeded synthetic data, generated shard by shard where it lives, and the mini-batch samplers. No Ray.
 
 The dataset is cut into fixed blocks of ``block_rows(cfg)`` rows (BLOCK_ROWS, or fewer for wide rows so that a
 block stays within BLOCK_BYTES); block b is drawn from a generator seeded by (data seed, b) and always in
 full, so any row's values depend only on the config and its index. A shard
 [start, stop) generates just the blocks it overlaps: the shards laid end to end are bit-identical to the
 dataset generated in one piece, and a lost shard can be regenerated exactly.
+
+A worker's mini-batches come from one of SAMPLINGS, each keyed by (seed, worker, local epoch): ``shuffle`` takes
+the next rows of a fresh permutation of the shard, gathered into buffers the worker keeps; ``blocks`` takes the
+shard's contiguous batches in a permuted order, as views (the rows are i.i.d. by construction).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ BLOCK_BYTES = 64 << 20  # the generation buffer beside the shard: 1,024 rows x 1
 _STREAM_DATA = 0
 _STREAM_WEIGHTS = 1
 _STREAM_BATCHES = 2
+_STREAM_BLOCKS = 3
+
+SAMPLINGS = ("shuffle", "blocks")
 
 
 def derive_seed(*keys: int) -> int:
@@ -143,3 +150,63 @@ class MiniBatchSampler:
             g = generator(self.seed, _STREAM_BATCHES, self.rank, epoch)
             self._perm, self._epoch = torch.randperm(self.shard_rows, generator=g), epoch
         return self._perm[position * self.batch_size : (position + 1) * self.batch_size]
+
+
+class BlockSampler:
+    """Contiguous batches: local epoch e visits the shard's batches [o + jB, o + (j + 1)B), j < n // B, in the order
+    of a permutation of j drawn from a generator seeded by (seed, rank, e); o is drawn from the same generator,
+    uniform on 0..n mod B, so the rows a partial batch would hold are not the same ones left out every epoch."""
+
+    def __init__(self, seed: int, rank: int, shard_rows: int, batch_size: int) -> None:
+        if not 1 <= batch_size <= shard_rows:
+            raise ValueError(f"batch size {batch_size} must be between 1 and the shard's {shard_rows} rows")
+        self.seed, self.rank, self.shard_rows, self.batch_size = seed, rank, shard_rows, batch_size
+        self.per_epoch = batches_per_epoch(shard_rows, batch_size)
+        self._epoch: int | None = None
+        self._order: list[int] = []
+        self._offset = 0
+
+    def start(self, step: int) -> int:
+        """The first row of local step ``step``'s batch; it holds rows [start, start + batch_size)."""
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = generator(self.seed, _STREAM_BLOCKS, self.rank, epoch)
+            self._order = torch.randperm(self.per_epoch, generator=g).tolist()
+            spare = self.shard_rows - self.per_epoch * self.batch_size
+            self._offset, self._epoch = int(torch.randint(spare + 1, (), generator=g)), epoch
+        return self._offset + self._order[position] * self.batch_size
+
+    def indices(self, step: int) -> torch.Tensor:
+        lo = self.start(step)
+        return torch.arange(lo, lo + self.batch_size)
+
+
+def make_sampler(sampling: str, seed: int, rank: int, shard_rows: int, batch_size: int) -> MiniBatchSampler | BlockSampler:
+    """The sampler that ``train.sampling`` names."""
+    if sampling == "shuffle":
+        return MiniBatchSampler(seed, rank, shard_rows, batch_size)
+    if sampling == "blocks":
+        return BlockSampler(seed, rank, shard_rows, batch_size)
+    raise ValueError(f"train.sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+
+
+class Batches:
+    """Each local step's rows of one shard (X, y): the whole shard without a sampler, a view of it under
+    ``blocks``, and under ``shuffle`` gathered into two buffers kept for the worker's life (a fresh tensor each
+    step costs more than the gradient on wide rows). A returned batch is valid until the next call."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, sampler: MiniBatchSampler | BlockSampler | None) -> None:
+        self.X, self.y, self.sampler = X, y, sampler
+        if isinstance(sampler, MiniBatchSampler):
+            self._xb = X.new_empty(sampler.batch_size, X.shape[1])
+            self._yb = y.new_empty(sampler.batch_size)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sampler = self.sampler
+        if sampler is None:
+            return self.X, self.y
+        if isinstance(sampler, BlockSampler):
+            lo = sampler.start(step)
+            return self.X[lo : lo + sampler.batch_size], self.y[lo : lo + sampler.batch_size]
+        idx = sampler.indices(step).to(self.X.device)
+        return (torch.index_select(self.X, 0, idx, out=self._xb), torch.index_select(self.y, 0, idx, out=self._yb))

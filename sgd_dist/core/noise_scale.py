@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sgd_dist.core.objectives import _chunks
+from sgd_dist.core.objectives import Float64Chunks, _chunks
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,17 @@ def residual(kind: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_moments(kind: str, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
-                     chunk_rows: int | None = None) -> GradientMoments:
-    """The per-example gradient moments of rows (X, y) at w, in float64, over row chunks (bounded memory)."""
+                     chunk_rows: int | None = None, chunks: Float64Chunks | None = None) -> GradientMoments:
+    """The per-example gradient moments of rows (X, y) at w, in float64, over row chunks (bounded memory;
+    ``chunks`` holds the float64 copies between calls)."""
     w = w.to(device=X.device, dtype=torch.float64)
     grad_sum = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     sq = torch.zeros((), dtype=torch.float64, device=X.device)
-    for xc, yc in _chunks(X, y, chunk_rows):
+    for xc, yc in _chunks(X, y, chunk_rows, chunks):
         r = residual(kind, xc @ w, yc)
         grad_sum += xc.T @ r
-        sq += (r * r) @ (xc * xc).sum(dim=1)
+        # |x_i|^2 as one dot product per row: no chunk-sized temporary x * x
+        sq += (r * r) @ torch.bmm(xc.unsqueeze(1), xc.unsqueeze(2)).view(-1)
     return GradientMoments(grad_sum.cpu(), sq.item(), X.shape[0])
 
 

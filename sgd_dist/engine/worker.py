@@ -1,7 +1,9 @@
 """A shard worker: holds rows [start, stop) of the dataset on its device and computes gradients there.
 
 A plain class: the Ray backend wraps it in ``ray.remote`` and the serial backend calls it directly, so
-both run the very same code. Each method is a few lines over the pure modules.
+both run the very same code. Each method is a few lines over the pure modules. A step allocates no batch:
+its rows are a view or are gathered into buffers the worker keeps, and the gradient is the objective's
+written-out formula (bit-equal to autograd's).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from sgd_dist.config import DataConfig, NetworkConfig, OptimConfig, StragglersConfig
 from sgd_dist.core import noise_scale, objectives
-from sgd_dist.core.data import MiniBatchSampler, generate
+from sgd_dist.core.data import Batches, generate, make_sampler
 from sgd_dist.core.optim import learning_rate, sgd_update_
 from sgd_dist.engine.delays import extra_delay_s, round_trip_delay_s
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command
@@ -51,6 +53,7 @@ class ShardWorker:
         stragglers: StragglersConfig | None = None,
         network: NetworkConfig | None = None,
         delays: dict[int, float] | None = None,
+        sampling: str = "shuffle",
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -63,18 +66,13 @@ class ShardWorker:
         self.kind = data.kind
         self.device = torch.device(device)
         self.X, self.y = generate(data, start, stop, device=self.device)
-        self.sampler = None if batch_size == "full" else MiniBatchSampler(seed, rank, stop - start, batch_size)
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows of local step ``step``: the whole shard for full batches, else the sampler's draw."""
-        if self.sampler is None:
-            return self.X, self.y
-        idx = self.sampler.indices(step).to(self.device)
-        return self.X[idx], self.y[idx]
+        self.sampler = None if batch_size == "full" else make_sampler(sampling, seed, rank, stop - start, batch_size)
+        self.batch = Batches(self.X, self.y, self.sampler)  # batch(step): that local step's rows
+        self.chunks = objectives.Float64Chunks()  # evaluation's and the moments' float64 copies
 
     def gradient(self, weights: torch.Tensor, step: int) -> GradientResult:
         X, y = self.batch(step)
-        loss, grad = objectives.loss_and_grad(self.kind, weights.to(self.device), X, y)
+        loss, grad = objectives.fast_loss_and_grad(self.kind, weights.to(self.device), X, y)
         return GradientResult(grad.cpu(), loss, X.shape[0], self.rank, step)
 
     def execute(self, command: Command, weights: torch.Tensor) -> Arrival:
@@ -109,7 +107,7 @@ class ShardWorker:
         loss_sum, rows = 0.0, 0
         for t in range(step, step + num_steps):
             X, y = self.batch(t)
-            loss, grad = objectives.loss_and_grad(self.kind, w, X, y)
+            loss, grad = objectives.fast_loss_and_grad(self.kind, w, X, y)
             lr = learning_rate(self.optim, t, self.total_steps, self.global_batch_size)
             sgd_update_(w, grad, {}, lr=lr, weight_decay=self.optim.weight_decay)
             loss_sum, rows = loss_sum + loss * X.shape[0], rows + X.shape[0]
@@ -117,17 +115,17 @@ class ShardWorker:
 
     def evaluate(self, weights: torch.Tensor) -> tuple[float, int]:
         """(sum of the per-row loss over the shard, rows), in float64."""
-        return objectives.loss_sum(self.kind, weights, self.X, self.y), self.X.shape[0]
+        return objectives.loss_sum(self.kind, weights, self.X, self.y, chunks=self.chunks), self.X.shape[0]
 
     def linear_stats(self) -> objectives.LinearStats:
-        return objectives.linear_stats(self.X, self.y)
+        return objectives.linear_stats(self.X, self.y, chunks=self.chunks)
 
     def newton_terms(self, weights: torch.Tensor) -> objectives.NewtonTerms:
-        return objectives.logistic_newton_terms(weights, self.X, self.y)
+        return objectives.logistic_newton_terms(weights, self.X, self.y, chunks=self.chunks)
 
     def gradient_moments(self, weights: torch.Tensor) -> noise_scale.GradientMoments:
         """The shard's per-example gradient moments at ``weights`` (for the gradient noise scale)."""
-        return noise_scale.gradient_moments(self.kind, weights, self.X, self.y)
+        return noise_scale.gradient_moments(self.kind, weights, self.X, self.y, chunks=self.chunks)
 
     def info(self) -> dict:
         return {
