@@ -220,9 +220,8 @@ def _train(args: argparse.Namespace) -> int:
     s = result.summary
     rel = s["relative_optimality_gap"]
     resumed = s.get("resumed_from")
-    clock = " of virtual time" if s.get("clock") == "virtual" else ""
-    print(f"done: {s['steps']} steps in {s['train_time_s']:.3g} s{clock} ({s['median_step_ms']:.3f} ms/step median, "
-          f"{s['samples_per_s']:,.0f} samples/s)"
+    print(f"done: {s['steps']} steps in {s['train_time_s']:.3g} s{' of virtual time' * (s.get('clock') == 'virtual')}"
+          f" ({s['median_step_ms']:.3f} ms/step median, {s['samples_per_s']:,.0f} samples/s)"
           + (f", {s['steps'] - resumed} of them after resuming from step {resumed}" if resumed is not None else "")
           + f"; wall {s['wall_time_s']:.1f} s")
     if s["optimality_gap"] is None:

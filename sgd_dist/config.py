@@ -248,6 +248,9 @@ class ClusterConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
+        speed = list(self.virtual.speed)
+        if any(r >= self.num_workers for r in speed):
+            raise ValueError(f"cluster.virtual.speed names worker {max(speed)}; workers are 0..{self.num_workers - 1}")
         nodes = self.simulated_nodes
         if nodes is None:
             return self
@@ -415,10 +418,6 @@ class Config(_Section):
         if cluster.backend != "ray" and cluster.address is not None:
             raise ValueError(f"cluster.address applies only to cluster.backend=ray (the {cluster.backend} backend uses "
                              "no cluster)")
-        speed = list(cluster.virtual.speed)
-        if any(r >= cluster.num_workers for r in speed):
-            raise ValueError(f"cluster.virtual.speed names worker {max(speed)}; workers are "
-                             f"0..{cluster.num_workers - 1}")
         try:
             make_policy(train.mode, cluster.num_workers, train.steps, staleness_bound=train.staleness_bound,
                         backup_workers=train.backup_workers, local_steps=train.local_steps)
