@@ -45,7 +45,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="go on with a killed run from its latest checkpoint, with its own config.yaml")
     p.add_argument("--out", help="run directory (new or empty); default runs/<config name>-<timestamp>")
-    p.add_argument("--backend", choices=["ray", "serial"], help="ray (default) or serial: the one-process reference")
+    p.add_argument("--backend", choices=["ray", "serial", "virtual"],
+                   help="ray (default), serial (the one-process reference) or virtual (a modelled cluster's clock)")
     p.add_argument("--address", help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a local one")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
@@ -219,8 +220,8 @@ def _train(args: argparse.Namespace) -> int:
     s = result.summary
     rel = s["relative_optimality_gap"]
     resumed = s.get("resumed_from")
-    print(f"done: {s['steps']} steps in {s['train_time_s']:.3g} s ({s['median_step_ms']:.3f} ms/step median, "
-          f"{s['samples_per_s']:,.0f} samples/s)"
+    print(f"done: {s['steps']} steps in {s['train_time_s']:.3g} s{' of virtual time' * (s.get('clock') == 'virtual')}"
+          f" ({s['median_step_ms']:.3f} ms/step median, {s['samples_per_s']:,.0f} samples/s)"
           + (f", {s['steps'] - resumed} of them after resuming from step {resumed}" if resumed is not None else "")
           + f"; wall {s['wall_time_s']:.1f} s")
     if s["optimality_gap"] is None:

@@ -183,9 +183,36 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+class VirtualConfig(_Section):
+    profile: str | None = None
+    """A TimeProfile JSON (as `sgd-dist calibrate` writes it) whose coefficients the virtual clock uses; null: the profile shipped in the package."""
+    workers_per_node: Count | None = Field(None, ge=1)
+    """Workers per node: the server is on node 0 with workers 0..m-1, whose messages skip the network; null: each worker on a node of its own."""
+    cores: Count | None = Field(None, ge=1)
+    """C cores shared equally by every computing process, the server included (processor sharing); null: a core each."""
+    speed: dict[int, float] = {}
+    """Worker index -> compute-time multiplier (mixed hardware: 2.0 computes half as fast); unlisted workers 1.0."""
+    speed_sigma: float = Field(0.0, ge=0)
+    """Each worker's compute time is also multiplied by exp(speed_sigma x N(0, 1)), drawn once per worker, keyed by (seed, worker); 0: off."""
+    worker_mtbf_s: float | None = Field(None, gt=0)
+    """Random worker failures: each worker fails after exponential times of this mean, in virtual seconds from its start (a replacement's from when it is up), keyed by (seed, worker, failure); null: none."""
+    server_mtbf_s: float | None = Field(None, gt=0)
+    """Random server failures: exponential times of this mean between failures, in virtual seconds, keyed by (seed, failure); each rolls the run back to the last checkpoint after the profile's restart_s; null: none."""
+    seed: int = Field(0, ge=0)
+    """Seeds speed_sigma and the random failures."""
+
+    @field_validator("speed")
+    @classmethod
+    def _factors(cls, value: dict[int, float]) -> dict[int, float]:
+        for worker, factor in value.items():
+            if worker < 0 or not (factor > 0 and factor != float("inf")):
+                raise ValueError(f"needs worker index >= 0 -> factor > 0 (got {worker}: {factor})")
+        return value
+
+
 class ClusterConfig(_Section):
-    backend: Literal["ray", "serial"] = "ray"
-    """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference)."""
+    backend: Literal["ray", "serial", "virtual"] = "ray"
+    """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference); virtual: the same math in this one process on a modelled cluster's clock (cluster.virtual)."""
     address: str | None = None
     """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1 (or uses the one this process is connected to)."""
     num_workers: Count = Field(2, ge=1)
@@ -204,6 +231,8 @@ class ClusterConfig(_Section):
     """Start a Ray cluster of this many nodes on this machine (Ray's cluster_utils.Cluster, on 127.0.0.1) and put worker r on node r mod N (the server on node 0, the head); null: off. Needs backend=ray and address null."""
     network: NetworkConfig = NetworkConfig()
     """A simulated network between the server and each worker: every message is delayed, wall time only."""
+    virtual: VirtualConfig = VirtualConfig()
+    """backend=virtual: the modelled cluster (time profile, nodes, cores, speeds, random failures)."""
 
     @field_validator("address")
     @classmethod
@@ -219,6 +248,9 @@ class ClusterConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
+        speed = list(self.virtual.speed)
+        if any(r >= self.num_workers for r in speed):
+            raise ValueError(f"cluster.virtual.speed names worker {max(speed)}; workers are 0..{self.num_workers - 1}")
         nodes = self.simulated_nodes
         if nodes is None:
             return self
@@ -419,8 +451,9 @@ class Config(_Section):
                 f"train.batch_size={train.batch_size} is larger than the smallest shard ({smallest_shard} rows "
                 f"= data.n_samples/cluster.num_workers); use at most {smallest_shard} or 'full'"
             )
-        if cluster.backend == "serial" and cluster.address is not None:
-            raise ValueError("cluster.address applies only to cluster.backend=ray (the serial backend uses no cluster)")
+        if cluster.backend != "ray" and cluster.address is not None:
+            raise ValueError(f"cluster.address applies only to cluster.backend=ray (the {cluster.backend} backend uses "
+                             "no cluster)")
         try:
             make_policy(train.mode, cluster.num_workers, train.steps, staleness_bound=train.staleness_bound,
                         backup_workers=train.backup_workers, local_steps=train.local_steps)
@@ -448,8 +481,9 @@ class Config(_Section):
                 raise ValueError(f"{where}: step {fault.step} is after the last step (train.steps={train.steps})")
             if fault.worker is not None and fault.worker >= cluster.num_workers:
                 raise ValueError(f"{where}: worker {fault.worker}; workers are 0..{cluster.num_workers - 1}")
-            if fault.kind != "delay" and cluster.backend != "ray":
-                raise ValueError(f"{where}: kills need cluster.backend=ray (the serial backend is one process)")
+            if fault.kind in ("kill_worker", "kill_server") and cluster.backend == "serial":
+                raise ValueError(f"{where}: kills need cluster.backend=ray or virtual (the serial backend is one "
+                                 "process)")
             if fault.kind == "remove_node":
                 nodes = cluster.simulated_nodes
                 if not nodes or nodes < 2:

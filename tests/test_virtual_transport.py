@@ -268,11 +268,24 @@ def test_a_lost_worker_stops_computing_when_it_dies():
     assert end.receive(timeout=10.0) is None
 
 
+def test_a_worker_lost_while_idle_is_noticed_when_it_is_next_sent_a_command():
+    end = started(2, profile(grad_s=0.25, replacement_s=1.0))
+    end.send(0, gradient())
+    end.lose(1)  # idle: the server waits for nothing of it, so nothing shows the loss yet
+    assert end.receive().worker == 0 and end.now() == 0.25
+    end.send(1, gradient(1))
+    with pytest.raises(WorkerLost) as lost:
+        end.receive()
+    assert lost.value.worker == 1 and end.now() == 0.25
+
+
 def test_a_command_sent_to_a_dead_worker_is_lost_until_its_replacement_is_up():
     end = started(2, profile(grad_s=0.25, replacement_s=1.0))
+    end.send(1, gradient())
     end.lose(1)
     with pytest.raises(WorkerLost):
         end.receive()
+    end.forget(1)
     end.send(1, gradient())
     assert end.receive(timeout=10.0) is None and end.now() == 10.0
     ready = end.start_replacement(1)

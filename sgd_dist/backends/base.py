@@ -114,6 +114,11 @@ class Backend(ABC):
     def final_weights(self) -> torch.Tensor:
         """The server's weights after the run."""
 
+    def clock_summary(self) -> dict:
+        """What the run's times are measured on, for the summary: this machine's clock (a modelled one says so,
+        with its model)."""
+        return {"clock": "wall"}
+
 
 def worker_args(config: Config) -> list[dict]:
     """Constructor arguments of each shard worker (the device and threads are the backend's to add)."""

@@ -54,7 +54,10 @@ class ShardWorker:
         network: NetworkConfig | None = None,
         delays: dict[int, float] | None = None,
         sampling: str = "shuffle",
+        shard: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """``shard``: rows [start, stop) as (X, y) on ``device``, already generated (a slice of the whole dataset,
+        the same values); None generates them here."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         # local SGD's own steps follow the run's learning-rate schedule over every local step
@@ -65,7 +68,7 @@ class ShardWorker:
         self.rank, self.start, self.stop = rank, start, stop
         self.kind = data.kind
         self.device = torch.device(device)
-        self.X, self.y = generate(data, start, stop, device=self.device)
+        self.X, self.y = generate(data, start, stop, device=self.device) if shard is None else shard
         self.sampler = None if batch_size == "full" else make_sampler(sampling, seed, rank, stop - start, batch_size)
         self.batch = Batches(self.X, self.y, self.sampler)  # batch(step): that local step's rows
         self.chunks = objectives.Float64Chunks()  # evaluation's and the moments' float64 copies

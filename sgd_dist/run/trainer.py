@@ -445,6 +445,7 @@ def _summary(config: Config, backend: Backend, reference: Reference, recorder: R
         **_mode_summary(config, backend.loop_stats),
         "device": backend.device,
         "ray_address": backend.address,
+        **backend.clock_summary(),
         "wall_time_s": wall,
         "setup_time_s": t_setup,
         "reference_time_s": t_reference,

@@ -23,7 +23,8 @@ that ``receive`` pulls in time order (simpy, the obvious alternative, pushes and
 
 What the model leaves out: queueing on the other nodes' own links (only the server's link is shared), latency
 jitter and message headers, the server's cost of sending a command, contention for memory bandwidth and caches,
-and a lost worker's detection time (a loss is noticed when it happens).
+and a lost worker's detection time (a loss is noticed when it happens, an idle worker's when it is next
+sent a command).
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class VirtualServerEnd(ServerEnd):
         self._arrived: deque[tuple[float, _Job | WorkerLost]] = deque()  # at the server, in arrival order
         self._jobs: dict[int, _Job] = {}  # each worker's command in flight
         self._dead: set[int] = set()
+        self._unnoticed: dict[int, float] = {}  # worker -> when it died idle: noticed when it is next sent a command
 
     # -- the ServerEnd interface ------------------------------------------------------------------------------
     def now(self) -> float:
@@ -196,6 +198,9 @@ class VirtualServerEnd(ServerEnd):
 
     def send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
         assert weights is not None or command.version == self.version, (command, self.version)
+        if worker in self._unnoticed:  # it died idle: the command is lost with it, which is how the server notices
+            self._arrived.append((self.t, _notice(worker, self._unnoticed.pop(worker))))
+            return
         weights = self.weights if weights is None else weights
         answer = self.workers[worker].execute(command, weights)
         sent_bytes, answer_bytes = self.message_bytes(weights.numel(), weights.element_size(), command.kind)
@@ -233,8 +238,9 @@ class VirtualServerEnd(ServerEnd):
 
     # -- faults -------------------------------------------------------------------------------------------------
     def lose(self, worker: int, at_s: float | None = None) -> None:
-        """Worker ``worker`` dies at virtual time ``at_s`` (None: now): what it had not answered yet is lost, and
-        the server notices at once (``receive`` raises WorkerLost in its turn among the arrivals)."""
+        """Worker ``worker`` dies at virtual time ``at_s`` (None: now): what it had not answered yet is lost. The
+        server notices at once if it was waiting for the worker (``receive`` raises WorkerLost in its turn among
+        the arrivals), else when it next sends it a command, as the real transports notice."""
         at_s = self.t if at_s is None else at_s
         if at_s < self.t:
             raise ValueError(f"a loss at {at_s} s is in the past (the clock is at {self.t} s)")
@@ -337,11 +343,16 @@ class VirtualServerEnd(ServerEnd):
             self._push(self._ingress.cross(at_s + self.latency_s, job.answer_bytes), _ARRIVE, job)
 
     def _lost(self, at_s: float, worker: int) -> None:
+        if worker in self._dead:  # dead already: its replacement is not up yet
+            return
         self._dead.add(worker)
         job = self._jobs.get(worker)
-        if job is not None and job.phase != _SENT:  # an answer already on the wire still arrives
+        if job is None:  # idle: nothing of it is awaited, so nothing shows the loss yet
+            self._unnoticed.setdefault(worker, at_s)
+            return
+        if job.phase != _SENT:  # an answer already on the wire still arrives
             self._kill(at_s, job)
-        self._arrived.append((at_s, WorkerLost(f"worker {worker} was lost at {at_s:.6g} s (virtual)", worker)))
+        self._arrived.append((at_s, _notice(worker, at_s)))
 
     def _kill(self, at_s: float, job: _Job) -> None:
         if job.killed:
@@ -349,6 +360,10 @@ class VirtualServerEnd(ServerEnd):
         if job.phase == _COMPUTING:
             self._cores.remove(at_s, job)
         job.killed = True
+
+
+def _notice(worker: int, at_s: float) -> WorkerLost:
+    return WorkerLost(f"worker {worker} was lost at {at_s:.6g} s (virtual)", worker)
 
 
 def _check_arguments(workers: Sequence, latency_s: float, bandwidth_bps: float | None, workers_per_node: int | None,
