@@ -44,7 +44,7 @@ def run_loop(config, end, policy=None, eval_at=None, hooks=None, restore=None):
 
 
 def numbers(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("wall_time_s", "answer_s")} for row in rows]
 
 
 def through_disk(state: dict) -> dict:

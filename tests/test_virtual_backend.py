@@ -20,7 +20,7 @@ from sgd_dist.backends import capacity
 from sgd_dist.backends.virtual import SHIPPED_PROFILE, VirtualBackend, load_profile
 from sgd_dist.config import ConfigError
 from sgd_dist.core.data import generate
-from sgd_dist.engine.server import RECOVERY_POLL_S
+from sgd_dist.engine.recovery import RECOVERY_POLL_S
 from sgd_dist.run.rundir import read_metrics
 from sgd_dist.run.trainer import train
 
