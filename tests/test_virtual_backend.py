@@ -85,7 +85,7 @@ def test_an_async_or_backup_virtual_run_replays_bit_for_bit_with_sgd_dist_replay
     schedule = (timed.run_dir / "schedule.jsonl").read_text()
     assert schedule != (serial.run_dir / "schedule.jsonl").read_text()  # the modelled timing changed the order
     proc = subprocess.run([SGD_DIST, "replay", str(timed.run_dir), "--out", str(tmp_path / "again")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["weights"] == timed.summary["weights"]
     assert numbers(tmp_path / "again") == numbers(timed.run_dir)
@@ -188,7 +188,7 @@ def test_a_killed_server_rolls_back_to_the_checkpoint_after_the_restart_time(tmp
         step_s = compute_s() + 3 * HANDLE_S  # a step between two others: compute, then three answers handled
         assert killed.summary["time_model"]["end_s"] == plain.summary["time_model"]["end_s"] + RESTART_S + 5 * step_s
     proc = subprocess.run([SGD_DIST, "replay", str(killed.run_dir), "--out", str(tmp_path / "again")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -267,7 +267,7 @@ def test_sgd_dist_train_runs_64_virtual_workers_end_to_end(tmp_path):
                                                 "mode": "async"}}))
     out = tmp_path / "run"
     proc = subprocess.run([SGD_DIST, "train", "--config", str(config), "--out", str(out), "cluster.backend=virtual",
-                           "cluster.num_workers=64"], capture_output=True, text=True, timeout=120)
+                           "cluster.num_workers=64"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "of virtual time" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
