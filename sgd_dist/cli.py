@@ -182,7 +182,9 @@ def _fail(code: int, message: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     from sgd_dist.backends.base import ClusterError
     from sgd_dist.run.checkpoint import CheckpointError
-    from sgd_dist.run.trainer import completed_summary, one_line, train  # torch and tqdm once the arguments are good
+    from sgd_dist.backends.base import one_line
+    from sgd_dist.run.summary import completed_summary, describe_fault, mode_line
+    from sgd_dist.run.trainer import train  # torch and tqdm once the arguments are good
 
     _check_out(args)
     if args.resume is not None:
@@ -229,10 +231,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"final loss {s['final_loss']:.6g}, optimum {s['optimal_loss']:.6g}, gap {s['optimality_gap']:.3e}"
               + (f" (relative {rel:.2e})" if rel is not None else ""))
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
-    print(_mode_line(s))
+    print(mode_line(s))
     if s.get("faults"):
-        from sgd_dist.run.trainer import describe_fault
-
         for entry in s["faults"]:
             print(f"fault: {describe_fault(entry)}")
     from sgd_dist.engine.delays import describe_stragglers as describe
@@ -252,20 +252,6 @@ def _interrupted(run_dir: Path | None) -> str:
     resume = (Path(run_dir) / CHECKPOINT_DIR / MANIFEST).is_file()
     return (f"interrupted; {run_dir} keeps the rows recorded so far"
             + (f" (sgd-dist train --resume {run_dir} goes on from its latest checkpoint)" if resume else ""))
-
-
-def _mode_line(s: dict) -> str:
-    """The mode, and what it measured: staleness for async and ssp, dropped answers for backup."""
-    line = f"mode {s['mode']}"
-    for key in ("staleness_bound", "backup_workers", "local_steps"):
-        if key in s:
-            line += f" ({key} {s[key]})"
-    stale = s.get("staleness") or {}
-    if s["mode"] in ("async", "ssp") and stale.get("max") is not None:
-        line += f"; staleness median {stale['median']:g}, max {stale['max']}, mean {stale['mean']:.2f}"
-    if s["mode"] == "backup":
-        line += f"; {s['num_dropped']} answers dropped (by worker: {s['dropped_per_worker']})"
-    return line + f"; transport {s['transport']}"
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -236,7 +236,7 @@ def test_traceback_prints_where_a_run_failed(tiny, tmp_path):
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "d"), "--traceback", *DIVERGES)
     assert proc.returncode == 1
     assert proc.stderr.startswith("Traceback (most recent call last):\n")
-    assert re.search(r'File ".*sgd_dist/run/trainer\.py", line \d+, in record\n', proc.stderr), proc.stderr
+    assert re.search(r'File ".*sgd_dist/run/recorder\.py", line \d+, in record\n', proc.stderr), proc.stderr
     last = proc.stderr.splitlines()[-1]
     assert re.fullmatch(rf"sgd-dist: error: {DIVERGED}", last), last  # no "--traceback shows where" now
 

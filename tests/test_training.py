@@ -150,11 +150,11 @@ def test_metrics_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
     """Rows are flushed as written: a reader sees each batch, whole, while the run is still going. The loop hands
     its rows over at every update here (instead of every 0.2 s, which a 400-step serial run finishes within)."""
     import sgd_dist.engine.server as server
-    import sgd_dist.run.trainer as trainer
+    import sgd_dist.run.recorder as recorder
 
     monkeypatch.setattr(server, "EMIT_EVERY_S", 0.0)
     seen = []
-    original = trainer.Recorder.record
+    original = recorder.Recorder.record
 
     def spy(self, rows):
         original(self, rows)
@@ -163,7 +163,7 @@ def test_metrics_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
                 on_disk = [json.loads(line)["step"] for line in f]
             seen.append((rows[-1]["step"], on_disk))
 
-    monkeypatch.setattr(trainer.Recorder, "record", spy)
+    monkeypatch.setattr(recorder.Recorder, "record", spy)
     train(make_config("cluster.backend=serial", "train.steps=400", f"output.dir={tmp_path / 'r'}"), console=False,
           progress=False)
     mid_run = [last for last, _ in seen if last < 400]
@@ -338,7 +338,7 @@ def test_the_training_time_is_the_metrics_clock_in_the_summary_and_the_plot(tmp_
 def test_a_resumed_runs_time_covers_the_steps_it_records_once(tmp_path, monkeypatch):
     """After --resume the clock goes on from the checkpoint's: the training time and the samples/s are those of
     the steps metrics.jsonl holds, not this command's share of them over all the steps."""
-    from sgd_dist.run.trainer import Recorder
+    from sgd_dist.run.recorder import Recorder
 
     class Killed(Exception):
         pass
@@ -401,7 +401,7 @@ def test_in_a_notebook_the_bar_is_a_widget_or_one_line_says_why_not(monkeypatch)
     import tqdm.notebook
     import tqdm.std
 
-    from sgd_dist.run.trainer import progress_bar
+    from sgd_dist.run.recorder import progress_bar
 
     said: list[str] = []
     assert progress_bar(said.append) is tqdm.std.tqdm and said == []  # a terminal: the text bar, nothing said

@@ -542,7 +542,8 @@ def _start_ray(sweep: Sweep) -> bool:
 
 def _run_one(plan: RunPlan, run_dir: Path) -> str | None:
     """Train one run into run_dir; the error in one line if it failed (KeyboardInterrupt stops the sweep)."""
-    from sgd_dist.run.trainer import one_line, train
+    from sgd_dist.backends.base import one_line
+    from sgd_dist.run.trainer import train
 
     config = plan.config.model_copy(update={"output": plan.config.output.model_copy(update={"dir": str(run_dir)})})
     try:
