@@ -20,9 +20,21 @@ from typing import NoReturn, Sequence
 
 import sgd_dist
 from sgd_dist import signals
-from sgd_dist.config import ConfigError, describe_fields, dump_config, load_config
-
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 0, 1, 2, 130, 141, 143
+from sgd_dist.config import describe_fields, dump_config, load_config
+from sgd_dist.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    CheckpointError,
+    ClusterError,
+    ConfigError,
+    SubmitError,
+    UsageError,
+    one_line,
+)
 
 
 def _interrupted_code(exc: KeyboardInterrupt) -> int:
@@ -166,7 +178,7 @@ def _add_cluster_parsers(sub) -> None:
 def _check_out(args: argparse.Namespace) -> None:
     """--out '' would silently mean the default directory (or the current one): refuse it."""
     if getattr(args, "out", None) is not None and not args.out.strip():
-        raise ConfigError("--out needs a directory (got an empty one); leave --out out for the default")
+        raise UsageError("--out needs a directory (got an empty one); leave --out out for the default")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -180,33 +192,31 @@ def _fail(code: int, message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sgd_dist.backends.base import ClusterError
-    from sgd_dist.run.checkpoint import CheckpointError
-    from sgd_dist.backends.base import one_line
     from sgd_dist.run.summary import completed_summary, describe_fault, mode_line
     from sgd_dist.run.trainer import train  # torch and tqdm once the arguments are good
 
     _check_out(args)
     if args.resume is not None:
         if args.config or args.overrides or _flag_overrides(args):
-            return _fail(EXIT_USAGE, "--resume RUN_DIR goes on with the run's own config.yaml: drop --config, --out, "
-                                     "--backend, --address and the key=value overrides")
+            raise UsageError("--resume RUN_DIR goes on with the run's own config.yaml: drop --config, --out, "
+                             "--backend, --address and the key=value overrides")
         if not (Path(args.resume) / "config.yaml").is_file():
-            return _fail(EXIT_RUN_FAILED, f"{args.resume}/config.yaml: not found; --resume needs a run directory")
+            # a directory that is no run fails to resume as a bad checkpoint does: exit 1
+            raise UsageError(f"{args.resume}/config.yaml: not found; --resume needs a run directory", EXIT_RUN_FAILED)
         done = completed_summary(args.resume)
         if done is not None:  # nothing to go on with: leave it as it is, byte for byte
             print(f"sgd-dist: {args.resume} is complete ({done.get('steps')} steps); nothing to resume")
             return EXIT_OK
         config = load_config(Path(args.resume) / "config.yaml")
     elif args.config is None:
-        return _fail(EXIT_USAGE, "train needs --config FILE (or --resume RUN_DIR)")
+        raise UsageError("train needs --config FILE (or --resume RUN_DIR)")
     else:
         config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     try:
         result = train(config, config_path=args.config, progress=args.progress, resume=args.resume)
     except CheckpointError as exc:
         return _fail(EXIT_RUN_FAILED, f"cannot resume: {exc}")
-    except ConfigError:
+    except (ConfigError, UsageError):
         raise
     except KeyboardInterrupt as exc:
         return _fail(_interrupted_code(exc), _interrupted(getattr(exc, "run_dir", None)))
@@ -277,7 +287,7 @@ def _plot(args: argparse.Namespace) -> int:
         _print_figures(plot_sweep(run_dir))
         return EXIT_OK
     if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
-        return _fail(EXIT_USAGE, f"{str(run_dir)!r} is not a run directory (it needs config.yaml and metrics.jsonl)")
+        raise UsageError(f"{str(run_dir)!r} is not a run directory (it needs config.yaml and metrics.jsonl)")
     for path in plot_run(run_dir):
         print(path)
     return EXIT_OK
@@ -314,13 +324,13 @@ def _model(args: argparse.Namespace) -> int:
 
     sweep_dir = Path(args.sweep_dir)
     if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
-        return _fail(EXIT_USAGE, "--workers-max must be >= 1 and --bandwidth-gbps > 0")
+        raise UsageError("--workers-max must be >= 1 and --bandwidth-gbps > 0")
     if args.cores is not None and args.cores < 1:  # 0 would silently mean "the sweep's own"
-        return _fail(EXIT_USAGE, f"--cores must be at least 1 (got {args.cores}); leave it out for the sweep's own")
+        raise UsageError(f"--cores must be at least 1 (got {args.cores}); leave it out for the sweep's own")
     if args.latency_us is not None and args.latency_us < 0:
-        return _fail(EXIT_USAGE, f"--latency-us must be at least 0 (got {args.latency_us:g})")
+        raise UsageError(f"--latency-us must be at least 0 (got {args.latency_us:g})")
     if not (sweep_dir / "results.csv").is_file():
-        return _fail(EXIT_USAGE, f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
+        raise UsageError(f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
     cores = args.cores or cost_model.saved_cores(sweep_dir) or cost_model.machine_cores()
     try:
         result = cost_model.model_sweep(sweep_dir, cores)
@@ -362,7 +372,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     _check_out(args)
     if min(args.steps, args.repeats) < 1 or args.warmup < 0 or args.startup_repeats < 0:
-        return _fail(EXIT_USAGE, "--steps and --repeats must be at least 1, --warmup and --startup-repeats at least 0")
+        raise UsageError("--steps and --repeats must be at least 1, --warmup and --startup-repeats at least 0")
     out = Path(args.out) if args.out else default_run_dir("bench")
     options = BenchOptions(dims=args.dims, workers=args.workers, steps=args.steps, warmup=args.warmup,
                            systems=args.systems, repeats=args.repeats, startup_repeats=args.startup_repeats)
@@ -381,7 +391,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from sgd_dist.jobs.client import SubmitError, submit
+    from sgd_dist.jobs.client import submit
 
     _check_out(args)
     config = load_config(args.config, args.overrides)
@@ -418,7 +428,7 @@ def _jobs(args: argparse.Namespace) -> int:
         return EXIT_OK
     except KeyboardInterrupt as exc:
         return _fail(_interrupted_code(exc), "interrupted; the job goes on on the cluster")
-    except submit.SubmitError as exc:
+    except SubmitError as exc:
         return _fail(EXIT_RUN_FAILED, str(exc))
 
 
@@ -431,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command(args)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
+    except UsageError as exc:
+        return _fail(exc.code, str(exc))
     except KeyboardInterrupt as exc:  # a command without its own word on it (or a signal while it started up)
         return _fail(_interrupted_code(exc), "interrupted")
     except BrokenPipeError:

@@ -25,10 +25,7 @@ from pydantic import (
 )
 
 from sgd_dist.engine.policies import make_policy
-
-
-class ConfigError(ValueError):
-    """A config or usage error, with a one-line message naming the field."""
+from sgd_dist.errors import ConfigError
 
 
 def _count(value: Any) -> Any:

@@ -528,7 +528,7 @@ def test_model_refuses_zero_cores(tmp_path):
 
 
 def test_an_error_line_carries_no_terminal_colour_codes():
-    from sgd_dist.backends.base import one_line
+    from sgd_dist.errors import one_line
 
     error = RuntimeError("The actor died in its creation task, \x1b[36mray::_Worker.__init__()\x1b[39m (pid=1)\nmore")
     assert one_line(error) == "RuntimeError: The actor died in its creation task, ray::_Worker.__init__() (pid=1)"

@@ -22,6 +22,7 @@ from typing import Callable
 from sgd_dist.bench import peers, report
 from sgd_dist.bench.options import SYSTEMS, BenchOptions
 from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
+from sgd_dist.errors import one_line
 
 WIDE_DIM = 10_000  # from here on a step costs milliseconds: a tenth of the steps and of the warm-up
 SGD_TRANSPORTS = ("shm", "ray")
@@ -111,11 +112,6 @@ def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | N
     return f"sgd_dist.core.data.generate cannot make a row at d={problem.dim} within {limit / 2**30:.1f} GiB: {why}"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
 def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] | None = None) -> BenchResult:
     """Measure, write results.csv, results.md, targets.csv and bench.png under ``out``, return the rows."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -197,7 +193,7 @@ def _measure_all(options: BenchOptions, plan: list[tuple[str, Runner]], m: _Meas
                             if not seconds:
                                 raise RuntimeError(f"only {len(stamps)} step times came back")
                         except Exception as exc:
-                            m.notes[key] = _one_line(exc)
+                            m.notes[key] = one_line(exc)
                             log(f"{where}: no result: {m.notes[key]}")
                             continue
                         m.seconds.setdefault(key, []).extend(seconds)

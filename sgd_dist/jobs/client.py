@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import sgd_dist
 from sgd_dist.config import Config, dump_config
+from sgd_dist.errors import SubmitError
 from sgd_dist.run.rundir import SUMMARY_FILE, check_run_dir, default_run_dir
 
 # The run directory comes back through the job's log. The client cannot read the cluster's disk, and Ray's
@@ -71,10 +72,6 @@ exec python3 -m sgd_dist.jobs.client "$@"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AUTH_HINT = ("; export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
              "~/.ray/auth_token)")
-
-
-class SubmitError(RuntimeError):
-    """The cluster cannot be reached, refused the request, or the job did not complete; one line."""
 
 
 @dataclass(frozen=True)

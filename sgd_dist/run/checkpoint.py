@@ -23,16 +23,13 @@ from pathlib import Path
 import torch
 
 from sgd_dist.config import Config, dump_config
+from sgd_dist.errors import CheckpointError
 from sgd_dist.run.rundir import write_bytes_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "latest.json"
 FORMAT = 1
 KEEP = 2  # checkpoint files kept: the latest, and the one before it while the latest is being written
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, corrupt, truncated, or of another run or version."""
 
 
 def config_digest(config: Config) -> str:

@@ -14,14 +14,11 @@ from pathlib import Path
 from tqdm import std as tqdm_std
 
 from sgd_dist.config import Config
+from sgd_dist.errors import DivergenceError
 from sgd_dist.run.checkpoint import write_checkpoint
 from sgd_dist.run.reference import Reference
 from sgd_dist.run.rundir import FAULTS_FILE, METRICS_FILE, SCHEDULE_FILE, MetricsWriter, truncate_jsonl
 from sgd_dist.run.summary import describe_fault
-
-
-class DivergenceError(RuntimeError):
-    """The loss stopped being a finite number."""
 
 
 class Recorder:

@@ -15,11 +15,11 @@ import torch
 import sgd_dist
 from sgd_dist import signals
 from sgd_dist.backends import Backend
-from sgd_dist.backends.base import one_line
 from sgd_dist.config import Config
 from sgd_dist.core.data import true_weights
 from sgd_dist.engine.delays import describe_network, find_stragglers
 from sgd_dist.engine.worker import peak_rss_bytes
+from sgd_dist.errors import one_line
 from sgd_dist.run.reference import Reference
 from sgd_dist.run.rundir import SUMMARY_FILE
 

@@ -41,6 +41,7 @@ from sgd_dist.config import (
     drop_unused_keys,
     format_validation_error,
 )
+from sgd_dist.errors import UsageError, one_line
 
 RESULTS_FILE = "results.csv"
 EXPERIMENT_FILE = "experiment.yaml"
@@ -433,20 +434,20 @@ def check_out(out: Path, sweep: Sweep) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+        raise UsageError(f"--out {str(out)!r} is a file, not a directory")
     saved_path = out / EXPERIMENT_FILE
     if not saved_path.is_file():
         if any(out.iterdir()):
-            raise ConfigError(f"--out {str(out)!r} is not empty and holds no {EXPERIMENT_FILE}: not a sweep to "
-                              "resume; choose another --out")
+            raise UsageError(f"--out {str(out)!r} is not empty and holds no {EXPERIMENT_FILE}: not a sweep to "
+                             "resume; choose another --out")
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     current = yaml.safe_load(yaml.safe_dump(sweep.resolved()))
     if saved != current:
         differ = sorted({*_differences(saved.get("experiment") or {}, current["experiment"]),
                          *(["the base config"] if saved.get("base_config") != current["base_config"] else [])})
-        raise ConfigError(f"--out {str(out)!r} holds a different experiment ({', '.join(differ) or 'its file'} "
-                          "differ); resume it with its own experiment file, or choose another --out")
+        raise UsageError(f"--out {str(out)!r} holds a different experiment ({', '.join(differ) or 'its file'} "
+                         "differ); resume it with its own experiment file, or choose another --out")
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -542,7 +543,6 @@ def _start_ray(sweep: Sweep) -> bool:
 
 def _run_one(plan: RunPlan, run_dir: Path) -> str | None:
     """Train one run into run_dir; the error in one line if it failed (KeyboardInterrupt stops the sweep)."""
-    from sgd_dist.backends.base import one_line
     from sgd_dist.run.trainer import train
 
     config = plan.config.model_copy(update={"output": plan.config.output.model_copy(update={"dir": str(run_dir)})})
