@@ -14,7 +14,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import make_config
 
+from sgd_dist.config import ConfigError
 from sgd_dist.engine.policies import (
     Apply,
     AsyncPolicy,
@@ -77,8 +79,10 @@ def test_a_duplicate_or_stale_gradient_is_an_internal_error():
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match="allowed: 'sync'"):
-        make_policy("hogwild", 2, 3)
+    # make_policy trusts a validated config: the config is where an unknown mode is refused, naming the modes
+    with pytest.raises(ConfigError, match=r"^train\.mode: Input should be 'sync', 'async', 'ssp', 'backup' or "
+                                          r"'local_sgd' \(got 'hogwild'\)$"):
+        make_config("train.mode=hogwild")
     assert isinstance(make_policy("sync", 2, 3), SyncPolicy)
 
 
@@ -391,21 +395,24 @@ def test_replay_refuses_a_schedule_no_run_could_have_written():
     "mode, kwargs, message",
     [
         ("backup", {"num_workers": 2, "backup_workers": 2}, "train.backup_workers=2 must be less than cluster.num_workers=2"),
-        ("backup", {"backup_workers": -1}, "train.backup_workers=-1 must be at least 0"),
-        ("ssp", {"staleness_bound": -1}, "train.staleness_bound=-1 must be at least 0"),
-        ("local_sgd", {"local_steps": 0}, "train.local_steps=0 must be at least 1"),
-        ("async", {"num_steps": 0}, "train.steps=0 must be at least 1"),
-        ("sync", {"num_workers": 0}, "cluster.num_workers=0 must be at least 1"),
+        ("backup", {"backup_workers": -1}, "train.backup_workers: Input should be greater than or equal to 0"),
+        ("ssp", {"staleness_bound": -1}, "train.staleness_bound: Input should be greater than or equal to 0"),
+        ("local_sgd", {"local_steps": 0}, "train.local_steps: Input should be greater than or equal to 1"),
+        ("async", {"num_steps": 0}, "train.steps: Input should be greater than or equal to 1"),
+        ("sync", {"num_workers": 0}, "cluster.num_workers: Input should be greater than or equal to 1"),
         ("sync", {"staleness_bound": 1}, "train.staleness_bound=1 only applies to train.mode='ssp'"),
         ("async", {"backup_workers": 1}, "train.backup_workers=1 only applies to train.mode='backup'"),
         ("ssp", {"local_steps": 4}, "train.local_steps=4 only applies to train.mode='local_sgd'"),
-        ("downpour", {}, "train.mode='downpour' is not implemented; allowed: 'sync', 'async', 'ssp', 'backup', 'local_sgd'"),
+        ("downpour", {}, "train.mode: Input should be 'sync', 'async', 'ssp', 'backup' or 'local_sgd'"),
     ],
 )
-def test_make_policy_errors_name_the_key(mode, kwargs, message):
+def test_the_config_refuses_what_no_policy_can_run_naming_the_key(mode, kwargs, message):
+    """make_policy trusts the validated config, so the config names the key of every mode parameter out of range."""
     args = {"num_workers": 3, "num_steps": 5, **kwargs}
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        make_policy(mode, args.pop("num_workers"), args.pop("num_steps"), **args)
+    keys = {"num_workers": "cluster.num_workers", "num_steps": "train.steps"}
+    overrides = [f"train.mode={mode}", *(f"{keys.get(key, 'train.' + key)}={value}" for key, value in args.items())]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_config(*overrides)
 
 
 def test_make_policy_builds_each_mode():

@@ -107,9 +107,6 @@ class _Stateful:
         for key, value in state["attributes"].items():
             setattr(self, key, _decode(value))
 
-MODES = ("sync", "async", "ssp", "backup", "local_sgd")
-
-
 class SyncPolicy(_Stateful):
     """Synchronous SGD: each step waits for all K gradients of that step, averages them, updates once."""
 
@@ -506,35 +503,11 @@ def make_policy(
     backup_workers: int = 0,
     local_steps: int = 1,
 ) -> Policy:
-    """Build the policy of ``train.mode``; a parameter that does not fit raises ValueError naming its key."""
-    if mode not in MODES:
-        raise ValueError(f"train.mode={mode!r} is not implemented; allowed: {', '.join(map(repr, MODES))}")
-    if num_workers < 1:
-        raise ValueError(f"cluster.num_workers={num_workers} must be at least 1")
-    if num_steps < 1:
-        raise ValueError(f"train.steps={num_steps} must be at least 1")
-    if staleness_bound < 0:
-        raise ValueError(f"train.staleness_bound={staleness_bound} must be at least 0")
-    if backup_workers < 0:
-        raise ValueError(f"train.backup_workers={backup_workers} must be at least 0")
-    if backup_workers >= num_workers:
-        raise ValueError(f"train.backup_workers={backup_workers} must be less than cluster.num_workers={num_workers}")
-    if local_steps < 1:
-        raise ValueError(f"train.local_steps={local_steps} must be at least 1")
-    # A knob set for another mode would be silently ignored: say so instead.
-    for key, value, default, owner in (
-        ("staleness_bound", staleness_bound, 0, "ssp"),
-        ("backup_workers", backup_workers, 0, "backup"),
-        ("local_steps", local_steps, 1, "local_sgd"),
-    ):
-        if value != default and mode != owner:
-            raise ValueError(f"train.{key}={value} only applies to train.mode='{owner}', not {mode!r}")
-    if mode == "sync":
-        return SyncPolicy(num_workers, num_steps)
-    if mode == "async":
-        return AsyncPolicy(num_workers, num_steps)
+    """Build the policy of ``train.mode`` from a validated config's values (config.py checks their ranges)."""
     if mode == "ssp":
         return SSPPolicy(num_workers, num_steps, staleness_bound)
     if mode == "backup":
         return BackupPolicy(num_workers, num_steps, backup_workers)
-    return LocalSGDPolicy(num_workers, num_steps, local_steps)
+    if mode == "local_sgd":
+        return LocalSGDPolicy(num_workers, num_steps, local_steps)
+    return {"sync": SyncPolicy, "async": AsyncPolicy}[mode](num_workers, num_steps)

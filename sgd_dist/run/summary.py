@@ -15,7 +15,7 @@ import torch
 import sgd_dist
 from sgd_dist import signals
 from sgd_dist.backends import Backend
-from sgd_dist.config import Config
+from sgd_dist.config import MODE_PARAMETERS, Config
 from sgd_dist.core.data import true_weights
 from sgd_dist.engine.delays import describe_network, find_stragglers
 from sgd_dist.engine.worker import peak_rss_bytes
@@ -77,9 +77,9 @@ def where(config: Config) -> str:
 def mode_line(s: dict) -> str:
     """The mode, and what it measured: staleness for async and ssp, dropped answers for backup."""
     line = f"mode {s['mode']}"
-    for key in ("staleness_bound", "backup_workers", "local_steps"):
-        if key in s:
-            line += f" ({key} {s[key]})"
+    for parameter in MODE_PARAMETERS.values():
+        if parameter.key in s:
+            line += f" ({parameter.key} {s[parameter.key]})"
     stale = s.get("staleness") or {}
     if s["mode"] in ("async", "ssp") and stale.get("max") is not None:
         line += f"; staleness median {stale['median']:g}, max {stale['max']}, mean {stale['mean']:.2f}"
@@ -157,9 +157,8 @@ def completed(config: Config, backend: Backend, reference: Reference, recorder: 
 
 def _mode_summary(config: Config, stats: dict) -> dict:
     """The mode's parameters and what the loop measured: every applied gradient's staleness, dropped answers."""
-    train = config.train
-    params = {"ssp": {"staleness_bound": train.staleness_bound}, "backup": {"backup_workers": train.backup_workers},
-              "local_sgd": {"local_steps": train.local_steps}}.get(train.mode, {})
+    own = MODE_PARAMETERS.get(config.train.mode)
+    params = {own.key: getattr(config.train, own.key)} if own else {}
     counts = {int(age): n for age, n in sorted(stats.get("staleness", {}).items())}
     ages = [age for age, n in counts.items() for _ in range(n)]
     dropped = stats.get("dropped", [])

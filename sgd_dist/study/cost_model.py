@@ -57,7 +57,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-MODES = ("sync", "async", "ssp", "backup", "local_sgd")
+from sgd_dist.config import MODES
+from sgd_dist.engine.delays import wire_delay_s
+
 SYNC_LIKE = ("sync", "backup", "local_sgd", "ssp")  # modes whose step time the server-cost fit uses (ssp: s = 0 only)
 
 
@@ -227,11 +229,6 @@ def _wire_s(scenario: Scenario) -> float:
     return scenario.message_bytes * 8 / scenario.bandwidth_bps
 
 
-def message_delay_s(latency_s: float, bandwidth_bps: float | None, nbytes: int) -> float:
-    """One message over the network model: latency + bytes x 8 / bandwidth (None: unlimited)."""
-    return latency_s + (nbytes * 8 / bandwidth_bps if bandwidth_bps else 0.0)
-
-
 def server_s(model: CostModel, scenario: Scenario, answers: int) -> float:
     """The server's work for one update of ``answers`` answers, each handled one after the other."""
     return model.apply_s + model.apply_s_per_param * scenario.dim + answers * message_cost_s(model, scenario)
@@ -249,7 +246,7 @@ def step_s(model: CostModel, scenario: Scenario) -> float:
     f = _contention(scenario)
     compute = compute_s(model, scenario)
     wire = _wire_s(scenario)
-    path = 2 * message_delay_s(scenario.latency_s, scenario.bandwidth_bps, scenario.message_bytes)  # command, answer
+    path = 2 * wire_delay_s(scenario.latency_s, scenario.bandwidth_bps, scenario.message_bytes)  # command, answer
     link = 2 * k * wire  # every worker's command and answer through the server's link, one after another
     mode = scenario.mode
     if mode == "async":

@@ -40,6 +40,7 @@ from sgd_dist.config import (
     build_config,
     drop_unused_keys,
     format_validation_error,
+    set_dotted,
 )
 from sgd_dist.errors import UsageError, one_line
 
@@ -200,17 +201,6 @@ def load_experiment(path: str | Path) -> Sweep:
     return Sweep(path, experiment, base_path, base_raw, plan_runs(experiment, base_raw, where))
 
 
-def _set(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[:depth + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def plan_runs(experiment: Experiment, base_raw: dict, where: str = "experiment") -> list[RunPlan]:
     """Every run in order: repeats outermost (noise spreads over the repeats), then scaling, global batch,
     then the grid's product in file order (last key fastest). Each config is built and validated here."""
@@ -248,7 +238,7 @@ def _point_config(base_raw: dict, point, global_batch: int | None, where: str) -
         explicit = set()
         for key, value in point:
             for part, one in zip(key.split(","), value) if "," in key else [(key, value)]:
-                _set(raw, part.strip(), one)
+                set_dotted(raw, part.strip(), one)
                 explicit.add(part.strip())
         drop_unused_keys(raw, explicit)  # a grid over data.kind or train.mode, as an override switching them
         if global_batch is not None:
@@ -260,7 +250,7 @@ def _point_config(base_raw: dict, point, global_batch: int | None, where: str) -
             if global_batch % workers:
                 raise ConfigError(f"global_batch={global_batch} does not split evenly over "
                                   f"cluster.num_workers={workers} (strong scaling)")
-            _set(raw, "train.batch_size", global_batch // workers)
+            set_dotted(raw, "train.batch_size", global_batch // workers)
         return build_config(raw)
     except (ConfigError, ValidationError) as exc:
         message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
