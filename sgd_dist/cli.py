@@ -11,34 +11,15 @@ SIGPIPE.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 import sgd_dist
-from sgd_dist import signals
 from sgd_dist.config import describe_fields, dump_config, load_config
-from sgd_dist.errors import (
-    EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_RUN_FAILED,
-    EXIT_TERMINATED,
-    EXIT_USAGE,
-    CheckpointError,
-    ClusterError,
-    ConfigError,
-    SubmitError,
-    UsageError,
-    one_line,
-)
-
-
-def _interrupted_code(exc: KeyboardInterrupt) -> int:
-    return EXIT_TERMINATED if signals.describe(exc) == "SIGTERM" else EXIT_INTERRUPTED
+from sgd_dist.errors import EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, SubmitError, UsageError
+from sgd_dist.run.outcome import fail, guarded, interrupted_code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,14 +167,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in pairs if value is not None]
 
 
-def _fail(code: int, message: str) -> int:
-    print(f"sgd-dist: error: {message}", file=sys.stderr)
-    return code
-
-
 def _train(args: argparse.Namespace) -> int:
-    from sgd_dist.run.summary import completed_summary, describe_fault, mode_line
-    from sgd_dist.run.trainer import train  # torch and tqdm once the arguments are good
+    from sgd_dist.run.console import train_and_report  # torch and tqdm once the arguments are good
+    from sgd_dist.run.summary import completed_summary  # imported here too: it imports torch
 
     _check_out(args)
     if args.resume is not None:
@@ -212,56 +188,8 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("train needs --config FILE (or --resume RUN_DIR)")
     else:
         config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
-    try:
-        result = train(config, config_path=args.config, progress=args.progress, resume=args.resume)
-    except CheckpointError as exc:
-        return _fail(EXIT_RUN_FAILED, f"cannot resume: {exc}")
-    except (ConfigError, UsageError):
-        raise
-    except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), _interrupted(getattr(exc, "run_dir", None)))
-    except BrokenPipeError:
-        raise  # not a failure of the run: main stops quietly
-    except Exception as exc:
-        if args.traceback:
-            traceback.print_exc()
-        whole_story = isinstance(exc, ClusterError)  # where it failed is not the question
-        return _fail(EXIT_RUN_FAILED, f"run failed: {one_line(exc)}"
-                     + ("" if args.traceback or whole_story else " (--traceback shows where)"))
-    s = result.summary
-    rel = s["relative_optimality_gap"]
-    resumed = s.get("resumed_from")
-    print(f"done: {s['steps']} steps in {s['train_time_s']:.3g} s ({s['median_step_ms']:.3f} ms/step median, "
-          f"{s['samples_per_s']:,.0f} samples/s)"
-          + (f", {s['steps'] - resumed} of them after resuming from step {resumed}" if resumed is not None else "")
-          + f"; wall {s['wall_time_s']:.1f} s")
-    if s["optimality_gap"] is None:
-        print(f"final loss {s['final_loss']:.6g}; optimum {s['reference']}")
-    else:
-        print(f"final loss {s['final_loss']:.6g}, optimum {s['optimal_loss']:.6g}, gap {s['optimality_gap']:.3e}"
-              + (f" (relative {rel:.2e})" if rel is not None else ""))
-    print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
-    print(mode_line(s))
-    if s.get("faults"):
-        for entry in s["faults"]:
-            print(f"fault: {describe_fault(entry)}")
-    from sgd_dist.engine.delays import describe_stragglers as describe
-
-    for line in describe(s.get("stragglers", [])):
-        print(f"straggler: {line}")
-    print(f"results in {result.run_dir}/")
-    return EXIT_OK
-
-
-def _interrupted(run_dir: Path | None) -> str:
-    """What an interrupted run left: the rows in its directory (and how to go on), or nothing at all."""
-    if run_dir is None:
-        return "interrupted before the run started; nothing was written"
-    from sgd_dist.run.checkpoint import CHECKPOINT_DIR, MANIFEST
-
-    resume = (Path(run_dir) / CHECKPOINT_DIR / MANIFEST).is_file()
-    return (f"interrupted; {run_dir} keeps the rows recorded so far"
-            + (f" (sgd-dist train --resume {run_dir} goes on from its latest checkpoint)" if resume else ""))
+    return train_and_report(config, config_path=args.config, progress=args.progress, show_traceback=args.traceback,
+                            resume=args.resume)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -309,7 +237,7 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(sweep, out, plots=args.plots)
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), f"interrupted; run the same command again (--out {out}) to resume")
+        return fail(interrupted_code(exc), f"interrupted; run the same command again (--out {out}) to resume")
     print(f"{len(result.rows)} runs: {result.ran} run now, {result.kept} kept from before, {result.failed} failed")
     for line in result.model_lines:
         print(line)
@@ -335,7 +263,7 @@ def _model(args: argparse.Namespace) -> int:
     try:
         result = cost_model.model_sweep(sweep_dir, cores)
     except (ValueError, OSError, KeyError) as exc:
-        return _fail(EXIT_RUN_FAILED, f"cost model: {exc}")
+        return fail(EXIT_RUN_FAILED, f"cost model: {exc}")
     ks = cost_model.worker_counts(args.workers_max)
     found = cost_model.curves(result.observations, result.model, ks, None, network="as measured (no network)")
     if args.latency_us is not None or args.bandwidth_gbps is not None:
@@ -379,7 +307,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(options, out)
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), f"interrupted; what was measured is in {out}/")
+        return fail(interrupted_code(exc), f"interrupted; what was measured is in {out}/")
     print(results_markdown(result.rows))
     print()
     print(targets_markdown(result.targets))
@@ -398,10 +326,10 @@ def _submit(args: argparse.Namespace) -> int:
     try:
         result = submit(args.address, config, out=args.out, config_name=Path(args.config).stem)
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), "interrupted; the job goes on on the cluster "
+        return fail(interrupted_code(exc), "interrupted; the job goes on on the cluster "
                                        f"(sgd-dist jobs --address {args.address} --stop JOB_ID stops it)")
     except SubmitError as exc:
-        return _fail(EXIT_RUN_FAILED, str(exc))
+        return fail(EXIT_RUN_FAILED, str(exc))
     s = result.summary or {}
     print(f"job {result.job_id} {result.status.lower()}: {s.get('steps')} steps, final loss "
           f"{s.get('final_loss', float('nan')):.6g}, gap {s.get('optimality_gap', float('nan')):.3e}")
@@ -427,29 +355,16 @@ def _jobs(args: argparse.Namespace) -> int:
             print(f"{job.submission_id or job.job_id:<28} {str(job.status.value):<10} {started}  {job.entrypoint}")
         return EXIT_OK
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), "interrupted; the job goes on on the cluster")
+        return fail(interrupted_code(exc), "interrupted; the job goes on on the cluster")
     except SubmitError as exc:
-        return _fail(EXIT_RUN_FAILED, str(exc))
+        return fail(EXIT_RUN_FAILED, str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     command = {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
                "submit": _submit, "jobs": _jobs, "sweep": _sweep, "model": _model}[args.command]
-    try:
-        with signals.stop_on_signals():
-            return command(args)
-    except ConfigError as exc:
-        return _fail(EXIT_USAGE, str(exc))
-    except UsageError as exc:
-        return _fail(exc.code, str(exc))
-    except KeyboardInterrupt as exc:  # a command without its own word on it (or a signal while it started up)
-        return _fail(_interrupted_code(exc), "interrupted")
-    except BrokenPipeError:
-        # The reader of stdout went away (`sgd-dist train ... | head`): stop silently, as a program stopped by
-        # SIGPIPE does. stdout now goes to /dev/null, or the interpreter's last flush would raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+    return guarded(lambda: command(args))
 
 
 if __name__ == "__main__":
