@@ -94,7 +94,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _add_bench_parser(sub) -> None:
-    from sgd_dist.bench.options import (
+    from sgd_dist.bench.options import (  # imported here, as every command's module: keeps `sgd-dist --help` fast
         DEFAULT_DIMS,
         DEFAULT_STARTUP_REPEATS,
         DEFAULT_STEPS,
@@ -132,7 +132,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _name_list(text: str) -> list[str]:
-    from sgd_dist.bench.options import SYSTEMS
+    from sgd_dist.bench.options import SYSTEMS  # imported here: keeps `sgd-dist --help` fast
 
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in SYSTEMS]
@@ -193,7 +193,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from sgd_dist.run.replay import replay
+    from sgd_dist.run.replay import replay  # imported here: torch, once a command needs it
 
     report = replay(args.run_dir, args.out)
     verdict = "bit-equal" if report.exact else "DIFFERENT"
@@ -206,11 +206,11 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sgd_dist.run.plots import plot_run
+    from sgd_dist.run.plots import plot_run  # imported here: matplotlib, once a command needs it
 
     run_dir = Path(args.run_dir)
     if (run_dir / "results.csv").is_file():
-        from sgd_dist.study.plots import plot_sweep
+        from sgd_dist.study.plots import plot_sweep  # imported here: matplotlib and the cost model
 
         _print_figures(plot_sweep(run_dir))
         return EXIT_OK
@@ -229,7 +229,8 @@ def _print_figures(figures) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sgd_dist.study.sweep import load_experiment, run_sweep
+    from sgd_dist.study.experiment import load_experiment  # imported here: pydantic's models, once needed
+    from sgd_dist.study.sweep import run_sweep  # imported here: torch and Ray, once the experiment is valid
 
     _check_out(args)
     sweep = load_experiment(args.config)  # every run's config validated here: a bad grid runs nothing
@@ -248,7 +249,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from sgd_dist.study import cost_model
+    from sgd_dist.study import cost_model  # imported here: numpy, once a command needs it
+    from sgd_dist.study.model_report import curve_lines, error_lines, extrapolation_caveat, saved_cores
 
     sweep_dir = Path(args.sweep_dir)
     if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
@@ -259,7 +261,7 @@ def _model(args: argparse.Namespace) -> int:
         raise UsageError(f"--latency-us must be at least 0 (got {args.latency_us:g})")
     if not (sweep_dir / "results.csv").is_file():
         raise UsageError(f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
-    cores = args.cores or cost_model.saved_cores(sweep_dir) or cost_model.machine_cores()
+    cores = args.cores or saved_cores(sweep_dir) or cost_model.machine_cores()
     try:
         result = cost_model.model_sweep(sweep_dir, cores)
     except (ValueError, OSError, KeyError) as exc:
@@ -275,11 +277,11 @@ def _model(args: argparse.Namespace) -> int:
     for line in result.model.describe():
         print(f"  {line}")
     print("measured against predicted, each run from a fit on the other grid points' runs:")
-    for line in cost_model.error_lines(result.observations, result.predictions):
+    for line in error_lines(result.observations, result.predictions):
         print(line)
     print("predicted on a cluster (a core per process, the measured transport's costs):")
-    caveat = cost_model.extrapolation_caveat(result.observations)
-    for line in [caveat] if caveat else cost_model.curve_lines(found, table=True):
+    caveat = extrapolation_caveat(result.observations)
+    for line in [caveat] if caveat else curve_lines(found, table=True):
         print(line)
     return EXIT_OK
 
@@ -294,7 +296,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from sgd_dist.bench import BenchOptions, run_benchmark
+    from sgd_dist.bench import BenchOptions, run_benchmark  # imported here: the benchmark's peers, once asked for
     from sgd_dist.bench.report import results_markdown, startup_markdown, targets_markdown
     from sgd_dist.run.rundir import default_run_dir
 
@@ -319,7 +321,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from sgd_dist.jobs.client import submit
+    from sgd_dist.jobs.client import submit  # imported here: Ray's job client, once asked for
 
     _check_out(args)
     config = load_config(args.config, args.overrides)
@@ -338,7 +340,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from sgd_dist.jobs import client as submit
+    from sgd_dist.jobs import client as submit  # imported here: Ray's job client, once asked for
 
     try:
         if args.follow:

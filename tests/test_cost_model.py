@@ -174,7 +174,7 @@ def test_leave_one_out_predicts_each_point_without_its_own_runs():
 
 
 def test_the_repeat_spread_is_the_median_deviation_from_each_points_mean():
-    from sgd_dist.study.cost_model import repeat_spread
+    from sgd_dist.study.model_report import repeat_spread
 
     one = grid(TRUE, dims=(11,), workers=(1,), batches=(64,))[0]
     runs = [replace(one, run="a", step_s=0.9e-3), replace(one, run="b", step_s=1.1e-3),
@@ -193,7 +193,7 @@ def test_steps_to_target_are_kept_apart_per_problem():
 
 
 def test_no_extrapolation_to_1024_workers_from_one_worker_count():
-    from sgd_dist.study.cost_model import extrapolation_caveat
+    from sgd_dist.study.model_report import extrapolation_caveat
 
     one_count = grid(TRUE, workers=(2,))
     assert "every run had 2 workers" in extrapolation_caveat(one_count)

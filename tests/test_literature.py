@@ -13,8 +13,9 @@ from conftest import assert_png
 from matplotlib.figure import Figure
 
 from sgd_dist.config import ConfigError
+from sgd_dist.study.experiment import load_experiment
 from sgd_dist.study.plots import _noise_scale_overlay, best_steps, plot_sweep
-from sgd_dist.study.sweep import load_experiment, run_row
+from sgd_dist.study.results import run_row
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiments"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import sgd_dist
 from sgd_dist.config import Config, dump_config
 from sgd_dist.errors import CheckpointError
 from sgd_dist.run.rundir import write_bytes_atomic
@@ -41,8 +42,6 @@ def config_digest(config: Config) -> str:
 
 def write_checkpoint(run_dir: str | Path, state: dict, config: Config) -> Path:
     """Write ``state`` (from ``server.serve``) as the run's latest checkpoint; return the file's path."""
-    import sgd_dist
-
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(exist_ok=True)
     buffer = io.BytesIO()
@@ -65,8 +64,6 @@ def load_checkpoint(run_dir: str | Path, config: Config) -> tuple[dict, dict]:
 
     Raises CheckpointError with one line naming the file and what is wrong with it.
     """
-    import sgd_dist
-
     folder = Path(run_dir) / CHECKPOINT_DIR
     manifest_path = folder / MANIFEST
     try:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sgd_dist.config import ConfigError, load_config
-from sgd_dist.errors import UsageError
 from sgd_dist.engine.policies import ReplayPolicy
+from sgd_dist.errors import UsageError
 from sgd_dist.run.rundir import CONFIG_FILE, SCHEDULE_FILE, SUMMARY_FILE, read_metrics, read_summary
+from sgd_dist.run.trainer import train
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ def replay(run_dir: str | Path, out: str | Path | None = None) -> ReplayReport:
                               local_steps=config.train.local_steps, model_deltas=config.train.mode == "local_sgd")
     except ValueError as exc:  # a schedule no run could have written: edited, or from another run
         raise ConfigError(f"{run_dir / SCHEDULE_FILE}: {exc}") from None
-    from sgd_dist.run.trainer import train  # the trainer imports the backends; keep this module light
-
     result = train(config, policy=policy, console=False, progress=False)
     before = {r["step"]: r for r in read_metrics(run_dir)}
     after = {r["step"]: r for r in read_metrics(result.run_dir)}
