@@ -105,13 +105,8 @@ def test_record_overhead_is_read_when_the_summary_has_it():
 
 
 def test_sgd_dist_rows_follow_the_config():
-    from sgd_dist.config import ClusterConfig
-
     labels = [label for label, _ in runner.sgd_dist_variants()]
-    if "transport" in ClusterConfig.model_fields:
-        assert labels == [report.SGD_SHM, report.SGD_RAY]
-    else:
-        assert labels == [report.SGD_SYNC]
+    assert labels == [report.SGD_SHM, report.SGD_RAY]
 
 
 def test_dims_option_accepts_scientific_counts():

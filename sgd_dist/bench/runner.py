@@ -45,13 +45,9 @@ class BenchResult:
     files: list[Path] = field(default_factory=list)
 
 
-def sgd_dist_variants() -> list[tuple[str, str | None]]:
-    """(row label, cluster.transport) for each sgd_dist row: one per transport once the config has the key."""
-    from sgd_dist.config import ClusterConfig
-
-    if "transport" in ClusterConfig.model_fields:
-        return [(f"sgd_dist {t}", t) for t in SGD_TRANSPORTS]
-    return [(report.SGD_SYNC, None)]
+def sgd_dist_variants() -> list[tuple[str, str]]:
+    """(row label, cluster.transport) for each sgd_dist row: one per transport."""
+    return [(f"sgd_dist {t}", t) for t in SGD_TRANSPORTS]
 
 
 def steps_for(dim: int, steps: int, warmup: int) -> tuple[int, int]:
@@ -95,7 +91,7 @@ def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | N
     """None if ``sgd_dist.core.data.generate`` can make one row at this d in bounded memory, else why not.
 
     Tried in a child process under an address-space limit (torch's own runtime is ~0.7 GB of it), so a
-    generator that draws a whole block at once (65,536 rows x d before issue 11's point 3: 26 GB at d = 1e5)
+    generator that draws a whole block at once (65,536 rows x d: 26 GB at d = 1e5)
     fails there, instead of in K processes at once on this machine.
     """
     limit = limit_bytes or GENERATION_LIMIT_BYTES

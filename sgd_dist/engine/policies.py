@@ -20,10 +20,6 @@ Rules every policy keeps, so that the server can stay simple:
 - arrivals are named by (worker, step): a worker may answer step c + 1 before step c is applied (ssp, async),
   so the server holds several answers per worker.
 
-A policy whose actions do not depend on the order in which gradients arrive (``order_independent``) can be
-run ahead of the actual arrivals: the Ray backend then chains a whole stretch of steps without waiting, and
-the serial backend replays the same schedule in one process.
-
 Staleness (updates applied between a gradient's dispatch and its apply) is measured by the server from weight
 versions; a policy only reports, in ``summary()``, what it alone knows (e.g. whose gradients it dropped).
 """
@@ -111,7 +107,6 @@ class SyncPolicy(_Stateful):
     """Synchronous SGD: each step waits for all K gradients of that step, averages them, updates once."""
 
     mode = "sync"
-    order_independent = True
     model_deltas = False
     """True where answers are model deltas (local SGD), not gradients."""
 
@@ -179,7 +174,6 @@ class AsyncPolicy(_Stateful):
     """
 
     mode = "async"
-    order_independent = False
     model_deltas = False
 
     def __init__(self, num_workers: int, num_steps: int) -> None:
@@ -232,7 +226,6 @@ class SSPPolicy(_Stateful):
         self.num_workers = num_workers
         self.num_steps = num_steps
         self.staleness_bound = staleness_bound
-        self.order_independent = staleness_bound == 0
         self.version = 0
         self.waits: dict[int, int] = {r: 0 for r in range(num_workers)}
         """Times each worker was held back by the bound: who the slow one made wait."""
@@ -290,7 +283,6 @@ class BackupPolicy(_Stateful):
         self.num_workers = num_workers
         self.num_steps = num_steps
         self.backup_workers = backup_workers
-        self.order_independent = backup_workers == 0
         self.version = 0  # updates applied == the step being collected
         self.dropped: dict[int, int] = {r: 0 for r in range(num_workers)}
         """Gradients dropped per worker: which workers were the stragglers."""
@@ -340,7 +332,6 @@ class LocalSGDPolicy(_Stateful):
     """
 
     mode = "local_sgd"
-    order_independent = True
     model_deltas = True
 
     def __init__(self, num_workers: int, num_steps: int, local_steps: int) -> None:
@@ -395,7 +386,6 @@ class ReplayPolicy(_Stateful):
     """
 
     mode = "replay"
-    order_independent = False
 
     def __init__(
         self,
