@@ -212,7 +212,7 @@ def test_a_failed_ray_run_keeps_every_row_its_server_computed(ray_session, tmp_p
     with pytest.raises(Exception, match="injected failure"):
         train(config, console=False, progress=False)
     summary = read_summary(tmp_path / "f")
-    assert summary["status"] == "failed" and "injected failure" in summary["error"]
+    assert summary["status"] == "failed" and "injected failure" in summary["error"] and summary["diverged"] is False
     rows = read_metrics(tmp_path / "f")
     assert [r["step"] for r in rows] == list(range(fail_at + 1))
     assert summary["steps_recorded"] == fail_at
@@ -225,7 +225,7 @@ def test_divergence_stops_the_run_naming_the_step_and_the_learning_rate(tmp_path
                                            r"try a smaller optim\.lr \(step \d+ used lr 50\)"):
         train(config, console=False, progress=False)
     summary = read_summary(tmp_path / "d")
-    assert summary["status"] == "failed" and "diverged" in summary["error"]
+    assert summary["status"] == "failed" and "diverged" in summary["error"] and summary["diverged"] is True
     rows = read_metrics(tmp_path / "d")
     assert rows and rows[-1]["loss"] is None and rows[-1]["step"] == summary["steps_recorded"]
 

@@ -19,7 +19,7 @@ from sgd_dist.config import MODE_PARAMETERS, Config
 from sgd_dist.core.data import true_weights
 from sgd_dist.engine.delays import describe_network, find_stragglers
 from sgd_dist.engine.worker import peak_rss_bytes
-from sgd_dist.errors import one_line
+from sgd_dist.errors import DivergenceError, one_line
 from sgd_dist.run.reference import Reference
 from sgd_dist.run.rundir import SUMMARY_FILE
 
@@ -89,11 +89,13 @@ def mode_line(s: dict) -> str:
 
 
 def failed(config: Config, exc: BaseException, steps_recorded: int, recorder: Recorded | None) -> dict:
-    """summary.json of a run that stopped: interrupted (a signal) or failed (the error, on one line)."""
+    """summary.json of a run that stopped: interrupted (a signal) or failed (the error, on one line). ``diverged``:
+    the loss stopped being finite, an outcome of the config (its lr is too large) rather than a fault."""
     interrupted = isinstance(exc, KeyboardInterrupt)
     return {
         "status": "interrupted" if interrupted else "failed",
         "error": signals.describe(exc) if interrupted else one_line(exc),
+        "diverged": isinstance(exc, DivergenceError),
         "steps_recorded": steps_recorded, "steps": config.train.steps, "backend": config.cluster.backend,
         "mode": config.train.mode, "num_workers": config.cluster.num_workers,
         "faults": [] if recorder is None else recorder.faults,

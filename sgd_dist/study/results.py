@@ -18,7 +18,6 @@ from sgd_dist.study.experiment import Experiment, RunPlan, value_text
 RESULTS_FILE = "results.csv"
 EXPERIMENT_FILE = "experiment.yaml"
 RUNS_DIR = "runs"
-DIVERGED = "DivergenceError"  # a run whose loss stopped being finite: an outcome (its lr is too large), not a failure
 
 
 def relative_gaps(rows: list[dict], optimal_loss: float | None) -> list[tuple[dict, float]]:
@@ -66,7 +65,8 @@ def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None =
     summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else {}
     if summary.get("status") != "completed":
         why = error or summary.get("error") or "no summary.json"
-        row.update(status="diverged" if why.startswith(DIVERGED) else "failed", error=why)
+        # a run whose loss stopped being finite is an outcome (its lr is too large), not a failure
+        row.update(status="diverged" if summary.get("diverged") else "failed", error=why)
         return row
     optimal = summary.get("optimal_loss")
     hit = first_below(read_metrics(run_dir), optimal, target_gap) if (run_dir / METRICS_FILE).is_file() else None

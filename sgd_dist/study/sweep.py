@@ -35,7 +35,6 @@ from sgd_dist.study.experiment import Experiment, RunPlan, Sweep
 from sgd_dist.study.model_report import curve_lines, error_lines, extrapolation_caveat, write_sweep_model
 from sgd_dist.study.plots import plot_sweep
 from sgd_dist.study.results import (
-    DIVERGED,
     EXPERIMENT_FILE,
     RESULTS_FILE,
     RUNS_DIR,
@@ -168,7 +167,7 @@ def _run_one(plan: RunPlan, run_dir: Path) -> str | None:
 
 def _finished(summary: dict) -> bool:
     """Completed, or diverged (the same config would diverge again): kept on resume."""
-    return summary.get("status") == "completed" or str(summary.get("error", "")).startswith(DIVERGED)
+    return summary.get("status") == "completed" or bool(summary.get("diverged"))
 
 
 def _describe(row: dict, kept_before: bool) -> str:
