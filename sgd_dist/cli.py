@@ -11,22 +11,15 @@ SIGPIPE.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 import sgd_dist
-from sgd_dist import signals
-from sgd_dist.config import ConfigError, describe_fields, dump_config, load_config
-
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 0, 1, 2, 130, 141, 143
-
-
-def _interrupted_code(exc: KeyboardInterrupt) -> int:
-    return EXIT_TERMINATED if signals.describe(exc) == "SIGTERM" else EXIT_INTERRUPTED
+from sgd_dist.config import describe_fields, dump_config, load_config
+from sgd_dist.errors import EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, SubmitError, UsageError
+from sgd_dist.run.outcome import fail, guarded, interrupted_code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +95,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _add_bench_parser(sub) -> None:
-    from sgd_dist.bench.options import (
+    from sgd_dist.bench.options import (  # imported here, as every command's module: keeps `sgd-dist --help` fast
         DEFAULT_DIMS,
         DEFAULT_STARTUP_REPEATS,
         DEFAULT_STEPS,
@@ -140,7 +133,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _name_list(text: str) -> list[str]:
-    from sgd_dist.bench.options import SYSTEMS
+    from sgd_dist.bench.options import SYSTEMS  # imported here: keeps `sgd-dist --help` fast
 
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in SYSTEMS]
@@ -167,7 +160,7 @@ def _add_cluster_parsers(sub) -> None:
 def _check_out(args: argparse.Namespace) -> None:
     """--out '' would silently mean the default directory (or the current one): refuse it."""
     if getattr(args, "out", None) is not None and not args.out.strip():
-        raise ConfigError("--out needs a directory (got an empty one); leave --out out for the default")
+        raise UsageError("--out needs a directory (got an empty one); leave --out out for the default")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -175,105 +168,33 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in pairs if value is not None]
 
 
-def _fail(code: int, message: str) -> int:
-    print(f"sgd-dist: error: {message}", file=sys.stderr)
-    return code
-
-
 def _train(args: argparse.Namespace) -> int:
-    from sgd_dist.backends.base import ClusterError
-    from sgd_dist.run.checkpoint import CheckpointError
-    from sgd_dist.run.trainer import completed_summary, one_line, train  # torch and tqdm once the arguments are good
+    from sgd_dist.run.console import train_and_report  # torch and tqdm once the arguments are good
+    from sgd_dist.run.summary import completed_summary  # imported here too: it imports torch
 
     _check_out(args)
     if args.resume is not None:
         if args.config or args.overrides or _flag_overrides(args):
-            return _fail(EXIT_USAGE, "--resume RUN_DIR goes on with the run's own config.yaml: drop --config, --out, "
-                                     "--backend, --address and the key=value overrides")
+            raise UsageError("--resume RUN_DIR goes on with the run's own config.yaml: drop --config, --out, "
+                             "--backend, --address and the key=value overrides")
         if not (Path(args.resume) / "config.yaml").is_file():
-            return _fail(EXIT_RUN_FAILED, f"{args.resume}/config.yaml: not found; --resume needs a run directory")
+            # a directory that is no run fails to resume as a bad checkpoint does: exit 1
+            raise UsageError(f"{args.resume}/config.yaml: not found; --resume needs a run directory", EXIT_RUN_FAILED)
         done = completed_summary(args.resume)
         if done is not None:  # nothing to go on with: leave it as it is, byte for byte
             print(f"sgd-dist: {args.resume} is complete ({done.get('steps')} steps); nothing to resume")
             return EXIT_OK
         config = load_config(Path(args.resume) / "config.yaml")
     elif args.config is None:
-        return _fail(EXIT_USAGE, "train needs --config FILE (or --resume RUN_DIR)")
+        raise UsageError("train needs --config FILE (or --resume RUN_DIR)")
     else:
         config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
-    try:
-        result = train(config, config_path=args.config, progress=args.progress, resume=args.resume)
-    except CheckpointError as exc:
-        return _fail(EXIT_RUN_FAILED, f"cannot resume: {exc}")
-    except ConfigError:
-        raise
-    except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), _interrupted(getattr(exc, "run_dir", None)))
-    except BrokenPipeError:
-        raise  # not a failure of the run: main stops quietly
-    except Exception as exc:
-        if args.traceback:
-            traceback.print_exc()
-        whole_story = isinstance(exc, ClusterError)  # where it failed is not the question
-        return _fail(EXIT_RUN_FAILED, f"run failed: {one_line(exc)}"
-                     + ("" if args.traceback or whole_story else " (--traceback shows where)"))
-    s = result.summary
-    rel = s["relative_optimality_gap"]
-    resumed = s.get("resumed_from")
-    print(f"done: {s['steps']} steps in {s['train_time_s']:.3g} s{' of virtual time' * (s.get('clock') == 'virtual')}"
-          f" ({s['median_step_ms']:.3f} ms/step median, {s['samples_per_s']:,.0f} samples/s)"
-          + (f", {s['steps'] - resumed} of them after resuming from step {resumed}" if resumed is not None else "")
-          + f"; wall {s['wall_time_s']:.1f} s")
-    if s["optimality_gap"] is None:
-        print(f"final loss {s['final_loss']:.6g}; optimum {s['reference']}")
-    else:
-        print(f"final loss {s['final_loss']:.6g}, optimum {s['optimal_loss']:.6g}, gap {s['optimality_gap']:.3e}"
-              + (f" (relative {rel:.2e})" if rel is not None else ""))
-    print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
-    print(_mode_line(s))
-    if s.get("faults"):
-        from sgd_dist.run.trainer import describe_fault
-
-        for entry in s["faults"]:
-            print(f"fault: {describe_fault(entry)}")
-    from sgd_dist.engine.delays import describe_stragglers as describe
-    from sgd_dist.run.workers import table_lines
-
-    if s.get("per_worker"):
-        print("\n".join(table_lines(s["per_worker"], s.get("stragglers", []))))
-    for line in describe(s.get("stragglers", [])):
-        print(f"straggler: {line}")
-    print(f"results in {result.run_dir}/")
-    return EXIT_OK
-
-
-def _interrupted(run_dir: Path | None) -> str:
-    """What an interrupted run left: the rows in its directory (and how to go on), or nothing at all."""
-    if run_dir is None:
-        return "interrupted before the run started; nothing was written"
-    from sgd_dist.run.checkpoint import CHECKPOINT_DIR, MANIFEST
-
-    resume = (Path(run_dir) / CHECKPOINT_DIR / MANIFEST).is_file()
-    return (f"interrupted; {run_dir} keeps the rows recorded so far"
-            + (f" (sgd-dist train --resume {run_dir} goes on from its latest checkpoint)" if resume else ""))
-
-
-def _mode_line(s: dict) -> str:
-    """The mode, and what it measured: staleness for async and ssp, dropped answers for backup."""
-    line = f"mode {s['mode']}"
-    for key in ("staleness_bound", "backup_workers", "local_steps"):
-        if key in s:
-            line += f" ({key} {s[key]})"
-    stale = s.get("staleness") or {}
-    if s["mode"] in ("async", "ssp") and stale.get("max") is not None:
-        line += f"; staleness median {stale['median']:g}, max {stale['max']}, mean {stale['mean']:.2f}"
-    if s["mode"] == "backup":
-        line += f"; {s['num_dropped']} answers dropped (by worker: {s['dropped_per_worker']})"
-    return line + f"; transport {s['transport']}"
+    return train_and_report(config, config_path=args.config, progress=args.progress, show_traceback=args.traceback,
+                            resume=args.resume)
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from sgd_dist.run.replay import replay
+    from sgd_dist.run.replay import replay  # imported here: torch, once a command needs it
 
     report = replay(args.run_dir, args.out)
     verdict = "bit-equal" if report.exact else "DIFFERENT"
@@ -286,16 +207,16 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sgd_dist.run.plots import plot_run
+    from sgd_dist.run.plots import plot_run  # imported here: matplotlib, once a command needs it
 
     run_dir = Path(args.run_dir)
     if (run_dir / "results.csv").is_file():
-        from sgd_dist.study.plots import plot_sweep
+        from sgd_dist.study.plots import plot_sweep  # imported here: matplotlib and the cost model
 
         _print_figures(plot_sweep(run_dir))
         return EXIT_OK
     if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
-        return _fail(EXIT_USAGE, f"{str(run_dir)!r} is not a run directory (it needs config.yaml and metrics.jsonl)")
+        raise UsageError(f"{str(run_dir)!r} is not a run directory (it needs config.yaml and metrics.jsonl)")
     for path in plot_run(run_dir):
         print(path)
     return EXIT_OK
@@ -309,7 +230,8 @@ def _print_figures(figures) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sgd_dist.study.sweep import load_experiment, run_sweep
+    from sgd_dist.study.experiment import load_experiment  # imported here: pydantic's models, once needed
+    from sgd_dist.study.sweep import run_sweep  # imported here: torch and Ray, once the experiment is valid
 
     _check_out(args)
     sweep = load_experiment(args.config)  # every run's config validated here: a bad grid runs nothing
@@ -317,7 +239,7 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(sweep, out, plots=args.plots)
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), f"interrupted; run the same command again (--out {out}) to resume")
+        return fail(interrupted_code(exc), f"interrupted; run the same command again (--out {out}) to resume")
     print(f"{len(result.rows)} runs: {result.ran} run now, {result.kept} kept from before, {result.failed} failed")
     for line in result.model_lines:
         print(line)
@@ -328,22 +250,23 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from sgd_dist.study import cost_model
+    from sgd_dist.study import cost_model  # imported here: numpy, once a command needs it
+    from sgd_dist.study.model_report import curve_lines, error_lines, extrapolation_caveat, saved_cores
 
     sweep_dir = Path(args.sweep_dir)
     if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
-        return _fail(EXIT_USAGE, "--workers-max must be >= 1 and --bandwidth-gbps > 0")
+        raise UsageError("--workers-max must be >= 1 and --bandwidth-gbps > 0")
     if args.cores is not None and args.cores < 1:  # 0 would silently mean "the sweep's own"
-        return _fail(EXIT_USAGE, f"--cores must be at least 1 (got {args.cores}); leave it out for the sweep's own")
+        raise UsageError(f"--cores must be at least 1 (got {args.cores}); leave it out for the sweep's own")
     if args.latency_us is not None and args.latency_us < 0:
-        return _fail(EXIT_USAGE, f"--latency-us must be at least 0 (got {args.latency_us:g})")
+        raise UsageError(f"--latency-us must be at least 0 (got {args.latency_us:g})")
     if not (sweep_dir / "results.csv").is_file():
-        return _fail(EXIT_USAGE, f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
-    cores = args.cores or cost_model.saved_cores(sweep_dir) or cost_model.machine_cores()
+        raise UsageError(f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
+    cores = args.cores or saved_cores(sweep_dir) or cost_model.machine_cores()
     try:
         result = cost_model.model_sweep(sweep_dir, cores)
     except (ValueError, OSError, KeyError) as exc:
-        return _fail(EXIT_RUN_FAILED, f"cost model: {exc}")
+        return fail(EXIT_RUN_FAILED, f"cost model: {exc}")
     ks = cost_model.worker_counts(args.workers_max)
     found = cost_model.curves(result.observations, result.model, ks, None, network="as measured (no network)")
     if args.latency_us is not None or args.bandwidth_gbps is not None:
@@ -355,11 +278,11 @@ def _model(args: argparse.Namespace) -> int:
     for line in result.model.describe():
         print(f"  {line}")
     print("measured against predicted, each run from a fit on the other grid points' runs:")
-    for line in cost_model.error_lines(result.observations, result.predictions):
+    for line in error_lines(result.observations, result.predictions):
         print(line)
     print("predicted on a cluster (a core per process, the measured transport's costs):")
-    caveat = cost_model.extrapolation_caveat(result.observations)
-    for line in [caveat] if caveat else cost_model.curve_lines(found, table=True):
+    caveat = extrapolation_caveat(result.observations)
+    for line in [caveat] if caveat else curve_lines(found, table=True):
         print(line)
     return EXIT_OK
 
@@ -374,20 +297,20 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from sgd_dist.bench import BenchOptions, run_benchmark
+    from sgd_dist.bench import BenchOptions, run_benchmark  # imported here: the benchmark's peers, once asked for
     from sgd_dist.bench.report import results_markdown, startup_markdown, targets_markdown
     from sgd_dist.run.rundir import default_run_dir
 
     _check_out(args)
     if min(args.steps, args.repeats) < 1 or args.warmup < 0 or args.startup_repeats < 0:
-        return _fail(EXIT_USAGE, "--steps and --repeats must be at least 1, --warmup and --startup-repeats at least 0")
+        raise UsageError("--steps and --repeats must be at least 1, --warmup and --startup-repeats at least 0")
     out = Path(args.out) if args.out else default_run_dir("bench")
     options = BenchOptions(dims=args.dims, workers=args.workers, steps=args.steps, warmup=args.warmup,
                            systems=args.systems, repeats=args.repeats, startup_repeats=args.startup_repeats)
     try:
         result = run_benchmark(options, out)
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), f"interrupted; what was measured is in {out}/")
+        return fail(interrupted_code(exc), f"interrupted; what was measured is in {out}/")
     print(results_markdown(result.rows))
     print()
     print(targets_markdown(result.targets))
@@ -399,17 +322,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from sgd_dist.jobs.client import SubmitError, submit
+    from sgd_dist.jobs.client import submit  # imported here: Ray's job client, once asked for
 
     _check_out(args)
     config = load_config(args.config, args.overrides)
     try:
         result = submit(args.address, config, out=args.out, config_name=Path(args.config).stem)
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), "interrupted; the job goes on on the cluster "
+        return fail(interrupted_code(exc), "interrupted; the job goes on on the cluster "
                                        f"(sgd-dist jobs --address {args.address} --stop JOB_ID stops it)")
     except SubmitError as exc:
-        return _fail(EXIT_RUN_FAILED, str(exc))
+        return fail(EXIT_RUN_FAILED, str(exc))
     s = result.summary or {}
     print(f"job {result.job_id} {result.status.lower()}: {s.get('steps')} steps, final loss "
           f"{s.get('final_loss', float('nan')):.6g}, gap {s.get('optimality_gap', float('nan')):.3e}")
@@ -418,7 +341,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from sgd_dist.jobs import client as submit
+    from sgd_dist.jobs import client as submit  # imported here: Ray's job client, once asked for
 
     try:
         if args.follow:
@@ -435,27 +358,16 @@ def _jobs(args: argparse.Namespace) -> int:
             print(f"{job.submission_id or job.job_id:<28} {str(job.status.value):<10} {started}  {job.entrypoint}")
         return EXIT_OK
     except KeyboardInterrupt as exc:
-        return _fail(_interrupted_code(exc), "interrupted; the job goes on on the cluster")
-    except submit.SubmitError as exc:
-        return _fail(EXIT_RUN_FAILED, str(exc))
+        return fail(interrupted_code(exc), "interrupted; the job goes on on the cluster")
+    except SubmitError as exc:
+        return fail(EXIT_RUN_FAILED, str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     command = {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
                "submit": _submit, "jobs": _jobs, "sweep": _sweep, "model": _model}[args.command]
-    try:
-        with signals.stop_on_signals():
-            return command(args)
-    except ConfigError as exc:
-        return _fail(EXIT_USAGE, str(exc))
-    except KeyboardInterrupt as exc:  # a command without its own word on it (or a signal while it started up)
-        return _fail(_interrupted_code(exc), "interrupted")
-    except BrokenPipeError:
-        # The reader of stdout went away (`sgd-dist train ... | head`): stop silently, as a program stopped by
-        # SIGPIPE does. stdout now goes to /dev/null, or the interpreter's last flush would raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+    return guarded(lambda: command(args))
 
 
 if __name__ == "__main__":

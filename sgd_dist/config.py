@@ -10,6 +10,7 @@ import copy
 import ipaddress
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
@@ -24,11 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from sgd_dist.engine.policies import make_policy
-
-
-class ConfigError(ValueError):
-    """A config or usage error, with a one-line message naming the field."""
+from sgd_dist.errors import ConfigError
 
 
 def _count(value: Any) -> Any:
@@ -56,13 +53,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
+MODES = ("sync", "async", "ssp", "backup", "local_sgd")  # train.mode's values, one policy each (engine/policies.py)
+
+
+@dataclass(frozen=True)
+class ModeParameter:
+    """The one train key a mode has of its own."""
+
+    key: str
+    sync_value: int  # the value with which the mode runs as sync: the field's default, refused for other modes
+    meaning: str  # what to give, for the error that asks for it
+
+
+MODE_PARAMETERS = {
+    "ssp": ModeParameter("staleness_bound", 0, "how many steps a worker may run ahead of the slowest, e.g. 2; 0 is sync"),
+    "backup": ModeParameter("backup_workers", 0, "how many of the slowest gradients each step drops, e.g. 1; 0 is sync"),
+    "local_sgd": ModeParameter("local_steps", 1, "local SGD steps between two averagings, e.g. 4; 1 is sync"),
+}
+
 LINEAR_ONLY = ("noise", "noise_scale")  # data keys that only data.kind=linear uses
 # Keys that only one value of a selector uses: (section, key) -> (selector, value). Such a key is left out of a
 # dumped config whose selector has another value, and an override that switches the selector drops it.
 OWNED_KEYS = {
-    ("data", "noise"): ("kind", "linear"), ("data", "noise_scale"): ("kind", "linear"),
-    ("train", "staleness_bound"): ("mode", "ssp"), ("train", "backup_workers"): ("mode", "backup"),
-    ("train", "local_steps"): ("mode", "local_sgd"),
+    **{("data", key): ("kind", "linear") for key in LINEAR_ONLY},
+    **{("train", parameter.key): ("mode", mode) for mode, parameter in MODE_PARAMETERS.items()},
 }
 
 
@@ -268,17 +282,17 @@ class ClusterConfig(_Section):
 
 
 class TrainConfig(_Section):
-    mode: Literal["sync", "async", "ssp", "backup", "local_sgd"] = "sync"
+    mode: Literal[MODES] = "sync"
     """Consistency mode. sync: each update averages all workers' gradients of one step; async: each gradient is applied as it arrives; ssp: sync averaging, but a worker may run up to staleness_bound steps ahead; backup: each update averages the first num_workers - backup_workers gradients; local_sgd: workers take local_steps steps on their own copies, then the server averages the models."""
     steps: Count = Field(100, ge=1)
     """Number of parameter updates the server applies (rounds for local_sgd)."""
     batch_size: Count | Literal["full"] | tuple[Count, ...] = 32
     """Rows per worker per step, drawn without replacement per local epoch; 'full' uses each worker's whole shard; a list gives each worker its own (uneven hardware), averaged by rows."""
-    staleness_bound: Count = Field(0, ge=0)
+    staleness_bound: Count = Field(MODE_PARAMETERS["ssp"].sync_value, ge=0)
     """mode=ssp, and required with it: how many steps a worker may run ahead of the slowest (0 is sync). No default: the useful bound depends on how far the workers' speeds spread, and a default of 0 would silently run sync."""
-    backup_workers: Count = Field(0, ge=0)
+    backup_workers: Count = Field(MODE_PARAMETERS["backup"].sync_value, ge=0)
     """mode=backup, and required with it: gradients of the slowest this many workers are dropped each step (0 is sync). No default: how many stragglers to drop depends on the workers, and a default of 0 would silently run sync."""
-    local_steps: Count = Field(1, ge=1)
+    local_steps: Count = Field(MODE_PARAMETERS["local_sgd"].sync_value, ge=1)
     """mode=local_sgd, and required with it: SGD steps each worker takes on its own copy between two averagings (1 is sync). No default: H trades rounds against drift on each problem, and a default of 1 would silently run sync."""
 
     @field_validator("batch_size", mode="before")
@@ -425,11 +439,27 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        data, train, cluster = self.data, self.train, self.cluster
-        if isinstance(self.model.init, tuple) and len(self.model.init) != data.dim:
+        if isinstance(self.model.init, tuple) and len(self.model.init) != self.data.dim:
             raise ValueError(
-                f"model.init has {len(self.model.init)} entries; it needs {data.dim} (one per parameter)"
+                f"model.init has {len(self.model.init)} entries; it needs {self.data.dim} (one per parameter)"
             )
+        self._check_shards()
+        if self.cluster.backend != "ray" and self.cluster.address is not None:
+            raise ValueError(f"cluster.address applies only to cluster.backend=ray (the {self.cluster.backend} "
+                             "backend uses no cluster)")
+        self._check_mode()
+        self._check_stragglers()
+        self._check_faults()
+        if self.optim.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={self.train.steps}: lower it "
+                f"with the steps (e.g. optim.warmup_steps={max(0, self.train.steps // 10)}, or 0 for none)"
+            )
+        return self
+
+    def _check_shards(self) -> None:
+        """Every worker has a row, and every batch fits its worker's shard."""
+        data, train, cluster = self.data, self.train, self.cluster
         if cluster.num_workers > data.n_samples:
             raise ValueError(
                 f"cluster.num_workers={cluster.num_workers} is more than data.n_samples={data.n_samples}: "
@@ -451,34 +481,42 @@ class Config(_Section):
                 f"train.batch_size={train.batch_size} is larger than the smallest shard ({smallest_shard} rows "
                 f"= data.n_samples/cluster.num_workers); use at most {smallest_shard} or 'full'"
             )
-        if cluster.backend != "ray" and cluster.address is not None:
-            raise ValueError(f"cluster.address applies only to cluster.backend=ray (the {cluster.backend} backend uses "
-                             "no cluster)")
-        try:
-            make_policy(train.mode, cluster.num_workers, train.steps, staleness_bound=train.staleness_bound,
-                        backup_workers=train.backup_workers, local_steps=train.local_steps)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
-        needed = {"ssp": ("staleness_bound", "how many steps a worker may run ahead of the slowest, e.g. 2; 0 is sync"),
-                  "backup": ("backup_workers", "how many of the slowest gradients each step drops, e.g. 1; 0 is sync"),
-                  "local_sgd": ("local_steps", "local SGD steps between two averagings, e.g. 4; 1 is sync")}.get(train.mode)
-        if needed and needed[0] not in train.model_fields_set:
-            raise ValueError(f"train.mode={train.mode} needs train.{needed[0]} ({needed[1]}): without it the run "
+
+    def _check_mode(self) -> None:
+        """The mode's own parameter is given and fits the workers; no other mode's is set (it would be ignored)."""
+        train = self.train
+        if train.backup_workers >= self.cluster.num_workers:
+            raise ValueError(f"train.backup_workers={train.backup_workers} must be less than "
+                             f"cluster.num_workers={self.cluster.num_workers}")
+        for owner, parameter in MODE_PARAMETERS.items():
+            value = getattr(train, parameter.key)
+            if value != parameter.sync_value and train.mode != owner:
+                raise ValueError(f"train.{parameter.key}={value} only applies to train.mode='{owner}', "
+                                 f"not {train.mode!r}")
+        needed = MODE_PARAMETERS.get(train.mode)
+        if needed and needed.key not in train.model_fields_set:
+            raise ValueError(f"train.mode={train.mode} needs train.{needed.key} ({needed.meaning}): without it the run "
                              "would be sync")
         if train.mode == "local_sgd" and (self.optim.momentum or self.optim.nesterov):
             raise ValueError("train.mode=local_sgd takes plain SGD steps on the workers: set optim.momentum=0")
         if self.optim.staleness_lr and train.mode not in ("async", "ssp"):
             raise ValueError(f"optim.staleness_lr applies to train.mode=async or ssp, not {train.mode!r}")
-        for name, workers in [("slowdown", list(self.stragglers.slowdown)),
-                              ("delay_workers", list(self.stragglers.delay_workers or []))]:
-            if any(r >= cluster.num_workers for r in workers):
-                raise ValueError(f"stragglers.{name} names worker {max(workers)}; workers are 0..{cluster.num_workers - 1}")
+
+    def _check_stragglers(self) -> None:
+        workers = self.cluster.num_workers
+        for name, named in [("slowdown", list(self.stragglers.slowdown)),
+                            ("delay_workers", list(self.stragglers.delay_workers or []))]:
+            if any(r >= workers for r in named):
+                raise ValueError(f"stragglers.{name} names worker {max(named)}; workers are 0..{workers - 1}")
         if self.stragglers.delay != "none" and self.stragglers.delay_ms == 0:
             raise ValueError(f"stragglers.delay={self.stragglers.delay} needs stragglers.delay_ms > 0")
+
+    def _check_faults(self) -> None:
+        cluster = self.cluster
         for i, fault in enumerate(self.faults):
             where = f"faults[{i}] ({fault.kind})"
-            if fault.step > train.steps:
-                raise ValueError(f"{where}: step {fault.step} is after the last step (train.steps={train.steps})")
+            if fault.step > self.train.steps:
+                raise ValueError(f"{where}: step {fault.step} is after the last step (train.steps={self.train.steps})")
             if fault.worker is not None and fault.worker >= cluster.num_workers:
                 raise ValueError(f"{where}: worker {fault.worker}; workers are 0..{cluster.num_workers - 1}")
             if fault.kind in ("kill_worker", "kill_server") and cluster.backend == "serial":
@@ -493,12 +531,6 @@ class Config(_Section):
                 if fault.node >= nodes:
                     raise ValueError(f"{where}: node {fault.node}; removable simulated nodes are 1..{nodes - 1} "
                                      f"(cluster.simulated_nodes={nodes})")
-        if self.optim.warmup_steps > train.steps:
-            raise ValueError(
-                f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps={train.steps}: lower it "
-                f"with the steps (e.g. optim.warmup_steps={max(0, train.steps // 10)}, or 0 for none)"
-            )
-        return self
 
     def worker_batch_sizes(self) -> list[int | Literal["full"]]:
         """Each worker's rows per step."""
@@ -591,16 +623,24 @@ def apply_override(raw: dict[str, Any], item: str) -> str:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    try:
+        set_dotted(raw, key, value)
+    except ConfigError as exc:
+        raise ConfigError(f"override {item!r}: {exc}") from None
+    return key
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for the key ``a.b.c``, making the sections on the way; ConfigError where a value
+    stands in the way."""
     path = key.split(".")
     node = raw
     for depth, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            where = ".".join(path[: depth + 1])
-            raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            raise ConfigError(f"{'.'.join(path[: depth + 1])} is a value, not a section")
         node = child
     node[path[-1]] = value
-    return key
 
 
 def apply_overrides(raw: dict[str, Any], items: Sequence[str]) -> set[str]:

@@ -236,7 +236,7 @@ def test_traceback_prints_where_a_run_failed(tiny, tmp_path):
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(tmp_path / "d"), "--traceback", *DIVERGES)
     assert proc.returncode == 1
     assert proc.stderr.startswith("Traceback (most recent call last):\n")
-    assert re.search(r'File ".*sgd_dist/run/trainer\.py", line \d+, in record\n', proc.stderr), proc.stderr
+    assert re.search(r'File ".*sgd_dist/run/recorder\.py", line \d+, in record\n', proc.stderr), proc.stderr
     last = proc.stderr.splitlines()[-1]
     assert re.fullmatch(rf"sgd-dist: error: {DIVERGED}", last), last  # no "--traceback shows where" now
 
@@ -528,7 +528,7 @@ def test_model_refuses_zero_cores(tmp_path):
 
 
 def test_an_error_line_carries_no_terminal_colour_codes():
-    from sgd_dist.backends.base import one_line
+    from sgd_dist.errors import one_line
 
     error = RuntimeError("The actor died in its creation task, \x1b[36mray::_Worker.__init__()\x1b[39m (pid=1)\nmore")
     assert one_line(error) == "RuntimeError: The actor died in its creation task, ray::_Worker.__init__() (pid=1)"

@@ -14,7 +14,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import make_config
 
+from sgd_dist.config import ConfigError
 from sgd_dist.engine.policies import (
     Apply,
     AsyncPolicy,
@@ -77,8 +79,10 @@ def test_a_duplicate_or_stale_gradient_is_an_internal_error():
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match="allowed: 'sync'"):
-        make_policy("hogwild", 2, 3)
+    # make_policy trusts a validated config: the config is where an unknown mode is refused, naming the modes
+    with pytest.raises(ConfigError, match=r"^train\.mode: Input should be 'sync', 'async', 'ssp', 'backup' or "
+                                          r"'local_sgd' \(got 'hogwild'\)$"):
+        make_config("train.mode=hogwild")
     assert isinstance(make_policy("sync", 2, 3), SyncPolicy)
 
 
@@ -223,6 +227,12 @@ def run(policy, transport):
     return trace
 
 
+def order_independent(make) -> bool:
+    """Whether a policy acts the same under every scripted arrival order: what lets a backend chain a stretch of
+    steps ahead of the actual arrivals. ``make`` builds a fresh policy for each order."""
+    return len({tuple(run(make(), transport()).actions) for transport in TRANSPORTS.values()}) == 1
+
+
 POLICIES = {
     "sync": lambda k, n: SyncPolicy(k, n),
     "async": lambda k, n: AsyncPolicy(k, n),
@@ -272,7 +282,7 @@ def test_ssp_lets_fast_workers_use_the_whole_bound_and_no_more():
     trace = run(policy, Clock([1, 3, 1, 1]))
     assert max(step - version for (_, step), version in trace.version_used.items()) == 2
     assert max(trace.staleness) == 2 and policy.waits[1] == 0 and policy.waits[0] > 0
-    assert not policy.order_independent and SSPPolicy(4, 9, 0).order_independent
+    assert not order_independent(lambda: SSPPolicy(4, 9, 2)) and order_independent(lambda: SSPPolicy(4, 9, 0))
 
 
 @pytest.mark.parametrize("transport", ["in_order", "waves0", "waves1"])
@@ -342,7 +352,7 @@ def test_async_staleness_under_a_known_delay_pattern():
         ((0, 0),), ((0, 1),), ((1, 0),), ((0, 2),), ((0, 3),), ((1, 1),)
     ]
     assert trace.staleness == [0, 0, 2, 1, 0, 2]
-    assert policy.applied == {0: 4, 1: 2} and not policy.order_independent
+    assert policy.applied == {0: 4, 1: 2} and not order_independent(lambda: AsyncPolicy(2, 6))
 
 
 def test_local_sgd_sends_rounds_of_h_steps_and_averages_deltas_in_worker_order():
@@ -351,7 +361,7 @@ def test_local_sgd_sends_rounds_of_h_steps_and_averages_deltas_in_worker_order()
     dispatches = [a for a in trace.actions if isinstance(a, Dispatch)]
     assert dispatches == [Dispatch(r, 5 * t, local_steps=5) for t in range(4) for r in range(3)]
     assert trace.applies == [Apply(tuple((r, 5 * t) for r in range(3))) for t in range(4)]
-    assert policy.model_deltas and policy.order_independent and not SyncPolicy.model_deltas
+    assert policy.model_deltas and order_independent(lambda: LocalSGDPolicy(3, 4, 5)) and not SyncPolicy.model_deltas
 
 
 RECORDED = {
@@ -391,21 +401,24 @@ def test_replay_refuses_a_schedule_no_run_could_have_written():
     "mode, kwargs, message",
     [
         ("backup", {"num_workers": 2, "backup_workers": 2}, "train.backup_workers=2 must be less than cluster.num_workers=2"),
-        ("backup", {"backup_workers": -1}, "train.backup_workers=-1 must be at least 0"),
-        ("ssp", {"staleness_bound": -1}, "train.staleness_bound=-1 must be at least 0"),
-        ("local_sgd", {"local_steps": 0}, "train.local_steps=0 must be at least 1"),
-        ("async", {"num_steps": 0}, "train.steps=0 must be at least 1"),
-        ("sync", {"num_workers": 0}, "cluster.num_workers=0 must be at least 1"),
+        ("backup", {"backup_workers": -1}, "train.backup_workers: Input should be greater than or equal to 0"),
+        ("ssp", {"staleness_bound": -1}, "train.staleness_bound: Input should be greater than or equal to 0"),
+        ("local_sgd", {"local_steps": 0}, "train.local_steps: Input should be greater than or equal to 1"),
+        ("async", {"num_steps": 0}, "train.steps: Input should be greater than or equal to 1"),
+        ("sync", {"num_workers": 0}, "cluster.num_workers: Input should be greater than or equal to 1"),
         ("sync", {"staleness_bound": 1}, "train.staleness_bound=1 only applies to train.mode='ssp'"),
         ("async", {"backup_workers": 1}, "train.backup_workers=1 only applies to train.mode='backup'"),
         ("ssp", {"local_steps": 4}, "train.local_steps=4 only applies to train.mode='local_sgd'"),
-        ("downpour", {}, "train.mode='downpour' is not implemented; allowed: 'sync', 'async', 'ssp', 'backup', 'local_sgd'"),
+        ("downpour", {}, "train.mode: Input should be 'sync', 'async', 'ssp', 'backup' or 'local_sgd'"),
     ],
 )
-def test_make_policy_errors_name_the_key(mode, kwargs, message):
+def test_the_config_refuses_what_no_policy_can_run_naming_the_key(mode, kwargs, message):
+    """make_policy trusts the validated config, so the config names the key of every mode parameter out of range."""
     args = {"num_workers": 3, "num_steps": 5, **kwargs}
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        make_policy(mode, args.pop("num_workers"), args.pop("num_steps"), **args)
+    keys = {"num_workers": "cluster.num_workers", "num_steps": "train.steps"}
+    overrides = [f"train.mode={mode}", *(f"{keys.get(key, 'train.' + key)}={value}" for key, value in args.items())]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_config(*overrides)
 
 
 def test_make_policy_builds_each_mode():
@@ -417,7 +430,8 @@ def test_make_policy_builds_each_mode():
         "local_sgd": make_policy("local_sgd", 3, 5, local_steps=4),
     }
     assert [type(p) for p in built.values()] == [SyncPolicy, AsyncPolicy, SSPPolicy, BackupPolicy, LocalSGDPolicy]
-    assert {m: p.order_independent for m, p in built.items()} == {
+    parameters = {"ssp": {"staleness_bound": 2}, "backup": {"backup_workers": 1}, "local_sgd": {"local_steps": 4}}
+    assert {m: order_independent(lambda m=m: make_policy(m, 3, 5, **parameters.get(m, {}))) for m in built} == {
         "sync": True, "async": False, "ssp": False, "backup": False, "local_sgd": True
     }
     assert built["ssp"].staleness_bound == 2 and built["backup"].backup_workers == 1 and built["local_sgd"].local_steps == 4

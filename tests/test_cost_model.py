@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from sgd_dist.engine.delays import wire_delay_s
 from sgd_dist.study.cost_model import (
     CostModel,
     Observation,
@@ -15,7 +16,6 @@ from sgd_dist.study.cost_model import (
     curve,
     fit,
     leave_one_out,
-    message_delay_s,
     predict,
     step_s,
     steps_to_target,
@@ -115,8 +115,8 @@ def test_async_is_bounded_by_the_servers_work_for_one_answer():
 
 
 def test_the_network_adds_latency_on_the_path_and_serialises_the_server_link():
-    assert message_delay_s(50e-6, 1e9, 1000) == pytest.approx(50e-6 + 8e-6)
-    assert message_delay_s(50e-6, None, 10**9) == 50e-6
+    assert wire_delay_s(50e-6, 1e9, 1000) == pytest.approx(50e-6 + 8e-6)
+    assert wire_delay_s(50e-6, None, 10**9) == 50e-6
     model = replace(TRUE, cores=None)
     base = Scenario("sync", 64, (128,) * 64, 10**5, 10**8)
     nbytes = 4 * 10**5
@@ -125,7 +125,7 @@ def test_the_network_adds_latency_on_the_path_and_serialises_the_server_link():
     assert step_s(model, slow) - step_s(model, base) == pytest.approx(2 * 64 * nbytes * 8 / 1e9)
     one = replace(slow, num_workers=1, worker_batches=(128,))
     assert step_s(model, one) - step_s(model, replace(base, num_workers=1, worker_batches=(128,))) == pytest.approx(
-        2 * message_delay_s(50e-6, 1e9, nbytes))
+        2 * wire_delay_s(50e-6, 1e9, nbytes))
 
 
 def test_backup_workers_wait_for_the_fastest_k_minus_b_and_a_straggler_slows_sync():
@@ -174,7 +174,7 @@ def test_leave_one_out_predicts_each_point_without_its_own_runs():
 
 
 def test_the_repeat_spread_is_the_median_deviation_from_each_points_mean():
-    from sgd_dist.study.cost_model import repeat_spread
+    from sgd_dist.study.model_report import repeat_spread
 
     one = grid(TRUE, dims=(11,), workers=(1,), batches=(64,))[0]
     runs = [replace(one, run="a", step_s=0.9e-3), replace(one, run="b", step_s=1.1e-3),
@@ -193,7 +193,7 @@ def test_steps_to_target_are_kept_apart_per_problem():
 
 
 def test_no_extrapolation_to_1024_workers_from_one_worker_count():
-    from sgd_dist.study.cost_model import extrapolation_caveat
+    from sgd_dist.study.model_report import extrapolation_caveat
 
     one_count = grid(TRUE, workers=(2,))
     assert "every run had 2 workers" in extrapolation_caveat(one_count)

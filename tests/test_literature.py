@@ -13,8 +13,9 @@ from conftest import assert_png
 from matplotlib.figure import Figure
 
 from sgd_dist.config import ConfigError
+from sgd_dist.study.experiment import load_experiment
 from sgd_dist.study.plots import _noise_scale_overlay, best_steps, plot_sweep
-from sgd_dist.study.sweep import load_experiment, run_row
+from sgd_dist.study.results import run_row
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiments"
@@ -89,9 +90,10 @@ def test_a_diverged_run_is_an_outcome_not_a_failure(tmp_path):
     sweep = load_experiment(_experiment(tmp_path, {"optim.lr": [0.1]}))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "summary.json").write_text('{"status": "failed", "error": "DivergenceError: the mini-batch loss is nan"}')
+    (run_dir / "summary.json").write_text('{"status": "failed", "error": "DivergenceError: the mini-batch loss is nan", '
+                                          '"diverged": true}')
     assert run_row(sweep.runs[0], run_dir, 1e-2)["status"] == "diverged"
-    (run_dir / "summary.json").write_text('{"status": "failed", "error": "ClusterError: too small"}')
+    (run_dir / "summary.json").write_text('{"status": "failed", "error": "ClusterError: too small", "diverged": false}')
     assert run_row(sweep.runs[0], run_dir, 1e-2)["status"] == "failed"
 
 

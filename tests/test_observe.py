@@ -22,7 +22,8 @@ from sgd_dist.config import ConfigError, dump_config
 from sgd_dist.run.plots import plot_run, worker_series
 from sgd_dist.run.rundir import read_metrics, read_summary
 from sgd_dist.run.trackers import MissingExtra, MlflowTracker, export_run
-from sgd_dist.run.trainer import Recorder, train
+from sgd_dist.run.recorder import Recorder
+from sgd_dist.run.trainer import train
 
 STEPS = 30  # test_trackers' assert_mlflow_run expects the run's last step to be 30
 
@@ -228,7 +229,9 @@ def test_loss_png_gains_a_panel_of_each_workers_staleness_and_answer_time(tmp_pa
 
 
 def test_results_csv_carries_each_runs_worst_worker_ratio(tmp_path):
-    from sgd_dist.study.sweep import load_experiment, read_results, run_sweep
+    from sgd_dist.study.experiment import load_experiment
+    from sgd_dist.study.results import read_results
+    from sgd_dist.study.sweep import run_sweep
 
     experiment = tmp_path / "e.yaml"
     experiment.write_text(json.dumps({

@@ -16,15 +16,10 @@ from conftest import assert_png
 from sgd_dist.cli import main
 from sgd_dist.config import ConfigError
 from sgd_dist.run.rundir import read_metrics
+from sgd_dist.study.experiment import load_experiment
 from sgd_dist.study.plots import plot_sweep
-from sgd_dist.study.sweep import (
-    RESULTS_FILE,
-    add_speedups,
-    first_below,
-    load_experiment,
-    read_results,
-    run_sweep,
-)
+from sgd_dist.study.results import RESULTS_FILE, add_speedups, first_below, read_results
+from sgd_dist.study.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "experiments" / "smoke.yaml"
@@ -260,8 +255,8 @@ def test_plot_draws_the_sweeps_figures_and_reports_the_rest(smoke, capsys):
 
 
 def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):
-    from sgd_dist.study.cost_model import MODEL_FILE, PREDICTED_FILE
-    from sgd_dist.study.sweep import PREDICTION_COLUMNS
+    from sgd_dist.study.model_report import MODEL_FILE, PREDICTED_FILE
+    from sgd_dist.study.results import PREDICTION_COLUMNS
 
     with open(smoke / RESULTS_FILE, newline="") as f:
         header = next(csv.reader(f))
@@ -300,7 +295,7 @@ def test_sgd_dist_model_prints_the_coefficients_errors_and_predicted_table(smoke
 
 def test_plot_draws_the_predicted_speedup_from_an_old_results_csv(smoke, tmp_path):
     """A sweep directory from before the cost model: results.csv without its columns, no cost_model.json."""
-    from sgd_dist.study.sweep import PREDICTION_COLUMNS
+    from sgd_dist.study.results import PREDICTION_COLUMNS
 
     old = tmp_path / "old"
     shutil.copytree(smoke, old)

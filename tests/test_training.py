@@ -158,11 +158,11 @@ def test_metrics_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
     """Rows are flushed as written: a reader sees each batch, whole, while the run is still going. The loop hands
     its rows over at every update here (instead of every 0.2 s, which a 400-step serial run finishes within)."""
     import sgd_dist.engine.loop as loop
-    import sgd_dist.run.trainer as trainer
+    import sgd_dist.run.recorder as recorder
 
     monkeypatch.setattr(loop, "DELIVER_TO_DRIVER_EVERY_S", 0.0)
     seen = []
-    original = trainer.Recorder.record
+    original = recorder.Recorder.record
 
     def spy(self, rows):
         original(self, rows)
@@ -171,7 +171,7 @@ def test_metrics_are_on_disk_before_the_run_ends(tmp_path, monkeypatch):
                 on_disk = [json.loads(line)["step"] for line in f]
             seen.append((rows[-1]["step"], on_disk))
 
-    monkeypatch.setattr(trainer.Recorder, "record", spy)
+    monkeypatch.setattr(recorder.Recorder, "record", spy)
     train(make_config("cluster.backend=serial", "train.steps=400", f"output.dir={tmp_path / 'r'}"), console=False,
           progress=False)
     mid_run = [last for last, _ in seen if last < 400]
@@ -220,7 +220,7 @@ def test_a_failed_ray_run_keeps_every_row_its_server_computed(ray_session, tmp_p
     with pytest.raises(Exception, match="injected failure"):
         train(config, console=False, progress=False)
     summary = read_summary(tmp_path / "f")
-    assert summary["status"] == "failed" and "injected failure" in summary["error"]
+    assert summary["status"] == "failed" and "injected failure" in summary["error"] and summary["diverged"] is False
     rows = read_metrics(tmp_path / "f")
     assert [r["step"] for r in rows] == list(range(fail_at + 1))
     assert summary["steps_recorded"] == fail_at
@@ -233,7 +233,7 @@ def test_divergence_stops_the_run_naming_the_step_and_the_learning_rate(tmp_path
                                            r"try a smaller optim\.lr \(step \d+ used lr 50\)"):
         train(config, console=False, progress=False)
     summary = read_summary(tmp_path / "d")
-    assert summary["status"] == "failed" and "diverged" in summary["error"]
+    assert summary["status"] == "failed" and "diverged" in summary["error"] and summary["diverged"] is True
     rows = read_metrics(tmp_path / "d")
     assert rows and rows[-1]["loss"] is None and rows[-1]["step"] == summary["steps_recorded"]
 
@@ -346,7 +346,7 @@ def test_the_training_time_is_the_metrics_clock_in_the_summary_and_the_plot(tmp_
 def test_a_resumed_runs_time_covers_the_steps_it_records_once(tmp_path, monkeypatch):
     """After --resume the clock goes on from the checkpoint's: the training time and the samples/s are those of
     the steps metrics.jsonl holds, not this command's share of them over all the steps."""
-    from sgd_dist.run.trainer import Recorder
+    from sgd_dist.run.recorder import Recorder
 
     class Killed(Exception):
         pass

@@ -8,7 +8,6 @@ metrics rows handed to the driver in batches. The loop itself is the same code e
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from typing import Any, Collection, Protocol, Sequence
 
@@ -19,25 +18,9 @@ from sgd_dist.core.data import shard_bounds, torch_dtype
 from sgd_dist.core.noise_scale import GradientMoments
 from sgd_dist.core.objectives import LinearStats, NewtonTerms
 from sgd_dist.engine.policies import make_policy
+from sgd_dist.errors import ClusterError, one_line  # noqa: F401 (the backends raise and show them from here)
 
 Handle = Any  # a value (serial) or a ray.ObjectRef (ray)
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be reached or cannot host the run (its message is the whole story: one line)."""
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours actor names in its errors' text
-
-
-def one_line(exc: BaseException) -> str:
-    """The exception's type and the first line of its message (Ray's errors carry whole remote tracebacks), without
-    terminal colour codes."""
-    cause = getattr(exc, "cause", None)  # a Ray task's error: its first line is Ray's header, the cause says why
-    if isinstance(cause, BaseException):
-        exc = cause
-    text = _ANSI.sub("", str(exc)).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class Sink(Protocol):

@@ -22,12 +22,13 @@ from typing import Callable
 
 import ray
 
-from sgd_dist.backends.ray.backend import init_ray
+from sgd_dist.backends.ray.cluster import init_ray
 from sgd_dist.bench import floor, peers, report
 from sgd_dist.bench.options import SAMPLINGS, SYSTEMS, BenchOptions
 from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
 from sgd_dist.bench.startup import measure_startup
-from sgd_dist.config import ConfigError, TrainConfig, build_config
+from sgd_dist.config import TrainConfig, build_config
+from sgd_dist.errors import ConfigError, one_line
 from sgd_dist.run.rundir import read_metrics
 from sgd_dist.run.trainer import train
 
@@ -124,11 +125,6 @@ def generation_fits(problem: Problem, limit_bytes: int | None = None) -> str | N
     why = f"asks for {int(asked.group(1)) / 1e9:.1f} GB at once" if asked else (
         proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:120]
     return f"sgd_dist.core.data.generate cannot make a row at d={problem.dim} within {limit / 2**30:.1f} GiB: {why}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] | None = None) -> BenchResult:
@@ -230,7 +226,7 @@ def _measure_one(run: Runner, problem: Problem, warmup: int, num_steps: int, wor
         log(f"{where}: {m.notes[key]}")
         return
     except Exception as exc:
-        m.notes[key] = _one_line(exc)
+        m.notes[key] = one_line(exc)
         log(f"{where}: no result: {m.notes[key]}")
         return
     m.seconds.setdefault(key, []).extend(seconds)

@@ -123,18 +123,13 @@ def batches_per_epoch(shard_rows: int, batch_size: int) -> int:
     return shard_rows // batch_size
 
 
-def batch_indices(seed: int, rank: int, step: int, shard_rows: int, batch_size: int) -> torch.Tensor:
-    """Rows of worker ``rank``'s mini-batch at local step ``step``: a pure function of its arguments.
+class MiniBatchSampler:
+    """Worker ``rank``'s mini-batch rows at each local step, a pure function of (seed, rank, step).
 
     Local epoch e = step // batches_per_epoch is a permutation of the shard drawn from a generator seeded by
     (seed, rank, e); the step takes the next batch_size rows of it, so rows are drawn without replacement
-    within an epoch.
+    within an epoch. The current epoch's permutation is cached (one randperm per epoch).
     """
-    return MiniBatchSampler(seed, rank, shard_rows, batch_size).indices(step)
-
-
-class MiniBatchSampler:
-    """``batch_indices`` for one worker, the current epoch's permutation cached (one randperm per epoch)."""
 
     def __init__(self, seed: int, rank: int, shard_rows: int, batch_size: int) -> None:
         if not 1 <= batch_size <= shard_rows:

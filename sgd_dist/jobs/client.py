@@ -5,9 +5,9 @@
 (``runtime_env.working_dir`` holds a copy of the ``sgd_dist`` package and the resolved config), so the
 cluster's nodes need Ray and torch but no install of ``sgd_dist``.
 
-The job side is this module too: ``python -m sgd_dist.jobs.client CONFIG`` (started with the head's own interpreter
-by a small entrypoint script) trains into a temporary run directory
-on the cluster and prints it, as a marked base64 tar.gz, at the end of its log.
+The job side, ``python -m sgd_dist.jobs.entry CONFIG`` (started with the head's own interpreter by a small
+entrypoint script), trains into a temporary run directory on the cluster and prints it, as a marked base64
+tar.gz, at the end of its log; ``archive_lines`` and ``extract_archive`` are the two ends of that.
 
 Token authentication (Ray 2.60 turns it on for clusters made with ``ray start``): the client sends the
 token when ``RAY_AUTH_MODE=token`` is exported, reading it from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
@@ -20,8 +20,8 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import sgd_dist
 from sgd_dist.config import Config, dump_config
+from sgd_dist.errors import SubmitError
 from sgd_dist.run.rundir import SUMMARY_FILE, check_run_dir, default_run_dir
 
 # The run directory comes back through the job's log. The client cannot read the cluster's disk, and Ray's
@@ -60,21 +61,17 @@ for _ in 1 2 3 4 5; do
     prefix=${lib%/lib/python*/site-packages/ray/_raylet.so}
     for py in "$prefix/bin/python3" "$prefix/bin/python" "$(readlink "/proc/$pid/exe")"; do
         if [ -x "$py" ] && "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('ray') is None)"; then
-            exec "$py" -m sgd_dist.jobs.client "$@"
+            exec "$py" -m sgd_dist.jobs.entry "$@"
         fi
     done
     break
 done
-if command -v python > /dev/null; then exec python -m sgd_dist.jobs.client "$@"; fi
-exec python3 -m sgd_dist.jobs.client "$@"
+if command -v python > /dev/null; then exec python -m sgd_dist.jobs.entry "$@"; fi
+exec python3 -m sgd_dist.jobs.entry "$@"
 """
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AUTH_HINT = ("; export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
              "~/.ray/auth_token)")
-
-
-class SubmitError(RuntimeError):
-    """The cluster cannot be reached, refused the request, or the job did not complete; one line."""
 
 
 @dataclass(frozen=True)
@@ -239,8 +236,6 @@ def _job_error(client, job_id: str, logs: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text())
 
 
@@ -282,27 +277,3 @@ def unpack_archive(data: bytes, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         tar.extractall(run_dir, filter="data")  # "data": plain files inside run_dir only
-
-
-# --- the job side ----------------------------------------------------------------------------------------
-
-def run_job(config_path: str) -> int:
-    """Inside the Ray job: train with ``sgd-dist train`` into a temporary directory (the job joins the
-    cluster through RAY_ADDRESS, which Ray sets), then print that directory into the log."""
-    from sgd_dist.cli import main
-
-    print(f"sgd-dist job: sgd_dist {sgd_dist.__version__} from {Path(sgd_dist.__file__).resolve().parent} "
-          f"(python {sys.executable})", flush=True)
-    with tempfile.TemporaryDirectory(prefix="sgd-dist-job-") as tmp:
-        run_dir = Path(tmp) / "run"
-        code = main(["train", "--config", config_path, "--out", str(run_dir), "--no-progress"])
-        sys.stderr.flush()
-        if run_dir.is_dir():
-            for line in archive_lines(run_dir):
-                sys.stdout.write(line + "\n")  # one write per line: Ray's log forwarder must not split it
-            sys.stdout.flush()
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(run_job(sys.argv[1]))

@@ -22,17 +22,15 @@ from pathlib import Path
 
 import torch
 
+import sgd_dist
 from sgd_dist.config import Config, dump_config
+from sgd_dist.errors import CheckpointError
 from sgd_dist.run.rundir import write_bytes_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "latest.json"
 FORMAT = 1
 KEEP = 2  # checkpoint files kept: the latest, and the one before it while the latest is being written
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, corrupt, truncated, or of another run or version."""
 
 
 def config_digest(config: Config) -> str:
@@ -43,9 +41,8 @@ def config_digest(config: Config) -> str:
 
 
 def write_checkpoint(run_dir: str | Path, state: dict, config: Config) -> Path:
-    """Write ``state`` (from the server's loop: ``engine.state.encode``) as the run's latest checkpoint; return the file's path."""
-    import sgd_dist
-
+    """Write ``state`` (from the server's loop: ``engine.state.encode``) as the run's latest
+    checkpoint; return the file's path."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(exist_ok=True)
     buffer = io.BytesIO()
@@ -68,8 +65,6 @@ def load_checkpoint(run_dir: str | Path, config: Config) -> tuple[dict, dict]:
 
     Raises CheckpointError with one line naming the file and what is wrong with it.
     """
-    import sgd_dist
-
     folder = Path(run_dir) / CHECKPOINT_DIR
     manifest_path = folder / MANIFEST
     try:

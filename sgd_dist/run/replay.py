@@ -16,7 +16,9 @@ from pathlib import Path
 
 from sgd_dist.config import ConfigError, load_config
 from sgd_dist.engine.policies import ReplayPolicy
+from sgd_dist.errors import UsageError
 from sgd_dist.run.rundir import CONFIG_FILE, SCHEDULE_FILE, SUMMARY_FILE, read_metrics, read_summary
+from sgd_dist.run.trainer import train
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,11 @@ def replay(run_dir: str | Path, out: str | Path | None = None) -> ReplayReport:
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, SCHEDULE_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
-            raise ConfigError(f"{str(run_dir)!r} is not a run directory with a schedule (it needs {name})")
+            raise UsageError(f"{str(run_dir)!r} is not a run directory with a schedule (it needs {name})")
     original = read_summary(run_dir)
     if original.get("status") != "completed":
-        raise ConfigError(f"{str(run_dir)!r} did not complete (status {original.get('status')!r}): "
-                          "only a completed run's schedule can be replayed")
+        raise UsageError(f"{str(run_dir)!r} did not complete (status {original.get('status')!r}): "
+                         "only a completed run's schedule can be replayed")
     schedule = read_schedule(run_dir)
     out = Path(out) if out is not None else run_dir.with_name(f"{run_dir.name}-replay-{time.strftime('%H%M%S')}")
     # the numbers only: injected faults, straggler delays, the simulated network and nodes change wall time, never
@@ -66,8 +68,6 @@ def replay(run_dir: str | Path, out: str | Path | None = None) -> ReplayReport:
                               local_steps=config.train.local_steps, model_deltas=config.train.mode == "local_sgd")
     except ValueError as exc:  # a schedule no run could have written: edited, or from another run
         raise ConfigError(f"{run_dir / SCHEDULE_FILE}: {exc}") from None
-    from sgd_dist.run.trainer import train  # the trainer imports the backends; keep this module light
-
     result = train(config, policy=policy, console=False, progress=False)
     before = {r["step"]: r for r in read_metrics(run_dir)}
     after = {r["step"]: r for r in read_metrics(result.run_dir)}

@@ -122,6 +122,31 @@ def last_recorded_step(path: Path) -> int:
     return 0
 
 
+def truncate_jsonl(path: Path, key: str, last: int) -> list[dict]:
+    """Rewrite a JSON-lines file atomically keeping the rows whose ``key`` is at most ``last`` (and dropping a
+    half-written last line); return the kept rows. The rows taken out are appended to ``<name>.rewound.jsonl``
+    beside it first: a rewound run loses nothing it once recorded."""
+    kept, lines, rewound = [], [], []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row[key] <= last:
+                kept.append(row)
+                lines.append(line)
+            else:
+                rewound.append(line)
+    if rewound:
+        with open(path.with_name(f"{path.stem}.rewound.jsonl"), "a") as f:
+            f.write("".join(f"{line}\n" for line in rewound))
+            f.flush()
+            os.fsync(f.fileno())
+    write_text_atomic(path, "".join(f"{line}\n" for line in lines))
+    return kept
+
+
 def read_summary(run_dir: str | Path) -> dict:
     with open(Path(run_dir) / SUMMARY_FILE) as f:
         return json.load(f)

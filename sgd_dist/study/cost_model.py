@@ -41,13 +41,11 @@ What is measured and what is modelled:
   steps/batch trade-off of McCandlish et al. 2018); async's extra staleness at many workers is not modelled.
 
 Everything here is plain arithmetic on dataclasses; ``load_observations`` is the one function that reads files.
+What a sweep writes and prints of the model is model_report.py.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import statistics
@@ -57,9 +55,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from sgd_dist.config import MODES, load_config
+from sgd_dist.engine.delays import wire_delay_s
 from sgd_dist.engine.evaluations import eval_steps
+from sgd_dist.run.rundir import read_summary
+from sgd_dist.study.results import RESULTS_FILE, RUNS_DIR, grid_keys, read_results, series
 
-MODES = ("sync", "async", "ssp", "backup", "local_sgd")
 SYNC_LIKE = ("sync", "backup", "local_sgd", "ssp")  # modes whose step time the server-cost fit uses (ssp: s = 0 only)
 
 
@@ -222,11 +223,6 @@ def _wire_s(scenario: Scenario) -> float:
     return scenario.message_bytes * 8 / scenario.bandwidth_bps
 
 
-def message_delay_s(latency_s: float, bandwidth_bps: float | None, nbytes: int) -> float:
-    """One message over the network model: latency + bytes x 8 / bandwidth (None: unlimited)."""
-    return latency_s + (nbytes * 8 / bandwidth_bps if bandwidth_bps else 0.0)
-
-
 def server_s(model: CostModel, scenario: Scenario, answers: int) -> float:
     """The server's work for one update of ``answers`` answers, each handled one after the other."""
     return model.apply_s + model.apply_s_per_param * scenario.dim + answers * message_cost_s(model, scenario)
@@ -244,7 +240,7 @@ def step_s(model: CostModel, scenario: Scenario) -> float:
     f = _contention(scenario)
     compute = compute_s(model, scenario)
     wire = _wire_s(scenario)
-    path = 2 * message_delay_s(scenario.latency_s, scenario.bandwidth_bps, scenario.message_bytes)  # command, answer
+    path = 2 * wire_delay_s(scenario.latency_s, scenario.bandwidth_bps, scenario.message_bytes)  # command, answer
     link = 2 * k * wire  # every worker's command and answer through the server's link, one after another
     mode = scenario.mode
     if mode == "async":
@@ -320,9 +316,20 @@ def fit(observations: Sequence[Observation], cores: int | None = None) -> CostMo
     """
     if not observations:
         raise ValueError("the cost model needs at least one completed run")
-    unidentified: list[str] = []
+    grad, unidentified = _fit_gradient(observations, cores)
+    partial = CostModel(grad["grad_s"], grad["grad_s_per_elem"], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
+    server, dropped = _fit_server(observations, cores, partial)
+    unidentified += dropped
+    messages = replace(partial, message_s=server["message_s"], message_s_per_byte=server["message_s_per_byte"])
+    ev, dropped = _fit_evaluation(observations, cores, messages)
+    unidentified += dropped
+    return CostModel(grad["grad_s"], grad["grad_s_per_elem"], server["apply_s"], server["apply_s_per_param"],
+                     server["message_s"], server["message_s_per_byte"], ev["eval_s"], ev["eval_s_per_elem"],
+                     cores, len(observations), tuple(dict.fromkeys(unidentified)))
 
-    # 1. one worker's gradient, from the workers' own answer times
+
+def _fit_gradient(observations: Sequence[Observation], cores: int | None) -> tuple[dict[str, float], list[str]]:
+    """One worker's gradient, from the workers' own answer times."""
     pool = [o for o in observations if _uncontended(o, cores)]
     if len({_elems(o.scenario, b) for o in pool for b in o.scenario.worker_batches}) < 2:
         pool = list(observations)
@@ -336,12 +343,13 @@ def fit(observations: Sequence[Observation], cores: int | None = None) -> CostMo
             calls.append(h)
             elems.append(h * rows * s.dim)
             ys.append(max(0.0, answer - delay) / slow)
-    grad, dropped = _nonneg_lstsq({"grad_s": np.array(calls, float), "grad_s_per_elem": np.array(elems, float)},
-                                  np.array(ys), ["grad_s", "grad_s_per_elem"])
-    unidentified += dropped
-    partial = CostModel(grad["grad_s"], grad["grad_s_per_elem"], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
+    return _nonneg_lstsq({"grad_s": np.array(calls, float), "grad_s_per_elem": np.array(elems, float)},
+                         np.array(ys), ["grad_s", "grad_s_per_elem"])
 
-    # 2. the server: what the synchronous steps leave after the modelled compute and network
+
+def _fit_server(observations: Sequence[Observation], cores: int | None,
+                partial: CostModel) -> tuple[dict[str, float], list[str]]:
+    """The server: what the synchronous steps leave after the modelled compute and network."""
     sync = [o for o in observations if o.scenario.mode in SYNC_LIKE
             and not (o.scenario.mode == "ssp" and o.scenario.staleness_bound > 0)]
     cols: dict[str, list[float]] = {"apply_s": [], "message_s": [], "apply_s_per_param": [], "message_s_per_byte": []}
@@ -354,13 +362,14 @@ def fit(observations: Sequence[Observation], cores: int | None = None) -> CostMo
         cols["message_s"].append(k)
         cols["message_s_per_byte"].append(k * s.message_bytes)
         ys.append(o.step_s - step_s(partial, s))
-    server, dropped = _nonneg_lstsq({c: np.array(v, float) for c, v in cols.items()}, np.array(ys),
-                                    ["apply_s", "message_s", "apply_s_per_param", "message_s_per_byte"])
-    unidentified += dropped
+    return _nonneg_lstsq({c: np.array(v, float) for c, v in cols.items()}, np.array(ys),
+                         ["apply_s", "message_s", "apply_s_per_param", "message_s_per_byte"])
 
-    # 3. evaluations: the training time that the median steps leave over, per evaluation (the steps slower
-    # than the median are in it too), less the K answers' handling at the fitted per-message cost
-    messages = replace(partial, message_s=server["message_s"], message_s_per_byte=server["message_s_per_byte"])
+
+def _fit_evaluation(observations: Sequence[Observation], cores: int | None,
+                    messages: CostModel) -> tuple[dict[str, float], list[str]]:
+    """Evaluations: the training time that the median steps leave over, per evaluation (the steps slower than the
+    median are in it too), less the K answers' handling at the fitted per-message cost."""
     ones, shard, ys = [], [], []
     for o in observations:
         s = replace(o.scenario, cores=cores)
@@ -368,12 +377,8 @@ def fit(observations: Sequence[Observation], cores: int | None = None) -> CostMo
         shard.append(s.n_samples / s.num_workers * s.dim * _contention(s))
         left = (o.train_time_s - s.steps * o.step_s) / s.num_evaluations()
         ys.append(max(0.0, left - eval_s(messages, s)))
-    ev, dropped = _nonneg_lstsq({"eval_s": np.array(ones), "eval_s_per_elem": np.array(shard, float)},
-                                np.array(ys), ["eval_s", "eval_s_per_elem"])
-    unidentified += dropped
-    return CostModel(grad["grad_s"], grad["grad_s_per_elem"], server["apply_s"], server["apply_s_per_param"],
-                     server["message_s"], server["message_s_per_byte"], ev["eval_s"], ev["eval_s_per_elem"],
-                     cores, len(observations), tuple(dict.fromkeys(unidentified)))
+    return _nonneg_lstsq({"eval_s": np.array(ones), "eval_s_per_elem": np.array(shard, float)},
+                         np.array(ys), ["eval_s", "eval_s_per_elem"])
 
 
 def _elems(s: Scenario, rows: int) -> int:
@@ -616,9 +621,8 @@ def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str],
         return None
     grid = tuple((k, row.get(k)) for k in grid_keys)
     batch = row.get("global_batch") if row.get("scaling") == "strong" else None
-    series = (row.get("scaling"), batch, tuple((k, v) for k, v in grid if k != "cluster.num_workers"))
     return Observation(
-        run=row["run"], point=(row.get("scaling"), batch, grid), series=series, scaling=row.get("scaling") or "weak",
+        run=row["run"], point=(row.get("scaling"), batch, grid), series=series(row, grid_keys), scaling=row.get("scaling") or "weak",
         scenario=s, answer_s=tuple(answers[r] / 1e3 for r in range(s.num_workers)),
         step_s=summary["median_step_ms"] / 1e3, train_time_s=summary["train_time_s"],
         samples_per_s=summary["samples_per_s"], target_step=row.get("target_step"),
@@ -628,14 +632,8 @@ def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str],
 
 def load_observations(sweep_dir: str | Path, cores: int | None = None) -> list[Observation]:
     """Every completed run of a sweep directory: results.csv, and each run's config.yaml and summary.json."""
-    from sgd_dist.config import load_config
-    from sgd_dist.run.rundir import read_summary
-    from sgd_dist.study.sweep import RESULTS_FILE, RUNS_DIR, read_results
-
     sweep_dir = Path(sweep_dir)
-    with open(sweep_dir / RESULTS_FILE, newline="") as f:
-        header = next(csv.reader(f))
-    keys = header[header.index("scaling") + 1:header.index("repeat")]
+    keys = grid_keys(sweep_dir / RESULTS_FILE)
     out = []
     for row in read_results(sweep_dir / RESULTS_FILE):
         run_dir = sweep_dir / RUNS_DIR / row["run"]
@@ -660,118 +658,3 @@ def model_sweep(sweep_dir: str | Path, cores: int | None = None) -> SweepModel:
     cores = cores or machine_cores()
     observations = load_observations(sweep_dir, cores)
     return SweepModel(observations, fit(observations, cores), leave_one_out(observations, cores))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What a sweep writes and prints
-
-MODEL_FILE = "cost_model.json"
-PREDICTED_FILE = "predicted.csv"
-CLUSTER_NETWORK = (50e-6, 1e9, "1 Gbit/s, 50 us latency")  # the second curve of predicted_speedup.png
-
-
-def saved_cores(sweep_dir: str | Path) -> int | None:
-    """The cores recorded in cost_model.json by the sweep (the machine the runs were measured on), if any."""
-    path = Path(sweep_dir) / MODEL_FILE
-    if path.is_file():
-        return json.loads(path.read_text()).get("model", {}).get("cores")
-    return None
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def error_lines(observations: Sequence[Observation], predictions: dict[str, dict]) -> list[str]:
-    """The table of measured against predicted, one line per run, then the median and worst errors."""
-    lines = [f"{'run':<60} {'step ms':>8} {'pred':>8} {'err%':>6} {'samples/s':>10} {'pred':>10} {'err%':>6} "
-             f"{'target s':>8} {'pred':>8} {'err%':>6}"]
-    for o in observations:
-        p = predictions[o.run]
-        lines.append(
-            f"{o.run[:60]:<60} {o.step_s * 1e3:>8.3f} {p['predicted_step_ms']:>8.3f} {p['step_ms_error_pct']:>+6.0f} "
-            f"{o.samples_per_s:>10,.0f} {p['predicted_samples_per_s']:>10,.0f} {p['samples_per_s_error_pct']:>+6.0f} "
-            f"{_fmt(o.target_time_s, '8.4f'):>8} {_fmt(p['predicted_seconds_to_target'], '8.4f'):>8} "
-            f"{_fmt(p['seconds_to_target_error_pct'], '+6.0f'):>6}")
-    names = {"step_ms_error_pct": "step time", "samples_per_s_error_pct": "samples/s",
-             "seconds_to_target_error_pct": "time to target"}
-    spread = repeat_spread(observations)
-    for column, (median, worst, n) in error_summary(predictions.values()).items():
-        noise = f"; repeats of one point differ from their mean by median {spread[column]:.1f} %" if column in spread else ""
-        lines.append(f"{names[column]}: median |error| {median:.1f} %, worst {worst:.1f} % over {n} runs{noise}")
-    return lines
-
-
-def repeat_spread(observations: Sequence[Observation]) -> dict[str, float]:
-    """The measurement's own noise: median over runs of |run - mean of its point's repeats| / that mean, in %,
-    for points run more than once (what no model of the mean can predict)."""
-    measured = {"step_ms_error_pct": lambda o: o.step_s, "samples_per_s_error_pct": lambda o: o.samples_per_s,
-                "seconds_to_target_error_pct": lambda o: o.target_time_s}
-    out = {}
-    for column, value in measured.items():
-        deviations = []
-        for point in dict.fromkeys(o.point for o in observations):
-            values = [value(o) for o in observations if o.point == point and value(o) is not None]
-            if len(values) > 1:
-                mean = statistics.fmean(values)
-                deviations += [100 * abs(v - mean) / mean for v in values]
-        if deviations:
-            out[column] = statistics.median(deviations)
-    return out
-
-
-def extrapolation_caveat(observations: Sequence[Observation]) -> str | None:
-    """Why the 1 to 1,024-worker curves mean little, if they do: a fit on one worker count cannot separate the
-    per-answer cost (what stops a parameter server scaling) from the rest."""
-    counts = {o.scenario.num_workers for o in observations}
-    if len(counts) < 2:
-        return (f"  not shown: every run had {counts.pop() if counts else '?'} workers, so the per-answer cost that "
-                "stops scaling cannot be fitted (vary cluster.num_workers in the grid)")
-    return None
-
-
-def curve_lines(found: Sequence[Curve], table: bool = False) -> list[str]:
-    """One line per curve saying where it stops paying; with ``table``, its numbers per worker count too."""
-    lines = []
-    for c in found:
-        scaling, batch, values = c.series
-        label = ", ".join([scaling] + ([f"global batch {batch}"] if batch is not None else [])
-                          + [f"{k.split('.')[-1]}={v}" for k, v in values])
-        lines.append(f"{label}; network {c.network}: {c.stops_paying()} [{c.basis}]")
-        if not table:
-            continue
-        lines.append("  K         " + " ".join(f"{k:>8}" for k in c.workers))
-        lines.append("  step ms   " + " ".join(f"{v:>8.3g}" for v in c.step_ms))
-        lines.append("  samples/s " + " ".join(f"{v:>8.3g}" for v in c.samples_per_s))
-        lines.append("  speedup   " + " ".join(f"{v:>8.3g}" for v in c.speedup))
-    return lines
-
-
-def write_sweep_model(sweep_dir: str | Path, cores: int | None = None, workers_max: int = 1024) -> tuple[SweepModel, list[Curve]]:
-    """Fit the sweep's model, write cost_model.json and predicted.csv (1 to workers_max workers, a core per
-    process, as measured and over CLUSTER_NETWORK), and return the model and the curves."""
-    from sgd_dist.run.rundir import write_text_atomic
-
-    sweep_dir = Path(sweep_dir)
-    result = model_sweep(sweep_dir, cores)
-    ks = worker_counts(workers_max)
-    latency, bandwidth, words = CLUSTER_NETWORK
-    found = (curves(result.observations, result.model, ks, None, network="as measured (no network)")
-             + curves(result.observations, result.model, ks, None, latency, bandwidth, words))
-    summary = {c: {"median_abs_pct": m, "worst_abs_pct": w, "runs": n}
-               for c, (m, w, n) in error_summary(result.predictions.values()).items()}
-    write_text_atomic(sweep_dir / MODEL_FILE, json.dumps(
-        {"model": result.model.to_dict(), "predictions": "each run from a fit on the other grid points' runs "
-         "(leave-one-point-out)", "errors": summary}, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["scaling", "global_batch", "series", "mode", "network", "num_workers", "predicted_step_ms",
-                     "predicted_samples_per_s", "predicted_seconds_to_target", "predicted_speedup", "speedup_basis"])
-    for c in found:
-        for i, k in enumerate(c.workers):
-            writer.writerow([c.series[0], c.series[1] or "", ";".join(f"{a}={b}" for a, b in c.series[2]), c.mode,
-                             c.network, k, repr(c.step_ms[i]), repr(c.samples_per_s[i]),
-                             "" if c.seconds_to_target[i] is None else repr(c.seconds_to_target[i]),
-                             repr(c.speedup[i]), c.basis])
-    write_text_atomic(sweep_dir / PREDICTED_FILE, buffer.getvalue())
-    return result, found

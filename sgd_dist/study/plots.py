@@ -6,7 +6,6 @@ Like plots.py: matplotlib's object API, no pyplot, no Ray, no trainer.
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,8 +15,11 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sgd_dist.core.noise_scale import fit_steps
 from sgd_dist.run.rundir import read_metrics
-from sgd_dist.study.sweep import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, read_results, series
+from sgd_dist.study import cost_model as cm
+from sgd_dist.study.model_report import CLUSTER_NETWORK, saved_cores
+from sgd_dist.study.results import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, grid_keys, read_results, series
 
 WORKERS = "cluster.num_workers"
 MAX_LEGEND = 30  # lines beyond which loss_time.png leaves its legend out
@@ -28,13 +30,6 @@ FEATURES = "data.n_features"
 class Figures:
     drawn: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, why)
-
-
-def grid_keys(results: Path) -> list[str]:
-    """The grid's keys: results.csv's columns between scaling and repeat."""
-    with open(results, newline="") as f:
-        header = next(csv.reader(f))
-    return header[header.index("scaling") + 1:header.index("repeat")]
 
 
 def plot_sweep(sweep_dir: str | Path) -> Figures:
@@ -231,20 +226,18 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
 
 def _predicted_speedup(path: Path, rows: list[dict], keys: list[str], target, sweep_dir: Path) -> str | None:
     """The measured speedups (points) and the cost model's (sgd_dist.study.cost_model) for 1 to 1,024 workers."""
-    from sgd_dist.study import cost_model as cm
-
     if (why := _need_workers(rows)) is not None:
         return why
     if not any(r["speedup"] is not None for r in rows):
         return "needs 1-worker runs to measure a speedup against"
-    cores = cm.saved_cores(sweep_dir) or cm.machine_cores()
+    cores = saved_cores(sweep_dir) or cm.machine_cores()
     try:
         observations = cm.load_observations(sweep_dir, cores)
         model = cm.fit(observations, cores)
     except (ValueError, OSError, KeyError) as exc:
         return f"the cost model cannot be fitted on these runs ({exc})"
     ks = cm.worker_counts(1024)
-    latency, bandwidth, words = cm.CLUSTER_NETWORK
+    latency, bandwidth, words = CLUSTER_NETWORK
     measured_max = max(r["num_workers"] for r in rows)
     cluster = cm.curves(observations, model, ks, None)
     network = {c.series: c for c in cm.curves(observations, model, ks, None, latency, bandwidth, words)}
@@ -310,8 +303,6 @@ def _noise_scale_overlay(ax, reached: list[dict], keys: list[str]) -> None:
     """The critical batch predicted by the gradient noise scale (results.csv gradient_noise_scale: B_simple at the
     target gap) as a vertical line, and McCandlish et al.'s S = S_min (1 + B_noise / B) through the fewest steps
     at each batch: with B_noise = B_simple (S_min fitted), and with both fitted."""
-    from sgd_dist.core.noise_scale import fit_steps
-
     values = [r["gradient_noise_scale"] for r in reached if r.get("gradient_noise_scale")]
     if not values:
         return

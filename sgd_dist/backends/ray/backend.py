@@ -22,7 +22,8 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sgd_dist import signals
-from sgd_dist.backends.base import Backend, ClusterError, Sink, one_line, server_args, worker_args, worker_threads
+from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
+from sgd_dist.errors import ClusterError, one_line
 from sgd_dist.backends.ray import actors, simulated
 from sgd_dist.backends.ray.cluster import (
     check_cluster,
