@@ -7,8 +7,16 @@ import pytest
 import torch
 from conftest import make_config
 
-from sgd_dist.core.data import (BLOCK_ROWS, Batches, BlockSampler, MiniBatchSampler, generate,
-                                make_sampler, shard_bounds, true_weights)
+from sgd_dist.core.data import (
+    BLOCK_ROWS,
+    Batches,
+    BlockSampler,
+    MiniBatchSampler,
+    generate,
+    make_sampler,
+    shard_bounds,
+    true_weights,
+)
 from sgd_dist.core.objectives import mse
 
 

@@ -29,9 +29,9 @@ from sgd_dist.engine.recovery import LoopHooks
 from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.run.checkpoint import CHECKPOINT_DIR, MANIFEST, load_checkpoint
+from sgd_dist.run.recorder import Recorder
 from sgd_dist.run.replay import replay
 from sgd_dist.run.rundir import last_recorded_step, read_metrics, read_summary
-from sgd_dist.run.recorder import Recorder
 from sgd_dist.run.trainer import train
 from sgd_dist.transports.local import LocalServerEnd
 

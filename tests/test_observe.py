@@ -20,9 +20,9 @@ from test_trackers import assert_mlflow_run, assert_scalars, board, client, need
 from sgd_dist.cli import main
 from sgd_dist.config import ConfigError, dump_config
 from sgd_dist.run.plots import plot_run, worker_series
+from sgd_dist.run.recorder import Recorder
 from sgd_dist.run.rundir import read_metrics, read_summary
 from sgd_dist.run.trackers import MissingExtra, MlflowTracker, export_run
-from sgd_dist.run.recorder import Recorder
 from sgd_dist.run.trainer import train
 
 STEPS = 30  # test_trackers' assert_mlflow_run expects the run's last step to be 30

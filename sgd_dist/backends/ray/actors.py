@@ -18,8 +18,8 @@ import ray
 import torch
 
 from sgd_dist.backends.ray import simulated
-from sgd_dist.engine.messages import STOP_TIMEOUT_S, ServerEnd, WorkerLost
 from sgd_dist.engine.loop import Loop
+from sgd_dist.engine.messages import STOP_TIMEOUT_S, ServerEnd, WorkerLost
 from sgd_dist.engine.recovery import LoopHooks
 from sgd_dist.engine.server import ParameterServer
 from sgd_dist.engine.worker import ShardWorker

@@ -23,7 +23,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sgd_dist import signals
 from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
-from sgd_dist.errors import ClusterError, one_line
 from sgd_dist.backends.ray import actors, simulated
 from sgd_dist.backends.ray.cluster import (
     check_cluster,
@@ -36,6 +35,7 @@ from sgd_dist.backends.ray.cluster import (
 )
 from sgd_dist.config import Config
 from sgd_dist.engine.messages import STOP_TIMEOUT_S
+from sgd_dist.errors import ClusterError, one_line
 from sgd_dist.transports.base import Link
 from sgd_dist.transports.channel import ChannelLink
 from sgd_dist.transports.shm import ShmLink

@@ -22,10 +22,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from sgd_dist import signals
-from sgd_dist.errors import ClusterError
 from sgd_dist.backends.capacity import check_node_memory
 from sgd_dist.backends.ray import simulated
 from sgd_dist.config import ClusterConfig, Config
+from sgd_dist.errors import ClusterError
 
 CONNECT_TIMEOUT_S = 5.0
 AUTH_PROBE_TIMEOUT_S = 5.0

@@ -17,8 +17,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from sgd_dist.errors import one_line
 from sgd_dist.config import Config, ConfigError, load_config
+from sgd_dist.errors import one_line
 from sgd_dist.run.rundir import CONFIG_FILE, FAULTS_FILE, SUMMARY_FILE, read_metrics, read_summary
 
 STATUSES = ("completed", "failed", "interrupted")
