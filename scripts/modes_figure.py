@@ -55,7 +55,7 @@ def main() -> None:
                   f"{summary['relative_optimality_gap']:.2e}, transport {summary['transport']}", flush=True)
     fig = Figure(figsize=(15, 4.6), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
-    for name, (rows, summary) in runs.items():
+    for name, (rows, _summary) in runs.items():
         evals = [r for r in rows if r.get("optimality_gap") is not None and r["optimality_gap"] > 0]
         for ax, key in zip(axes, ["step", "samples_seen", "wall_time_s"]):
             ax.plot([r[key] for r in evals], [r["optimality_gap"] for r in evals], "o-", ms=2.5, label=name)

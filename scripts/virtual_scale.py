@@ -74,8 +74,8 @@ def main() -> None:
     if args.case or args.profile:
         print(json.dumps(one(args.case or args.profile, out, args.quick, args.profile is not None)), flush=True)
         return
-    print(f"{'case':<12} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'answers':>9} {'answers/s':>10} {'virtual s':>10} "
-          f"{'median staleness':>17} {'relative gap':>13}")
+    print(f"{'case':<12} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'answers':>9} {'answers/s':>10} "
+          f"{'virtual s':>10} {'median staleness':>17} {'relative gap':>13}")
     for name in CASES:
         command = [sys.executable, __file__, "--case", name, "--out", str(out)] + (["--quick"] if args.quick else [])
         proc = subprocess.run(command, capture_output=True, text=True)

@@ -59,7 +59,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the sweep's figures at the end (default on)")
 
-    p = sub.add_parser("model", help="fit the cost model on a sweep's runs; coefficients, errors, 1 to N workers predicted")
+    p = sub.add_parser("model",
+                       help="fit the cost model on a sweep's runs; coefficients, errors, 1 to N workers predicted")
     p.add_argument("sweep_dir", help="a sweep directory (with results.csv and runs/)")
     p.add_argument("--workers-max", type=int, default=1024, help="predict for 1, 2, 4, ... up to this many workers")
     p.add_argument("--cores", type=int, help="cores of the machine the runs were measured on (default: as the sweep "
@@ -138,7 +139,8 @@ def _name_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in SYSTEMS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(SYSTEMS)}")
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {','.join(SYSTEMS)}")
     return names
 
 

@@ -1,6 +1,6 @@
 """One validated, frozen config tree: a pydantic model per YAML section.
 
-Every field carries a one-line docstring (shown by ``sgd-dist config --describe``). Unknown keys are
+Every field carries a docstring (shown on one line by ``sgd-dist config --describe``). Unknown keys are
 rejected, values are range-checked on construction, and the errors name the dotted field path.
 """
 
@@ -66,8 +66,10 @@ class ModeParameter:
 
 
 MODE_PARAMETERS = {
-    "ssp": ModeParameter("staleness_bound", 0, "how many steps a worker may run ahead of the slowest, e.g. 2; 0 is sync"),
-    "backup": ModeParameter("backup_workers", 0, "how many of the slowest gradients each step drops, e.g. 1; 0 is sync"),
+    "ssp": ModeParameter("staleness_bound", 0,
+                         "how many steps a worker may run ahead of the slowest, e.g. 2; 0 is sync"),
+    "backup": ModeParameter("backup_workers", 0,
+                            "how many of the slowest gradients each step drops, e.g. 1; 0 is sync"),
     "local_sgd": ModeParameter("local_steps", 1, "local SGD steps between two averagings, e.g. 4; 1 is sync"),
 }
 
@@ -82,7 +84,8 @@ OWNED_KEYS = {
 
 class DataConfig(_Section):
     kind: Literal["linear", "logistic"] = "linear"
-    """linear: y = x @ a + noise, fitted by mean squared error; logistic: y ~ Bernoulli(sigmoid(x @ a)), fitted by cross-entropy."""
+    """linear: y = x @ a + noise, fitted by mean squared error; logistic: y ~ Bernoulli(sigmoid(x @ a)), fitted by
+    cross-entropy."""
     n_samples: Count = Field(100_000, ge=1)
     """Rows in the whole dataset, split over the workers as evenly as possible."""
     n_features: Count = Field(1, ge=1)
@@ -92,7 +95,8 @@ class DataConfig(_Section):
     x_dist: Literal["uniform", "normal"] = "uniform"
     """Feature distribution: uniform is U(-1, 1), normal is N(0, 1)."""
     noise: Literal["uniform", "normal"] = "uniform"
-    """Label noise (linear only): uniform is U(0, noise_scale) as in the seed, normal is N(0, noise_scale^2); null is the same as leaving the key out (how a logistic config may say it has no label noise)."""
+    """Label noise (linear only): uniform is U(0, noise_scale) as in the seed, normal is N(0, noise_scale^2); null is
+    the same as leaving the key out (how a logistic config may say it has no label noise)."""
     noise_scale: float = Field(1.0, ge=0)
     """Scale of the label noise (linear only); 0 gives noiseless labels; null is the same as leaving the key out."""
     true_weights: Weights | None = None
@@ -149,7 +153,8 @@ class OptimConfig(_Section):
     nesterov: bool = False
     """Nesterov momentum (needs momentum > 0)."""
     weight_decay: float = Field(0.0, ge=0)
-    """L2 penalty wd/2 * |w|^2 added to the objective (torch.optim.SGD's weight_decay); the optimum is then the penalised one."""
+    """L2 penalty wd/2 * |w|^2 added to the objective (torch.optim.SGD's weight_decay); the optimum is then the
+    penalised one."""
     schedule: Literal["constant", "step", "cosine"] = "constant"
     """Learning-rate schedule after warm-up."""
     warmup_steps: Count = Field(0, ge=0)
@@ -165,7 +170,8 @@ class OptimConfig(_Section):
     base_batch_size: Count = Field(256, ge=1)
     """lr_scaling=linear: the global batch size that optim.lr was tuned for."""
     staleness_lr: bool = False
-    """async and ssp: divide each gradient's step by its staleness (updates applied since its weights), as Zhang et al. 2016."""
+    """async and ssp: divide each gradient's step by its staleness (updates applied since its weights), as
+    Zhang et al. 2016."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
@@ -176,9 +182,11 @@ class OptimConfig(_Section):
 
 class NetworkConfig(_Section):
     latency_ms: float = Field(0.0, ge=0)
-    """One-way latency of every message between the server and a worker, in ms: a command and its answer are one message each (on any backend, simulated nodes or not)."""
+    """One-way latency of every message between the server and a worker, in ms: a command and its answer are one message
+    each (on any backend, simulated nodes or not)."""
     bandwidth_gbps: float | None = Field(None, gt=0)
-    """Bandwidth of each worker's link to the server, in gigabits per second (a message of B bytes takes B * 8 / (bandwidth_gbps * 1e9) s more); null: unlimited."""
+    """Bandwidth of each worker's link to the server, in gigabits per second (a message of B bytes takes B * 8 /
+    (bandwidth_gbps * 1e9) s more); null: unlimited."""
 
     @property
     def enabled(self) -> bool:
@@ -199,19 +207,24 @@ def _is_ip(host: str) -> bool:
 
 class VirtualConfig(_Section):
     profile: str | None = None
-    """A TimeProfile JSON (as `sgd-dist calibrate` writes it) whose coefficients the virtual clock uses; null: the profile shipped in the package."""
+    """A TimeProfile JSON (as `sgd-dist calibrate` writes it) whose coefficients the virtual clock uses; null: the
+    profile shipped in the package."""
     workers_per_node: Count | None = Field(None, ge=1)
-    """Workers per node: the server is on node 0 with workers 0..m-1, whose messages skip the network; null: each worker on a node of its own."""
+    """Workers per node: the server is on node 0 with workers 0..m-1, whose messages skip the network; null: each worker
+    on a node of its own."""
     cores: Count | None = Field(None, ge=1)
     """C cores shared equally by every computing process, the server included (processor sharing); null: a core each."""
     speed: dict[int, float] = {}
     """Worker index -> compute-time multiplier (mixed hardware: 2.0 computes half as fast); unlisted workers 1.0."""
     speed_sigma: float = Field(0.0, ge=0)
-    """Each worker's compute time is also multiplied by exp(speed_sigma x N(0, 1)), drawn once per worker, keyed by (seed, worker); 0: off."""
+    """Each worker's compute time is also multiplied by exp(speed_sigma x N(0, 1)), drawn once per worker, keyed by
+    (seed, worker); 0: off."""
     worker_mtbf_s: float | None = Field(None, gt=0)
-    """Random worker failures: each worker fails after exponential times of this mean, in virtual seconds from its start (a replacement's from when it is up), keyed by (seed, worker, failure); null: none."""
+    """Random worker failures: each worker fails after exponential times of this mean, in virtual seconds from its start
+    (a replacement's from when it is up), keyed by (seed, worker, failure); null: none."""
     server_mtbf_s: float | None = Field(None, gt=0)
-    """Random server failures: exponential times of this mean between failures, in virtual seconds, keyed by (seed, failure); each rolls the run back to the last checkpoint after the profile's restart_s; null: none."""
+    """Random server failures: exponential times of this mean between failures, in virtual seconds, keyed by (seed,
+    failure); each rolls the run back to the last checkpoint after the profile's restart_s; null: none."""
     seed: int = Field(0, ge=0)
     """Seeds speed_sigma and the random failures."""
 
@@ -226,15 +239,19 @@ class VirtualConfig(_Section):
 
 class ClusterConfig(_Section):
     backend: Literal["ray", "serial", "virtual"] = "ray"
-    """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference); virtual: the same math in this one process on a modelled cluster's clock (cluster.virtual)."""
+    """ray: worker and server actors on a Ray cluster; serial: the same math in this one process (the reference);
+    virtual: the same math in this one process on a modelled cluster's clock (cluster.virtual)."""
     address: str | None = None
-    """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1 (or uses the one this process is connected to)."""
+    """Ray cluster to join ('auto', 'HOST:PORT' or 'ray://...'); null starts an embedded local Ray bound to 127.0.0.1
+    (or uses the one this process is connected to)."""
     num_workers: Count = Field(2, ge=1)
     """Worker actors, each holding one shard of the data."""
     transport: Literal["auto", "shm", "ray"] = "auto"
-    """How weights and gradients travel on the ray backend: shm (shared memory, every actor on one node), ray (Ray channels, across nodes), auto (shm when the workers share a node)."""
+    """How weights and gradients travel on the ray backend: shm (shared memory, every actor on one node), ray (Ray
+    channels, across nodes), auto (shm when the workers share a node)."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    """Where each worker keeps its shard and computes: cpu, cuda (one GPU per worker from Ray), or auto (cuda if the cluster has GPUs)."""
+    """Where each worker keeps its shard and computes: cpu, cuda (one GPU per worker from Ray), or auto (cuda if the
+    cluster has GPUs)."""
     cpus_per_worker: float = Field(1.0, ge=0)
     """CPUs Ray reserves for each worker actor; also its torch thread count (at least 1)."""
     gpus_per_worker: float = Field(1.0, gt=0, le=1)
@@ -242,7 +259,8 @@ class ClusterConfig(_Section):
     placement_timeout_s: float = Field(60.0, gt=0)
     """Seconds to wait for free CPUs (and GPUs) to place the workers; then the run fails naming what is missing."""
     simulated_nodes: Count | None = Field(None, ge=1)
-    """Start a Ray cluster of this many nodes on this machine (Ray's cluster_utils.Cluster, on 127.0.0.1) and put worker r on node r mod N (the server on node 0, the head); null: off. Needs backend=ray and address null."""
+    """Start a Ray cluster of this many nodes on this machine (Ray's cluster_utils.Cluster, on 127.0.0.1) and put worker
+    r on node r mod N (the server on node 0, the head); null: off. Needs backend=ray and address null."""
     network: NetworkConfig = NetworkConfig()
     """A simulated network between the server and each worker: every message is delayed, wall time only."""
     virtual: VirtualConfig = VirtualConfig()
@@ -277,23 +295,31 @@ class ClusterConfig(_Section):
         spread = min(nodes, self.num_workers)
         if self.transport == "shm" and spread > 1:
             raise ValueError(f"cluster.transport=shm needs every worker on one node; cluster.simulated_nodes={nodes} "
-                             f"puts the {self.num_workers} workers on {spread} nodes (use cluster.transport=ray or auto)")
+                             f"puts the {self.num_workers} workers on {spread} nodes "
+                             "(use cluster.transport=ray or auto)")
         return self
 
 
 class TrainConfig(_Section):
     mode: Literal[MODES] = "sync"
-    """Consistency mode. sync: each update averages all workers' gradients of one step; async: each gradient is applied as it arrives; ssp: sync averaging, but a worker may run up to staleness_bound steps ahead; backup: each update averages the first num_workers - backup_workers gradients; local_sgd: workers take local_steps steps on their own copies, then the server averages the models."""
+    """Consistency mode. sync: each update averages all workers' gradients of one step; async: each gradient is applied
+    as it arrives; ssp: sync averaging, but a worker may run up to staleness_bound steps ahead; backup: each update
+    averages the first num_workers - backup_workers gradients; local_sgd: workers take local_steps steps on their own
+    copies, then the server averages the models."""
     steps: Count = Field(100, ge=1)
     """Number of parameter updates the server applies (rounds for local_sgd)."""
     batch_size: Count | Literal["full"] | tuple[Count, ...] = 32
-    """Rows per worker per step, drawn without replacement per local epoch; 'full' uses each worker's whole shard; a list gives each worker its own (uneven hardware), averaged by rows."""
+    """Rows per worker per step, drawn without replacement per local epoch; 'full' uses each worker's whole shard; a
+    list gives each worker its own (uneven hardware), averaged by rows."""
     staleness_bound: Count = Field(MODE_PARAMETERS["ssp"].sync_value, ge=0)
-    """mode=ssp, and required with it: how many steps a worker may run ahead of the slowest (0 is sync). No default: the useful bound depends on how far the workers' speeds spread, and a default of 0 would silently run sync."""
+    """mode=ssp, and required with it: how many steps a worker may run ahead of the slowest (0 is sync). No default: the
+    useful bound depends on how far the workers' speeds spread, and a default of 0 would silently run sync."""
     backup_workers: Count = Field(MODE_PARAMETERS["backup"].sync_value, ge=0)
-    """mode=backup, and required with it: gradients of the slowest this many workers are dropped each step (0 is sync). No default: how many stragglers to drop depends on the workers, and a default of 0 would silently run sync."""
+    """mode=backup, and required with it: gradients of the slowest this many workers are dropped each step (0 is sync).
+    No default: how many stragglers to drop depends on the workers, and a default of 0 would silently run sync."""
     local_steps: Count = Field(MODE_PARAMETERS["local_sgd"].sync_value, ge=1)
-    """mode=local_sgd, and required with it: SGD steps each worker takes on its own copy between two averagings (1 is sync). No default: H trades rounds against drift on each problem, and a default of 1 would silently run sync."""
+    """mode=local_sgd, and required with it: SGD steps each worker takes on its own copy between two averagings (1 is
+    sync). No default: H trades rounds against drift on each problem, and a default of 1 would silently run sync."""
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -310,22 +336,32 @@ class TrainConfig(_Section):
             return tuple(one(v) for v in value)
         return one(value)
     eval_every: Count = Field(100, ge=0)
-    """Evaluate the full-data loss and the optimality gap every this many steps (and at step 0 and the last); 0: only those two."""
+    """Evaluate the full-data loss and the optimality gap every this many steps (and at step 0 and the last); 0: only
+    those two."""
     log_every: Count = Field(100, ge=0)
     """Print one console line every this many steps (and at the last); 0: none."""
     seed: int = Field(0, ge=0)
     """Seeds the mini-batch order: worker r's batch at step t is a pure function of (seed, r, t)."""
     sampling: Literal["shuffle", "blocks"] = "shuffle"
-    """How a worker draws its mini-batches from its shard, each keyed by (seed, worker, local epoch). shuffle: the next batch_size rows of a fresh permutation of the shard each epoch, gathered into a kept buffer; blocks: the shard's contiguous batch_size-row blocks in an order permuted each epoch, read in place (no gather: cheaper on wide rows, but the same rows share a batch every epoch). Ignored with batch_size=full."""
+    """How a worker draws its mini-batches from its shard, each keyed by (seed, worker, local epoch). shuffle: the next
+    batch_size rows of a fresh permutation of the shard each epoch, gathered into a kept buffer; blocks: the shard's
+    contiguous batch_size-row blocks in an order permuted each epoch, read in place (no gather: cheaper on wide rows,
+    but the same rows share a batch every epoch). Ignored with batch_size=full."""
     checkpoint_every: Count = Field(1000, ge=0)
-    """Checkpoint the server (weights, optimizer, policy, answers in flight) every this many steps into RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it. 0: none (a lost server then restarts from step 0). The default, 1000, makes a long run resumable for a few milliseconds per checkpoint, and leaves short runs (and the tests' tiny ones) without any."""
+    """Checkpoint the server (weights, optimizer, policy, answers in flight) every this many steps into
+    RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it.
+    0: none (a lost server then restarts from step 0). The default, 1000, makes a long run resumable for a few
+    milliseconds per checkpoint, and leaves short runs (and the tests' tiny ones) without any."""
     gradient_noise_scale: tuple[Annotated[float, Field(gt=0)], ...] = ()
-    """Relative gaps at which to measure the gradient noise scale B = tr(Sigma)/|G|^2 exactly over every shard, at the point with that gap on the segment from model.init to the optimum (also at the initial and final weights): summary.json gradient_noise_scale; empty: not measured."""
+    """Relative gaps at which to measure the gradient noise scale B = tr(Sigma)/|G|^2 exactly over every shard, at the
+    point with that gap on the segment from model.init to the optimum (also at the initial and final weights):
+    summary.json gradient_noise_scale; empty: not measured."""
 
 
 class StragglersConfig(_Section):
     slowdown: dict[int, float] = {}
-    """Worker index -> factor: that worker's answers take factor x its compute time ({1: 4.0}: worker 1 is 4x slower)."""
+    """Worker index -> factor: that worker's answers take factor x its compute time ({1: 4.0}: worker 1 is 4x
+    slower)."""
     delay: Literal["none", "uniform", "exponential"] = "none"
     """A random extra delay per answer: uniform on [0, 2 x delay_ms] or exponential with mean delay_ms."""
     delay_ms: float = Field(0.0, ge=0)
@@ -346,9 +382,11 @@ class StragglersConfig(_Section):
 
 class FaultConfig(_Section):
     kind: Literal["kill_worker", "kill_server", "remove_node", "delay"]
-    """kill_worker: kill worker `worker`'s process; kill_server: kill the parameter server's process; remove_node: remove simulated node `node` (cluster.simulated_nodes); delay: worker `worker` answers `seconds` late, once."""
+    """kill_worker: kill worker `worker`'s process; kill_server: kill the parameter server's process; remove_node:
+    remove simulated node `node` (cluster.simulated_nodes); delay: worker `worker` answers `seconds` late, once."""
     step: Count = Field(ge=1)
-    """When: right after update `step` is applied (kill_worker, kill_server), once the driver has seen it (remove_node), or at the worker's local step `step` (delay)."""
+    """When: right after update `step` is applied (kill_worker, kill_server), once the driver has seen it (remove_node),
+    or at the worker's local step `step` (delay)."""
     worker: int | None = Field(None, ge=0)
     """kill_worker and delay: the worker's index."""
     node: int | None = Field(None, ge=1)
@@ -370,7 +408,8 @@ class FaultConfig(_Section):
 
 class MlflowConfig(_Section):
     tracking_uri: str | None = None
-    """Where MLflow records the run: an http(s) tracking server, a database URI or file:DIR; null: MLflow's default (MLFLOW_TRACKING_URI, else ./mlruns)."""
+    """Where MLflow records the run: an http(s) tracking server, a database URI or file:DIR; null: MLflow's default
+    (MLFLOW_TRACKING_URI, else ./mlruns)."""
     experiment: str = "sgd_dist"
     """MLflow experiment to record the run in (created if missing)."""
     run_name: str | None = None
@@ -393,7 +432,8 @@ class OutputConfig(_Section):
     dir: str | None = None
     """Run directory; null makes runs/<name>-<timestamp>. It must not exist yet or be empty."""
     name: str | None = None
-    """Run name used for the default directory runs/<name>-<timestamp>: a plain name (letters, digits, . _ + -), not a path; null uses the config file's stem (from Python without a file: <mode>-<workers>w-<backend>)."""
+    """Run name used for the default directory runs/<name>-<timestamp>: a plain name (letters, digits, . _ + -), not a
+    path; null uses the config file's stem (from Python without a file: <mode>-<workers>w-<backend>)."""
 
     @field_validator("dir")
     @classmethod
@@ -412,11 +452,14 @@ class OutputConfig(_Section):
     plots: bool = True
     """Draw loss.png (and fit.png for one-feature problems) at the end of the run."""
     tensorboard: bool | str = False
-    """TensorBoard event files: true writes them under the run directory (tensorboard/), a directory path writes them to <path>/<run directory's name> (point `tensorboard --logdir` at it to overlay runs); needs the tensorboard extra."""
+    """TensorBoard event files: true writes them under the run directory (tensorboard/), a directory path writes them to
+    <path>/<run directory's name> (point `tensorboard --logdir` at it to overlay runs); needs the tensorboard extra."""
     mlflow: Annotated[MlflowConfig | None, BeforeValidator(_switch)] = None
-    """Record the run in MLflow ({tracking_uri, experiment, run_name}; true: the defaults); null: not at all; needs the mlflow extra."""
+    """Record the run in MLflow ({tracking_uri, experiment, run_name}; true: the defaults); null: not at all; needs the
+    mlflow extra."""
     ray_metrics: bool = True
-    """On the ray backend, export the run's step, samples/s, staleness, answer times and faults through Ray's metrics (Prometheus, the dashboard), labelled by run."""
+    """On the ray backend, export the run's step, samples/s, staleness, answer times and faults through Ray's metrics
+    (Prometheus, the dashboard), labelled by run."""
 
     @field_validator("tensorboard")
     @classmethod
@@ -525,9 +568,9 @@ class Config(_Section):
             if fault.kind == "remove_node":
                 nodes = cluster.simulated_nodes
                 if not nodes or nodes < 2:
+                    given = "null" if nodes is None else nodes
                     raise ValueError(f"{where}: needs a simulated cluster with a node to remove: "
-                                     f"cluster.simulated_nodes of 2 or more (it is {'null' if nodes is None else nodes}; node 0, the head, "
-                                     "stays)")
+                                     f"cluster.simulated_nodes of 2 or more (it is {given}; node 0, the head, stays)")
                 if fault.node >= nodes:
                     raise ValueError(f"{where}: node {fault.node}; removable simulated nodes are 1..{nodes - 1} "
                                      f"(cluster.simulated_nodes={nodes})")
@@ -711,14 +754,15 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        text = " ".join((field.description or "").split())  # a docstring wrapped in the source reads as one line
         annotation = field.annotation
         items = typing.get_args(annotation) if typing.get_origin(annotation) is tuple else ()
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe_fields(annotation, prefix=f"{key}."))
         elif items and isinstance(items[0], type) and issubclass(items[0], BaseModel):  # a list of sections
-            rows.append((key, "[]", field.description or ""))
+            rows.append((key, "[]", text))
             rows.extend(describe_fields(items[0], prefix=f"{key}[]."))
         else:
             default = "(required)" if field.is_required() else "null" if field.default is None else str(field.default)
-            rows.append((key, default, field.description or ""))
+            rows.append((key, default, text))
     return rows

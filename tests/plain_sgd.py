@@ -35,7 +35,8 @@ def expected_lr(optim: OptimConfig, t: int, total_steps: int, global_batch: int)
         return lr * (t + 1) / optim.warmup_steps
     after = t - optim.warmup_steps
     if optim.schedule == "cosine":
-        return optim.min_lr + (lr - optim.min_lr) * (1 + math.cos(math.pi * after / (total_steps - optim.warmup_steps))) / 2
+        cosine = math.cos(math.pi * after / (total_steps - optim.warmup_steps))
+        return optim.min_lr + (lr - optim.min_lr) * (1 + cosine) / 2
     if optim.schedule == "step":
         return lr * optim.gamma ** (after // optim.step_size)
     return lr
@@ -97,7 +98,8 @@ def plain_data(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _init(config: Config) -> torch.Tensor:
     init = config.model.init
-    return torch.zeros(config.data.dim, dtype=torch.float64) if init == "zeros" else torch.tensor(init, dtype=torch.float64)
+    return (torch.zeros(config.data.dim, dtype=torch.float64) if init == "zeros"
+            else torch.tensor(init, dtype=torch.float64))
 
 
 def plain_sgd(config: Config) -> PlainRun:

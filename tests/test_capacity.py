@@ -61,7 +61,8 @@ def test_a_worker_too_big_for_every_node_of_a_joined_cluster_is_refused():
     config = make_config("data.n_samples=1e9", "data.n_features=10")
     # 5e8 rows of 11 float32 parameters and a label, their int64 permutation and one 64 MiB generation block
     assert capacity.memory_need(config).shard == 5e8 * 12 * 4 + 5e8 * 8 + 64 * 2**20
-    with pytest.raises(ConfigError, match=r"^each worker needs about 28\.4 GB \(28\.1 GB of data \+ 310 MB of runtime\); "
+    with pytest.raises(ConfigError, match=r"^each worker needs about 28\.4 GB "
+                                          r"\(28\.1 GB of data \+ 310 MB of runtime\); "
                                           r"the Ray cluster's largest node has 16 GB of memory for tasks"):
         capacity.check_node_memory(config, 16e9)
     capacity.check_node_memory(make_config(), 16e9)

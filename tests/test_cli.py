@@ -49,7 +49,8 @@ def test_train_on_an_embedded_ray_end_to_end(tiny, tmp_path):
     assert [line.split("|")[0].strip() for line in lines if line.startswith("step")] == [
         "step  0/30", "step 10/30", "step 20/30", "step 30/30"]  # one console line per logged step
     assert any(line.startswith("done: 30 steps") for line in lines) and f"results in {out}/" in proc.stdout
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "schedule.jsonl", "summary.json", "loss.png", "fit.png"}
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "schedule.jsonl", "summary.json",
+                                               "loss.png", "fit.png"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "ray" and summary["steps"] == 30
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
@@ -269,8 +270,9 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
 def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, transport):
     """An interrupted run on an embedded Ray: its rows kept, its shm segment and its channels' semaphores gone."""
     run = tmp_path / "interrupted"
-    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), f"cluster.transport={transport}",
-                             "train.steps=1e7", "train.log_every=0", "train.eval_every=0", "--no-progress"],
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run),
+                             f"cluster.transport={transport}", "train.steps=1e7", "train.log_every=0",
+                             "train.eval_every=0", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_user_env(),
                             start_new_session=True, preexec_fn=_default_sigint)
     try:
@@ -326,7 +328,8 @@ def test_a_config_that_is_not_utf8_exits_2_in_one_line(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("# r\u00e9glages\n".encode("latin-1") + yaml.safe_dump(TINY).encode())
     proc = sgd_dist("train", "--config", str(path), "--out", str(tmp_path / "never"))
-    _one_line_exit_2(proc, r"config file '.*latin1\.yaml' is not UTF-8 text \(byte 0xe9 at offset 3\); save it as UTF-8")
+    _one_line_exit_2(proc, r"config file '.*latin1\.yaml' is not UTF-8 text \(byte 0xe9 at offset 3\); "
+                           r"save it as UTF-8")
     assert not (tmp_path / "never").exists()
 
 
@@ -362,8 +365,8 @@ def test_config_errors_are_found_before_ray_starts(tiny, tmp_path, args, message
     if "cluster.device=cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     start = time.monotonic()
-    proc = sgd_dist("train", "--config", str(tiny), *(["--out", str(tmp_path / "never")] if "--out" not in args else []),
-                    *args)
+    out = ["--out", str(tmp_path / "never")] if "--out" not in args else []
+    proc = sgd_dist("train", "--config", str(tiny), *out, *args)
     _one_line_exit_2(proc, message)
     assert time.monotonic() - start < 30  # the command's imports, not a Ray start-up and its teardown
     assert not (tmp_path / "never").exists()
@@ -400,7 +403,8 @@ def test_resume_of_a_completed_run_says_so_and_changes_nothing(tiny, tmp_path):
     assert (run / "checkpoints" / "latest.json").is_file()  # a checkpoint to "resume" from is there
 
     def snapshot() -> dict:
-        return {p.relative_to(run): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+        return {p.relative_to(run): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted(run.rglob("*")) if p.is_file()}
 
     before = snapshot()
     proc = sgd_dist("train", "--resume", str(run))

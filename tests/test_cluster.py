@@ -88,7 +88,8 @@ def test_train_on_a_ray_start_cluster_with_its_token(loopback_cluster, tmp_path)
 @pytest.mark.parametrize("client", ["no token", "a wrong token"])
 def test_a_client_without_the_token_is_refused_in_one_line_before_rays_retries(loopback_cluster, tmp_path, client):
     address, _ = loopback_cluster
-    env = _user_env() if client == "no token" else _user_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env = (_user_env() if client == "no token"
+           else _user_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)))
     proc = _train(address, tmp_path / "never", env)
     assert proc.returncode == 1
     # the refusal is found before ray.init: none of the ~20 lines of Ray's "Unauthenticated" retries, only ours

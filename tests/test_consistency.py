@@ -400,7 +400,8 @@ def test_replay_refuses_a_schedule_no_run_could_have_written():
 @pytest.mark.parametrize(
     "mode, kwargs, message",
     [
-        ("backup", {"num_workers": 2, "backup_workers": 2}, "train.backup_workers=2 must be less than cluster.num_workers=2"),
+        ("backup", {"num_workers": 2, "backup_workers": 2},
+         "train.backup_workers=2 must be less than cluster.num_workers=2"),
         ("backup", {"backup_workers": -1}, "train.backup_workers: Input should be greater than or equal to 0"),
         ("ssp", {"staleness_bound": -1}, "train.staleness_bound: Input should be greater than or equal to 0"),
         ("local_sgd", {"local_steps": 0}, "train.local_steps: Input should be greater than or equal to 1"),
@@ -434,5 +435,6 @@ def test_make_policy_builds_each_mode():
     assert {m: order_independent(lambda m=m: make_policy(m, 3, 5, **parameters.get(m, {}))) for m in built} == {
         "sync": True, "async": False, "ssp": False, "backup": False, "local_sgd": True
     }
-    assert built["ssp"].staleness_bound == 2 and built["backup"].backup_workers == 1 and built["local_sgd"].local_steps == 4
+    assert built["ssp"].staleness_bound == 2 and built["backup"].backup_workers == 1
+    assert built["local_sgd"].local_steps == 4
     assert all(p.summary()["mode"] == m for m, p in built.items())

@@ -170,7 +170,8 @@ def test_leave_one_out_predicts_each_point_without_its_own_runs():
     assert max(others) > 0  # the odd point pulls their fits a little: they are fits, not echoes
     for name, p in predictions.items():
         measured = next(o for o in runs if o.run == name)
-        assert p["step_ms_error_pct"] == pytest.approx(100 * (p["predicted_step_ms"] / 1e3 - measured.step_s) / measured.step_s)
+        error = 100 * (p["predicted_step_ms"] / 1e3 - measured.step_s) / measured.step_s
+        assert p["step_ms_error_pct"] == pytest.approx(error)
 
 
 def test_the_repeat_spread_is_the_median_deviation_from_each_points_mean():
@@ -186,7 +187,8 @@ def test_steps_to_target_are_kept_apart_per_problem():
     model = replace(TRUE, cores=None)
     s = Scenario("sync", 1, (128,), 11, 10**5)
     small = synthetic(model, s, "small", target_step=100)
-    wide = replace(synthetic(model, replace(s, dim=1001), "wide", target_step=300), problem=(("data.n_features", 1000),))
+    wide = replace(synthetic(model, replace(s, dim=1001), "wide", target_step=300),
+                   problem=(("data.n_features", 1000),))
     eff = steps_to_target([small, wide])
     assert eff.steps("sync", 128) == 100
     assert eff.steps("sync", 128, (("data.n_features", 1000),)) == 300

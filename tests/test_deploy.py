@@ -364,7 +364,7 @@ def test_docker_compose_is_secure_by_default():
     assert set(services) == {"ray-head", "worker"}
     assert "ports" not in services["worker"]  # a worker scales (--scale worker=N): nothing published
     assert services["ray-head"]["ports"] == ["127.0.0.1:8265:8265/tcp", "127.0.0.1:6379:6379/tcp"]
-    for name, service in services.items():
+    for _name, service in services.items():
         env = service["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == SECRET_IN_CONTAINER
         assert "RAY_AUTH_TOKEN" not in env  # the token itself is never in the file

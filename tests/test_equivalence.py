@@ -66,8 +66,10 @@ def test_ray_equals_serial_across_options(ray_session, tmp_path, overrides, tran
 
 def test_full_batch_over_k_workers_equals_one_worker(tmp_path):
     # averaging the shard gradients weighted by rows is the big-batch gradient, up to float32 round-off
-    one, _ = run(make_config("cluster.num_workers=1", "train.batch_size=full", "cluster.backend=serial"), tmp_path, "k1")
-    three, _ = run(make_config("cluster.num_workers=3", "train.batch_size=full", "cluster.backend=serial"), tmp_path, "k3")
+    one, _ = run(make_config("cluster.num_workers=1", "train.batch_size=full", "cluster.backend=serial"),
+                 tmp_path, "k1")
+    three, _ = run(make_config("cluster.num_workers=3", "train.batch_size=full", "cluster.backend=serial"),
+                   tmp_path, "k3")
     torch.testing.assert_close(torch.tensor(three["weights"]), torch.tensor(one["weights"]), rtol=1e-5, atol=1e-6)
 
 

@@ -616,8 +616,8 @@ def test_a_killed_server_in_async_mode_on_the_ray_transport_is_restored_and_the_
 
 def _kill_driver_once_rows_pass_a_checkpoint(config_file: Path, run: Path, args: list[str]) -> list[dict]:
     """`sgd-dist train` SIGKILLed once metrics.jsonl holds rows past its latest checkpoint; the rows it left."""
-    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(config_file), "--out", str(run), *args, "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([SGD_DIST, "train", "--config", str(config_file), "--out", str(run), *args,
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_checkpoint(run, 1, proc)
         deadline = time.monotonic() + 60

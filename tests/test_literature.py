@@ -90,8 +90,8 @@ def test_a_diverged_run_is_an_outcome_not_a_failure(tmp_path):
     sweep = load_experiment(_experiment(tmp_path, {"optim.lr": [0.1]}))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "summary.json").write_text('{"status": "failed", "error": "DivergenceError: the mini-batch loss is nan", '
-                                          '"diverged": true}')
+    (run_dir / "summary.json").write_text('{"status": "failed", '
+                                          '"error": "DivergenceError: the mini-batch loss is nan", "diverged": true}')
     assert run_row(sweep.runs[0], run_dir, 1e-2)["status"] == "diverged"
     (run_dir / "summary.json").write_text('{"status": "failed", "error": "ClusterError: too small", "diverged": false}')
     assert run_row(sweep.runs[0], run_dir, 1e-2)["status"] == "failed"
@@ -149,10 +149,11 @@ def test_the_local_sgd_figure_counts_samples_and_rounds(tmp_path):
     rows = []
     for h in [1, 2, 4, 8]:
         rounds = max(1, 64 // h)
-        rows.append({"run": f"h{h}-r0", "scaling": "weak", "train.batch_size": "", "optim.lr": "", "train.local_steps": h,
-                     "repeat": 0, "num_workers": 2, "mode": "local_sgd", "n_features": 3, "worker_batch": 16,
-                     "global_batch": 32, "status": "completed", "optimal_loss": 1.0, "target_step": rounds,
-                     "target_time_s": 0.1, "target_samples": rounds * h * 32, "gradient_noise_scale": None})
+        rows.append({"run": f"h{h}-r0", "scaling": "weak", "train.batch_size": "", "optim.lr": "",
+                     "train.local_steps": h, "repeat": 0, "num_workers": 2, "mode": "local_sgd", "n_features": 3,
+                     "worker_batch": 16, "global_batch": 32, "status": "completed", "optimal_loss": 1.0,
+                     "target_step": rounds, "target_time_s": 0.1, "target_samples": rounds * h * 32,
+                     "gradient_noise_scale": None})
     _write(tmp_path, rows)
     figures = plot_sweep(tmp_path)
     assert "local_sgd.png" in {p.name for p in figures.drawn}

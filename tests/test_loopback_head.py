@@ -32,9 +32,9 @@ def _recipe() -> list[str]:
 
 def _head_logs(work: Path, lines: int = 15) -> str:
     """The tails of the head's own logs, for a failure's message."""
-    parts = []
+    parts, own = [], ("dashboard_agent", "raylet", "gcs", "job")
     for path in sorted((work / "ray").glob("ray/session_latest/logs/*")):
-        if path.suffix in (".log", ".err", ".out") and path.name.startswith(("dashboard_agent", "raylet", "gcs", "job")):
+        if path.suffix in (".log", ".err", ".out") and path.name.startswith(own):
             parts.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
     return "\n".join(parts)
 

@@ -11,7 +11,8 @@ from sgd_dist.core.data import generate, shard_bounds
 
 
 def data(kind="linear", n=3000, **extra):
-    overrides = [f"data.kind={kind}", f"data.n_samples={n}", "data.dtype=float64", *[f"{k}={v}" for k, v in extra.items()]]
+    overrides = [f"data.kind={kind}", f"data.n_samples={n}", "data.dtype=float64",
+                 *[f"{k}={v}" for k, v in extra.items()]]
     return generate(make_config(*overrides).data)
 
 
@@ -106,7 +107,8 @@ def test_least_squares_from_summed_shard_statistics_equals_lstsq_on_all_rows():
     w = obj.least_squares_optimum(total)
     torch.testing.assert_close(w, torch.linalg.lstsq(X, y.unsqueeze(1)).solution.squeeze(1), rtol=1e-10, atol=1e-10)
     assert obj.linear_objective(w, total) == pytest.approx(obj.mse(X @ w, y).item(), rel=1e-10)
-    assert obj.loss_sum("linear", w, X, y, chunk_rows=999) / len(y) == pytest.approx(obj.linear_objective(w, total), rel=1e-12)
+    assert obj.loss_sum("linear", w, X, y, chunk_rows=999) / len(y) == pytest.approx(obj.linear_objective(w, total),
+                                                                                      rel=1e-12)
 
 
 def test_ridge_optimum_zeroes_the_penalised_gradient():

@@ -11,7 +11,8 @@ from sgd_dist.core.optim import base_lr, learning_rate, sgd_update_
 
 
 @pytest.mark.parametrize(
-    "momentum, nesterov, wd", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 0.0), (0.5, True, 0.01), (0.0, False, 0.1)]
+    "momentum, nesterov, wd",
+    [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 0.0), (0.5, True, 0.01), (0.0, False, 0.1)],
 )
 def test_update_equals_torch_sgd(momentum, nesterov, wd):
     g = torch.Generator().manual_seed(0)

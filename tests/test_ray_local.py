@@ -51,7 +51,7 @@ def _socket_inodes(pids: set[int]) -> set[str]:
 
 def _listening(inodes: set[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     addresses = []
-    for table, width in [("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)]:
+    for table, _width in [("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)]:
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local, state, inode = fields[1], fields[3], fields[9]

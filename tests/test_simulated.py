@@ -286,7 +286,8 @@ def test_a_worker_on_a_removed_node_is_replaced_in_seconds(tmp_path):
     assert lost["worker"] == replaced["worker"] == 1 and lost["noticed_s"] < 2, lost
     assert replaced["recovery_s"] < 15, replaced
     assert summary["faults"][4]["restored_step"] == 1500 and summary["status"] == "completed"
-    steps_recorded = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    steps_recorded = [json.loads(line)["step"] for line in metrics.splitlines()]
     assert steps_recorded == list(range(3001))
     serial, _ = _run(make_config(*steps, "cluster.backend=serial"), tmp_path, "serial")
     assert summary["weights"] == serial["weights"]

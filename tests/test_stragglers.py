@@ -62,9 +62,13 @@ def test_bad_straggler_settings_name_the_key(override, message):
 @pytest.mark.parametrize("backend", ["serial", "ray"])
 def test_stragglers_change_the_wall_time_not_the_numbers(ray_session, tmp_path, backend):
     plain = train(make_config(f"cluster.backend={backend}", f"output.dir={tmp_path / 'p'}"), console=False).summary
-    slow = train(make_config(f"cluster.backend={backend}", "stragglers.slowdown={1: 3.0}", "stragglers.delay=exponential",
-                             "stragglers.delay_ms=0.5", f"output.dir={tmp_path / 's'}"), console=False).summary
-    strip = lambda rows: [(r["step"], r["loss"], r.get("eval_loss")) for r in rows]
+    slow = train(make_config(f"cluster.backend={backend}", "stragglers.slowdown={1: 3.0}",
+                             "stragglers.delay=exponential", "stragglers.delay_ms=0.5", f"output.dir={tmp_path / 's'}"),
+                 console=False).summary
+
+    def strip(rows):
+        return [(r["step"], r["loss"], r.get("eval_loss")) for r in rows]
+
     assert strip(read_metrics(tmp_path / "s")) == strip(read_metrics(tmp_path / "p"))
     assert slow["weights"] == plain["weights"]
     assert set(slow["answer_ms"]) == {0, 1}

@@ -27,7 +27,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def experiment(tmp_path: Path, name: str = "exp.yaml", **fields) -> Path:
-    raw = {"base": str(REPO / "configs" / "default.yaml"), "overrides": ["data.n_samples=1024", "train.steps=10", "optim.warmup_steps=0"],
+    raw = {"base": str(REPO / "configs" / "default.yaml"),
+           "overrides": ["data.n_samples=1024", "train.steps=10", "optim.warmup_steps=0"],
            "grid": {"cluster.num_workers": [1, 2]}, **fields}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -37,7 +38,8 @@ def experiment(tmp_path: Path, name: str = "exp.yaml", **fields) -> Path:
 # --- pure functions, no Ray ---------------------------------------------------------------------------------
 
 def test_the_grid_expands_in_a_deterministic_order_with_each_runs_batch(tmp_path):
-    sweep = load_experiment(experiment(tmp_path, grid={"cluster.num_workers": [1, 2, 4], "train.mode": ["sync", "async"]},
+    sweep = load_experiment(experiment(tmp_path,
+                                       grid={"cluster.num_workers": [1, 2, 4], "train.mode": ["sync", "async"]},
                                        scaling=["strong", "weak"], global_batch=[64, 128], repeats=2))
     runs = sweep.runs
     assert len(runs) == 2 * (2 * 3 * 2 + 3 * 2)  # repeats x (strong: batches x workers x modes + weak)
@@ -57,7 +59,8 @@ def test_the_grid_expands_in_a_deterministic_order_with_each_runs_batch(tmp_path
 
 
 def test_grid_values_of_any_shape_get_distinct_directory_names(tmp_path):
-    sweep = load_experiment(experiment(tmp_path, grid={"cluster.num_workers": [2], "stragglers.slowdown": [{}, {1: 4.0}]}))
+    sweep = load_experiment(experiment(tmp_path,
+                                       grid={"cluster.num_workers": [2], "stragglers.slowdown": [{}, {1: 4.0}]}))
     assert [r.name for r in sweep.runs] == ["cluster.num_workers=2,stragglers.slowdown=empty-r0",
                                             "cluster.num_workers=2,stragglers.slowdown=1_4.0-r0"]
     assert sweep.runs[1].config.stragglers.slowdown == {1: 4.0}
@@ -65,7 +68,8 @@ def test_grid_values_of_any_shape_get_distinct_directory_names(tmp_path):
 
 @pytest.mark.parametrize("fields, message", [
     ({"grid": {"cluster.num_wrkers": [1, 2]}}, r"grid point cluster.num_wrkers=1: cluster.num_wrkers: unknown key"),
-    ({"grid": {"cluster.num_workers": [1, 0]}}, r"grid point cluster.num_workers=0: cluster.num_workers: .*greater than or equal to 1"),
+    ({"grid": {"cluster.num_workers": [1, 0]}},
+     r"grid point cluster.num_workers=0: cluster.num_workers: .*greater than or equal to 1"),
     ({"grid": {"train.mode": ["sync", "fast"]}}, r"grid point train.mode=fast: train.mode: Input should be"),
     ({"grid": {"cluster.num_workers": []}}, r"^experiment '.*': grid cluster\.num_workers lists no values$"),
     # one message per reserved key, read as a sentence (no "grid: grid ...", no advice about another key)
@@ -128,7 +132,8 @@ def test_figures_from_a_hand_written_sweep_directory(tmp_path):
             run.mkdir(parents=True)
             with open(run / "metrics.jsonl", "w") as f:
                 for step in range(0, 101, 10):
-                    f.write(json.dumps({"step": step, "wall_time_s": step * 0.01 / k, "optimality_gap": 2.0 / (1 + step)}) + "\n")
+                    metric = {"step": step, "wall_time_s": step * 0.01 / k, "optimality_gap": 2.0 / (1 + step)}
+                    f.write(json.dumps(metric) + "\n")
             rows.append({"run": name, "scaling": "weak", "cluster.num_workers": k, "data.n_features": d, "repeat": 0,
                          "num_workers": k, "mode": "sync", "n_features": d, "worker_batch": 32, "global_batch": 32 * k,
                          "status": "completed", "samples_per_s": 1000.0 * (k if d == 1000 else 1 / k),
@@ -136,8 +141,9 @@ def test_figures_from_a_hand_written_sweep_directory(tmp_path):
     add_speedups(rows, grid)
     with open(tmp_path / RESULTS_FILE, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["run", "scaling", *grid, "repeat", "num_workers", "mode", "n_features",
-                                               "worker_batch", "global_batch", "status", "samples_per_s", "optimal_loss",
-                                               "target_step", "target_time_s", "speedup", "efficiency", "speedup_basis"],
+                                               "worker_batch", "global_batch", "status", "samples_per_s",
+                                               "optimal_loss", "target_step", "target_time_s", "speedup", "efficiency",
+                                               "speedup_basis"],
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -146,7 +152,8 @@ def test_figures_from_a_hand_written_sweep_directory(tmp_path):
     skipped = dict(figures.skipped)
     assert set(skipped) == {"batch_regimes.png", "local_sgd.png", "modes_time.png", "predicted_speedup.png"}
     assert "cannot be fitted" in skipped["predicted_speedup.png"]
-    assert {p.name for p in figures.drawn} == {"scaling.png", "time_to_target.png", "loss_time.png", "crossover.png", "batch.png"}
+    assert {p.name for p in figures.drawn} == {"scaling.png", "time_to_target.png", "loss_time.png", "crossover.png",
+                                               "batch.png"}
     for path in figures.drawn:
         assert_png(path)
 
@@ -171,7 +178,8 @@ def test_the_smoke_sweep_writes_one_well_formed_row_per_run(smoke):
     for row in rows:
         assert row["status"] == "completed" and row["error"] is None
         assert row["samples_per_s"] > 0 and row["median_step_ms"] > 0 and row["steps"] == 60
-        assert json.loads((smoke / "runs" / row["run"] / "summary.json").read_text())["num_workers"] == row["num_workers"]
+        summary = json.loads((smoke / "runs" / row["run"] / "summary.json").read_text())
+        assert summary["num_workers"] == row["num_workers"]
     by_time = []
     for scaling in ("strong", "weak"):
         base = [r for r in rows if r["scaling"] == scaling and r["num_workers"] == 1]
@@ -279,9 +287,10 @@ def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):
     assert "step_ms_error_pct" in saved["errors"]
     with open(smoke / PREDICTED_FILE, newline="") as f:
         predicted = list(csv.DictReader(f))
-    weak = [int(r["num_workers"]) for r in predicted if r["scaling"] == "weak" and r["network"].startswith("as measured")]
+    measured = [r for r in predicted if r["network"].startswith("as measured")]
+    weak = [int(r["num_workers"]) for r in measured if r["scaling"] == "weak"]
     assert weak == [2 ** i for i in range(11)]
-    strong = [int(r["num_workers"]) for r in predicted if r["scaling"] == "strong" and r["network"].startswith("as measured")]
+    strong = [int(r["num_workers"]) for r in measured if r["scaling"] == "strong"]
     assert strong == [1, 2, 4, 8, 16, 32]  # a global batch of 32 splits over at most 32 workers
 
 
@@ -318,7 +327,8 @@ def test_a_failing_run_is_a_row_and_exit_1_and_is_tried_again_on_resume(ray_sess
     out = tmp_path / "out"
     assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 1
     captured = capsys.readouterr()
-    assert "sweep [1/1] cluster.num_workers=9 train.batch_size=16 r0: FAILED: ClusterError: cluster.num_workers=9 needs 9 CPUs" in captured.err
+    assert ("sweep [1/1] cluster.num_workers=9 train.batch_size=16 r0: FAILED: ClusterError: "
+            "cluster.num_workers=9 needs 9 CPUs") in captured.err
     assert "1 runs: 1 run now, 0 kept from before, 1 failed" in captured.out
     [row] = read_results(out / RESULTS_FILE)
     assert row["status"] == "failed" and "needs 9 CPUs" in row["error"] and row["speedup"] is None
@@ -341,7 +351,8 @@ def test_a_diverged_run_is_a_row_not_a_failure_and_is_kept_on_resume(tmp_path, c
     assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 0
     captured = capsys.readouterr()
     assert "2 runs: 0 run now, 2 kept from before, 0 failed" in captured.out
-    assert "optim.lr=1000000.0 r0: diverged (DivergenceError: " in captured.err and "(done before, kept)" in captured.err
+    assert "optim.lr=1000000.0 r0: diverged (DivergenceError: " in captured.err
+    assert "(done before, kept)" in captured.err
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in diverged.iterdir()} == before
     assert [r["status"] for r in read_results(out / RESULTS_FILE)] == ["completed", "diverged"]
 
@@ -373,7 +384,8 @@ def test_ctrl_c_stops_a_sweep_with_exit_130_and_the_command_that_resumes_it(tmp_
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    assert stderr.splitlines()[-1] == f"sgd-dist: error: interrupted; run the same command again (--out {out}) to resume"
+    assert stderr.splitlines()[-1] == (f"sgd-dist: error: interrupted; run the same command again (--out {out}) "
+                                       "to resume")
     assert [r["status"] for r in read_results(out / RESULTS_FILE)] == ["completed"]
     assert json.loads((second.parent / "summary.json").read_text())["status"] == "interrupted"
     assert main(["sweep", "--config", str(path), "--out", str(out), "--no-plots"]) == 0

@@ -91,7 +91,10 @@ def test_shm_loop_equals_the_local_loop_without_ray(overrides):
     made: list[str] = []
     local_rows, local_w = run_loop(config, local_end)
     shm_rows, shm_w = run_loop(config, lambda workers: shm_end(workers, made))
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_time_s", "answer_s")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("wall_time_s", "answer_s")} for r in rows]
+
     assert len(shm_rows) == config.train.steps + 1
     assert strip(shm_rows) == strip(local_rows) and torch.equal(shm_w, local_w)
     assert len(made) == 1 and made[0] not in segments()  # the segment is gone

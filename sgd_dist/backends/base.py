@@ -61,7 +61,7 @@ class Backend(ABC):
     def _get(self, handles: Sequence[Handle]) -> list[Any]:
         """Wait for the handles and return their values."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (an optional hook: a backend that holds nothing need not close)
         """Release the workers, the server and the transport."""
 
     def worker_info(self) -> list[dict]:

@@ -1,10 +1,11 @@
 """Whether a run fits where it will run, checked before anything starts (no Ray here).
 
 A run on this machine (the serial or virtual backend, an embedded local Ray, a simulated cluster) needs memory for
-every worker's runtime and shard (the virtual backend: the data once and each worker's small state); the embedded Ray gives itself as many logical CPUs as the workers reserve, so
-Ray's own "cluster too small" can never fire there, and without this check a thousand workers would be forked
-until the machine stalls. Oversubscribed cores are allowed (the numbers do not change, the steps slow down):
-they only get a console note. On a cluster that is joined, each worker must fit the largest node's memory.
+every worker's runtime and shard (the virtual backend: the data once and each worker's small state); the embedded
+Ray gives itself as many logical CPUs as the workers reserve, so Ray's own "cluster too small" can never fire
+there, and without this check a thousand workers would be forked until the machine stalls. Oversubscribed cores
+are allowed (the numbers do not change, the steps slow down): they only get a console note. On a cluster that is
+joined, each worker must fit the largest node's memory.
 """
 
 from __future__ import annotations

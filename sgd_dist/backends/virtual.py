@@ -240,7 +240,8 @@ class VirtualBackend(Backend):
               restore: dict | None, elapsed_s: float) -> dict:
         """The server's loop over ``end``, called as every backend calls it."""
         return Loop(self.server, end, policy, self.config.cluster.num_workers, eval_at, sink.rows,
-                    staleness_lr=self.config.optim.staleness_lr, hooks=hooks, restore=restore, elapsed_s=elapsed_s).run()
+                    staleness_lr=self.config.optim.staleness_lr, hooks=hooks, restore=restore,
+                    elapsed_s=elapsed_s).run()
 
     def final_weights(self) -> torch.Tensor:
         return self.server.weights.clone()

@@ -176,7 +176,8 @@ class BlockSampler:
         return torch.arange(lo, lo + self.batch_size)
 
 
-def make_sampler(sampling: str, seed: int, rank: int, shard_rows: int, batch_size: int) -> MiniBatchSampler | BlockSampler:
+def make_sampler(sampling: str, seed: int, rank: int, shard_rows: int,
+                 batch_size: int) -> MiniBatchSampler | BlockSampler:
     """The sampler that ``train.sampling`` names."""
     if sampling == "shuffle":
         return MiniBatchSampler(seed, rank, shard_rows, batch_size)

@@ -153,8 +153,8 @@ def fit_steps(batches: Sequence[float], steps: Sequence[float], b_noise: float |
 
     def s_min_for(bn: float) -> tuple[float, float]:
         shifts = [math.log1p(bn / b) for b in batches]
-        log_s_min = sum(l - c for l, c in zip(logs, shifts)) / len(logs)
-        return log_s_min, sum((l - log_s_min - c) ** 2 for l, c in zip(logs, shifts))
+        log_s_min = sum(log_s - c for log_s, c in zip(logs, shifts)) / len(logs)
+        return log_s_min, sum((log_s - log_s_min - c) ** 2 for log_s, c in zip(logs, shifts))
 
     if b_noise is not None:
         return math.exp(s_min_for(b_noise)[0]), b_noise

@@ -116,9 +116,9 @@ class ServerEnd(ABC):
                     return
                 self.forget(lost.worker)
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:  # noqa: B027  (optional: in-process ends have no loop)
         """Tell every worker's loop to end, once its command in flight is answered (``settle``, at most
         ``timeout_s``): nothing is then still being written when the transport closes or the workers go."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: an end that holds nothing need not close)
         """Release what the transport holds (idempotent)."""

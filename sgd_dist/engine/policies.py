@@ -151,7 +151,8 @@ class _InFlight:
         self.steps: dict[int, int] = {}  # worker -> step of its command in flight
 
     def dispatch(self, worker: int, step: int, local_steps: int = 1) -> Dispatch:
-        assert worker not in self.steps, f"worker {worker} sent step {step} while step {self.steps[worker]} is in flight"
+        assert worker not in self.steps, (f"worker {worker} sent step {step} "
+                                          f"while step {self.steps[worker]} is in flight")
         self.steps[worker] = step
         return Dispatch(worker, step, local_steps)
 

@@ -96,5 +96,6 @@ def load_checkpoint(run_dir: str | Path, config: Config) -> tuple[dict, dict]:
     except Exception as exc:  # the checksum matched, so this is a file from an incompatible writer
         raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__})") from None
     if int(state["server"]["step"]) != step or step > config.train.steps:
-        raise CheckpointError(f"{path}: step {state['server']['step']} does not fit a run of {config.train.steps} steps")
+        raise CheckpointError(f"{path}: step {state['server']['step']} "
+                              f"does not fit a run of {config.train.steps} steps")
     return state, manifest

@@ -47,7 +47,8 @@ def _title(summary: dict, config) -> str:
         rel = summary.get("relative_optimality_gap")
         rel_text = f" (relative {rel:.2e})" if rel is not None else ""
         gap = summary.get("optimality_gap")
-        gap_text = f"final optimality gap {gap:.3e}{rel_text}" if gap is not None else f"final loss {summary['final_loss']:.4g}"
+        gap_text = (f"final optimality gap {gap:.3e}{rel_text}" if gap is not None
+                    else f"final loss {summary['final_loss']:.4g}")
         head += f"\n{gap_text}, {summary['steps']} steps in {summary['train_time_s']:.3g} s (the metrics' clock)"
     elif summary.get("status") == "failed":
         head += f"\nFAILED after step {summary.get('steps_recorded')}: {summary.get('error')}"

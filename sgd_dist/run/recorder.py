@@ -42,7 +42,8 @@ class Recorder:
         self.last_eval: dict | None = None
         self._logged: tuple[int, float] = (0, 0.0)
         faults = run_dir / FAULTS_FILE
-        self.faults: list[dict] = [json.loads(line) for line in faults.read_text().splitlines()] if faults.exists() else []
+        self.faults: list[dict] = ([json.loads(line) for line in faults.read_text().splitlines()]
+                                   if faults.exists() else [])
         self._faults_file: MetricsWriter | None = None
         self.checkpoints = 0
         self.checkpoint_seconds = 0.0

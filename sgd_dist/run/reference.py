@@ -55,7 +55,8 @@ def measure_noise_scale(config: Config, backend: Backend, reference: Reference) 
     segment from them to the optimum, from the workers' per-example gradient moments summed over the shards."""
     wd = config.optim.weight_decay
     init = config.model.init
-    w0 = torch.zeros(config.data.dim, dtype=torch.float64) if init == "zeros" else torch.tensor(init, dtype=torch.float64)
+    w0 = (torch.zeros(config.data.dim, dtype=torch.float64) if init == "zeros"
+          else torch.tensor(init, dtype=torch.float64))
     if reference.weights is None or not reference.loss:
         return {"initial": noise_scale.noise_scale(backend.gradient_moments(w0), w0, wd).as_dict(), "at_gap": [],
                 "why": "no exact optimum to measure the gap from"}

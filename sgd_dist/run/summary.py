@@ -64,7 +64,8 @@ def describe_fault(entry: dict) -> str:
         return f"resumed from the checkpoint at step {entry['step']}"
     if "skipped" in entry:
         return f"{kind} at step {entry['step']} not injected: {entry['skipped']}"
-    where = f"worker {entry['worker']}" if "worker" in entry else f"node {entry.get('node')}" if "node" in entry else "server"
+    where = (f"worker {entry['worker']}" if "worker" in entry
+             else f"node {entry.get('node')}" if "node" in entry else "server")
     return f"injected {kind} ({where}) at step {entry['step']}"
 
 
@@ -150,7 +151,8 @@ def completed(config: Config, backend: Backend, reference: Reference, recorder: 
         "faults": recorder.faults,
         "replacements": {int(r): n for r, n in backend.loop_stats.get("replacements", {}).items()},
         "checkpoints": recorder.checkpoints,
-        "checkpoint_ms_mean": 1e3 * recorder.checkpoint_seconds / recorder.checkpoints if recorder.checkpoints else None,
+        "checkpoint_ms_mean": (1e3 * recorder.checkpoint_seconds / recorder.checkpoints
+                               if recorder.checkpoints else None),
         "resumed_from": None if restore is None else int(restore["server"]["step"]),
         "driver_peak_rss_bytes": peak_rss_bytes(),
         "workers": backend.info,

@@ -37,8 +37,9 @@ What is measured and what is modelled:
 
 - **Time to target** = steps to the target x the predicted step, plus the evaluations before it. The steps
   to the target (statistical efficiency) are measured: the mean over the runs of the same mode and problem
-  (the grid values other than the workers, mode and batch) with the same rows per update, else ``steps = S_min + S_min x B_noise / B`` fitted over that mode's runs (the empirical
-  steps/batch trade-off of McCandlish et al. 2018); async's extra staleness at many workers is not modelled.
+  (the grid values other than the workers, mode and batch) with the same rows per update, else
+  ``steps = S_min + S_min x B_noise / B`` fitted over that mode's runs (the empirical steps/batch trade-off of
+  McCandlish et al. 2018); async's extra staleness at many workers is not modelled.
 
 Everything here is plain arithmetic on dataclasses; ``load_observations`` is the one function that reads files.
 What a sweep writes and prints of the model is model_report.py.
@@ -274,7 +275,8 @@ def predict(model: CostModel, scenario: Scenario) -> Prediction:
 # Fitting
 
 
-def _nonneg_lstsq(columns: dict[str, np.ndarray], y: np.ndarray, order: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+def _nonneg_lstsq(columns: dict[str, np.ndarray], y: np.ndarray,
+                  order: Sequence[str]) -> tuple[dict[str, float], list[str]]:
     """Least squares on the columns in ``order`` that add rank, with every coefficient >= 0.
 
     A column that adds no rank (the runs cannot separate it from the ones before it) is left out, and so is one
@@ -459,7 +461,8 @@ def prediction_row(model: CostModel, efficiency: StepsToTarget, o: Observation, 
     target = p.seconds_to(math.ceil(steps), s) if steps is not None else None
     return {
         "predicted_step_ms": 1e3 * p.step_s, "step_ms_error_pct": error_pct(p.step_s, o.step_s),
-        "predicted_samples_per_s": p.samples_per_s(s), "samples_per_s_error_pct": error_pct(p.samples_per_s(s), o.samples_per_s),
+        "predicted_samples_per_s": p.samples_per_s(s),
+        "samples_per_s_error_pct": error_pct(p.samples_per_s(s), o.samples_per_s),
         "predicted_seconds_to_target": target, "seconds_to_target_error_pct": error_pct(target, o.target_time_s),
         "prediction_fit": how,
     }
@@ -527,7 +530,8 @@ def scale_scenario(template: Scenario, scaling: str, k: int, global_batch: int |
     else:
         batch = template.worker_batches[0]
     slow = template.slowdown[:k] + (1.0,) * max(0, k - len(template.slowdown)) if template.slowdown else ()
-    delay = template.delay_median_s[:k] + (0.0,) * max(0, k - len(template.delay_median_s)) if template.delay_median_s else ()
+    delay = (template.delay_median_s[:k] + (0.0,) * max(0, k - len(template.delay_median_s))
+             if template.delay_median_s else ())
     return replace(template, num_workers=k, worker_batches=(batch,) * k, slowdown=slow, delay_median_s=delay,
                    backup_workers=min(template.backup_workers, k - 1), cores=cores)
 
@@ -561,7 +565,8 @@ def curve(model: CostModel, efficiency: StepsToTarget, template: Observation, wo
 
 
 def curves(observations: Sequence[Observation], model: CostModel, workers: Sequence[int], cores: int | None,
-           latency_s: float | None = None, bandwidth_bps: float | None = None, network: str = "as measured") -> list[Curve]:
+           latency_s: float | None = None, bandwidth_bps: float | None = None,
+           network: str = "as measured") -> list[Curve]:
     """One curve per speedup series (and mode), from a template run of the series (its fewest workers)."""
     efficiency = steps_to_target(observations)
     out = []
@@ -613,7 +618,8 @@ def scenario_of(config: Any, cores: int | None) -> Scenario:
         slowdown=slowdown, delay_median_s=delay, latency_s=latency, bandwidth_bps=bandwidth, cores=cores)
 
 
-def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str], cores: int | None) -> Observation | None:
+def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str],
+                cores: int | None) -> Observation | None:
     """A results.csv row with its run's config and summary.json; None unless the run completed with answer times."""
     answers = {int(r): ms for r, ms in (summary.get("answer_ms") or {}).items()}
     s = scenario_of(config, cores)
@@ -622,7 +628,8 @@ def observation(row: dict, config: Any, summary: dict, grid_keys: Sequence[str],
     grid = tuple((k, row.get(k)) for k in grid_keys)
     batch = row.get("global_batch") if row.get("scaling") == "strong" else None
     return Observation(
-        run=row["run"], point=(row.get("scaling"), batch, grid), series=series(row, grid_keys), scaling=row.get("scaling") or "weak",
+        run=row["run"], point=(row.get("scaling"), batch, grid), series=series(row, grid_keys),
+        scaling=row.get("scaling") or "weak",
         scenario=s, answer_s=tuple(answers[r] / 1e3 for r in range(s.num_workers)),
         step_s=summary["median_step_ms"] / 1e3, train_time_s=summary["train_time_s"],
         samples_per_s=summary["samples_per_s"], target_step=row.get("target_step"),

@@ -93,7 +93,8 @@ class Experiment(BaseModel):
             raise ValueError("global_batch applies to scaling: strong only")
         for item in self.overrides:
             if item.partition("=")[0].strip().startswith(RESERVED_KEYS):
-                raise ValueError(f"overrides: {item!r}: the sweep sets output.* and cluster.address comes from the base")
+                raise ValueError(f"overrides: {item!r}: the sweep sets output.* "
+                                 "and cluster.address comes from the base")
         return self
 
 

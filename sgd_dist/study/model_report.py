@@ -45,7 +45,8 @@ def error_lines(observations: Sequence[Observation], predictions: dict[str, dict
              "seconds_to_target_error_pct": "time to target"}
     spread = repeat_spread(observations)
     for column, (median, worst, n) in error_summary(predictions.values()).items():
-        noise = f"; repeats of one point differ from their mean by median {spread[column]:.1f} %" if column in spread else ""
+        noise = (f"; repeats of one point differ from their mean by median {spread[column]:.1f} %"
+                 if column in spread else "")
         lines.append(f"{names[column]}: median |error| {median:.1f} %, worst {worst:.1f} % over {n} runs{noise}")
     return lines
 
@@ -95,7 +96,8 @@ def curve_lines(found: Sequence[Curve], table: bool = False) -> list[str]:
     return lines
 
 
-def write_sweep_model(sweep_dir: str | Path, cores: int | None = None, workers_max: int = 1024) -> tuple[SweepModel, list[Curve]]:
+def write_sweep_model(sweep_dir: str | Path, cores: int | None = None,
+                      workers_max: int = 1024) -> tuple[SweepModel, list[Curve]]:
     """Fit the sweep's model, write cost_model.json and predicted.csv (1 to workers_max workers, a core per
     process, as measured and over CLUSTER_NETWORK), and return the model and the curves."""
     sweep_dir = Path(sweep_dir)

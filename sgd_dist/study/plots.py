@@ -37,7 +37,8 @@ def plot_sweep(sweep_dir: str | Path) -> Figures:
     keys = grid_keys(sweep_dir / RESULTS_FILE)
     rows = [r for r in read_results(sweep_dir / RESULTS_FILE) if r["status"] == "completed"]
     saved = sweep_dir / EXPERIMENT_FILE
-    target = (yaml.safe_load(saved.read_text()) or {}).get("experiment", {}).get("target_gap") if saved.is_file() else None
+    target = ((yaml.safe_load(saved.read_text()) or {}).get("experiment", {}).get("target_gap")
+              if saved.is_file() else None)
     figures = Figures()
     for name, draw in [("scaling.png", _scaling), ("time_to_target.png", _time_to_target),
                        ("loss_time.png", _loss_time), ("crossover.png", _crossover), ("batch.png", _batch),
@@ -155,7 +156,8 @@ def _loss_time(path: Path, rows: list[dict], keys: list[str], target, sweep_dir:
                     lw=1.2, label=label.rstrip(", "))
         if target is not None:
             ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}")
-        ax.set(xlabel="wall time (s)", ylabel="relative optimality gap", yscale="log", title=f"{scaling} scaling, repeat 0")
+        ax.set(xlabel="wall time (s)", ylabel="relative optimality gap", yscale="log",
+               title=f"{scaling} scaling, repeat 0")
         ax.grid(True, which="both", alpha=0.3)
         if len(ax.get_lines()) <= MAX_LEGEND:
             ax.legend(fontsize=7)
@@ -261,7 +263,8 @@ def _predicted_speedup(path: Path, rows: list[dict], keys: list[str], target, sw
                 ax.plot(n.workers, n.speedup, "--", color=color, lw=1.2, label=f"{label}: predicted, {words}")
             if c.series in here:
                 h = here[c.series]
-                ax.plot(h.workers, h.speedup, ":", color=color, lw=1.2, label=f"{label}: predicted on {cores} cores (fit)")
+                ax.plot(h.workers, h.speedup, ":", color=color, lw=1.2,
+                        label=f"{label}: predicted on {cores} cores (fit)")
             knee = c.knee()
             s = c.speedup[c.workers.index(knee)]
             ax.plot([knee], [s], "*", color=color, ms=15, mec="k")
@@ -370,12 +373,13 @@ def _local_sgd(path: Path, rows: list[dict], keys: list[str], target, _dir) -> s
                        label="rounds / H from H = 1 (H-fold fewer rounds)")
     ax.set(xscale="log", xlabel="local steps H between two averagings", ylabel="samples to the target gap (solid)",
            title=f"local SGD: samples and communication rounds to relative gap {target}")
-    ax.set_xticks(sorted({int(r[LOCAL_STEPS]) for r in local}), labels=[str(h) for h in sorted({int(r[LOCAL_STEPS]) for r in local})])
+    ticks = sorted({int(r[LOCAL_STEPS]) for r in local})
+    ax.set_xticks(ticks, labels=[str(h) for h in ticks])
     ax.set_ylim(bottom=0)
     ax_rounds.set(yscale="log", ylabel="communication rounds to the target gap (dashed)")
     ax.grid(True, which="both", alpha=0.3)
     lines = ax.get_legend_handles_labels()[0] + ax_rounds.get_legend_handles_labels()[0]
-    ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="upper center")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper center")
     _save(fig, path)
     return None
 

@@ -101,8 +101,8 @@ def add_speedups(rows: list[dict], grid_keys: list[str]) -> list[dict]:
     """Fill speedup, efficiency and speedup_basis in place against the 1-worker runs of the same series.
 
     The series of a row: its scaling, its global batch under strong scaling, and every grid value but
-    cluster.num_workers. Strong scaling: the mean time to target of the 1-worker repeats over this run's, if this run and
-    every completed baseline repeat reached the target, else the ratio of samples/s. Weak scaling: the ratio of
+    cluster.num_workers. Strong scaling: the mean time to target of the 1-worker repeats over this run's, if this run
+    and every completed baseline repeat reached the target, else the ratio of samples/s. Weak scaling: the ratio of
     samples/s (the same work per worker; efficiency is then the throughput per worker against one worker's).
     Efficiency is speedup / num_workers in both.
     """
