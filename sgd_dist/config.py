@@ -207,7 +207,7 @@ def _is_ip(host: str) -> bool:
 
 class VirtualConfig(_Section):
     profile: str | None = None
-    """A TimeProfile JSON (as `sgd-dist calibrate` writes it) whose coefficients the virtual clock uses; null: the
+    """A TimeProfile JSON (core/time_model.py's format) whose coefficients the virtual clock uses; null: the
     profile shipped in the package."""
     workers_per_node: Count | None = Field(None, ge=1)
     """Workers per node: the server is on node 0 with workers 0..m-1, whose messages skip the network; null: each worker

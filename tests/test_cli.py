@@ -378,9 +378,9 @@ def test_more_workers_than_this_machine_can_hold_are_refused_up_front(tmp_path):
                     "cluster.num_workers=1000", "train.batch_size=8", "train.steps=200", "data.n_samples=20000")
     _one_line_exit_2(proc, r"cluster\.num_workers=1000 needs about \d+ GB on this machine \(each worker 310 MB of "
                            r"runtime \+ [\d.]+ KB of data, plus the server\); it has [\d.]+ GB available of [\d.]+ GB: "
-                           r"use fewer workers \(cluster\.num_workers=\d+ fits\), or a cluster \(cluster\.address\), or "
-                           r"cluster\.backend=virtual \(every worker in this one process, on a modelled cluster's clock: "
-                           r"about \d+ MB\)")
+                           r"use fewer workers \(cluster\.num_workers=\d+ fits\), or a cluster \(cluster\.address\), "
+                           r"or cluster\.backend=virtual \(every worker in this one process, on a modelled cluster's "
+                           r"clock: about \d+ MB\)")
     assert not (tmp_path / "never").exists()
 
 
