@@ -67,6 +67,10 @@ class Server:
         self.killed_at: dict[int, float] = {}  # worker -> when an injected kill hit it
         self._stopping = threading.Event()  # the driver gave the run up: end the loops
 
+    def node_id(self) -> str:
+        """The node this server runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def call(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(self, *args)`` in this actor: a transport's set-up step."""
         return fn(self, *args)
