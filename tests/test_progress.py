@@ -18,10 +18,11 @@ TESTS = Path(__file__).resolve().parent
 
 
 def test_the_runs_bar_shows_samples_per_second_the_gap_and_the_eta(tmp_path, capsys):
-    train(make_config("cluster.backend=serial", "train.steps=200", f"output.dir={tmp_path / 'r'}"), console=False,
+    # long enough (a few seconds) that the bar redraws after its first batch of rows, however fast the machine
+    train(make_config("cluster.backend=serial", "train.steps=3000", f"output.dir={tmp_path / 'r'}"), console=False,
           progress=True)
     err = capsys.readouterr().err
-    assert re.search(r"\d+/200 \[[\d:]+<[\d:?]+, .*step/s, [\d,]+ samples/s, gap \d\.\d\de[-+]\d\d\]", err), err
+    assert re.search(r"\d+/3000 \[[\d:]+<[\d:?]+, .*step/s, [\d,]+ samples/s, gap \d\.\d\de[-+]\d\d\]", err), err
 
 
 def test_the_postfix_rate_is_the_samples_over_the_wall_time_since_the_previous_batch():
