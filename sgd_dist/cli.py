@@ -99,6 +99,7 @@ def _add_bench_parser(sub) -> None:
     from sgd_dist.bench.options import (  # imported here, as every command's module: keeps `sgd-dist --help` fast
         DEFAULT_DIMS,
         DEFAULT_STARTUP_REPEATS,
+        DEFAULT_STARTUP_WORKERS,
         DEFAULT_STEPS,
         DEFAULT_WARMUP,
         DEFAULT_WORKERS,
@@ -119,6 +120,13 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=1, help="measure each system this many times per size, interleaved")
     p.add_argument("--startup-repeats", type=int, default=DEFAULT_STARTUP_REPEATS,
                    help="runs of each start-up program (1-step lesson2 run, bare torch + Ray program); 0 skips")
+    p.add_argument("--startup-workers", type=_int_list_or_none, default=list(DEFAULT_STARTUP_WORKERS),
+                   metavar="K,K,...", help="worker counts whose setup is timed against a bare program starting as "
+                   f"many torch actors (default {','.join(map(str, DEFAULT_STARTUP_WORKERS))}; none skips)")
+    p.add_argument("--no-startup-cluster", dest="startup_cluster", action="store_false",
+                   help="skip the 1-step run on a running local cluster (--address auto after ray start --head)")
+    p.add_argument("--bandwidth-mib", type=int, default=1024,
+                   help="size of the tensor copied to measure the memory bandwidth, in MiB (default 1024)")
     p.add_argument("--out", help="directory for results.csv, results.md and bench.png (default runs/bench-<timestamp>)")
 
 
@@ -131,6 +139,11 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 1 or not v.is_integer() for v in values):
         raise argparse.ArgumentTypeError(f"{text!r} must list positive whole numbers")
     return [int(v) for v in values]
+
+
+def _int_list_or_none(text: str) -> list[int]:
+    """'none' -> [], else as _int_list."""
+    return [] if text.strip().lower() == "none" else _int_list(text)
 
 
 def _name_list(text: str) -> list[str]:
@@ -306,9 +319,13 @@ def _bench(args: argparse.Namespace) -> int:
     _check_out(args)
     if min(args.steps, args.repeats) < 1 or args.warmup < 0 or args.startup_repeats < 0:
         raise UsageError("--steps and --repeats must be at least 1, --warmup and --startup-repeats at least 0")
+    if args.bandwidth_mib < 1:
+        raise UsageError(f"--bandwidth-mib must be at least 1 (got {args.bandwidth_mib})")
     out = Path(args.out) if args.out else default_run_dir("bench")
     options = BenchOptions(dims=args.dims, workers=args.workers, steps=args.steps, warmup=args.warmup,
-                           systems=args.systems, repeats=args.repeats, startup_repeats=args.startup_repeats)
+                           systems=args.systems, repeats=args.repeats, startup_repeats=args.startup_repeats,
+                           startup_workers=args.startup_workers, startup_cluster=args.startup_cluster,
+                           bandwidth_bytes=args.bandwidth_mib << 20)
     try:
         result = run_benchmark(options, out)
     except KeyboardInterrupt as exc:

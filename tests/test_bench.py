@@ -332,6 +332,43 @@ def test_ray_train_absent_is_a_note_row_and_the_cli_writes_the_files(ray_session
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
 
 
+
+def test_the_bar_counts_every_measurement_and_shows_the_last_median(monkeypatch, tmp_path, capsys):
+    options = BenchOptions(dims=[2], workers=[1], steps=5, warmup=1, systems=["floor"], startup_repeats=0,
+                           bandwidth_bytes=1 << 24, progress=True)
+    lines: list[str] = []
+    result = run_benchmark(options, tmp_path, log=lines.append)
+    err = capsys.readouterr().err
+    total = len(report.LOOPS)  # one measurement per loop at the one size
+    assert len(result.rows) == total and f"{total}/{total}" in err and "bench" in err
+    last = [r for r in result.rows if r.median_ms is not None][-1]
+    assert f"{last.system}: {last.median_ms:.3f} ms" in err
+    assert sum(line.startswith("bench [") for line in lines) == total  # the log lines still come, around the bar
+
+
+def test_the_startup_and_bandwidth_options_reach_the_benchmark(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(options, out):
+        seen["options"] = options
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sgd_dist.bench.run_benchmark", fake_run)
+    main(["bench", "--startup-workers", "none", "--no-startup-cluster", "--bandwidth-mib", "64",
+          "--out", str(tmp_path)])
+    options = seen["options"]
+    assert list(options.startup_workers) == [] and options.startup_cluster is False
+    assert options.bandwidth_bytes == 64 << 20
+    main(["bench", "--startup-workers", "4,32", "--out", str(tmp_path)])
+    assert list(seen["options"].startup_workers) == [4, 32] and seen["options"].startup_cluster is True
+
+
+def test_a_bandwidth_below_one_mib_is_a_one_line_error(tmp_path, capsys):
+    assert main(["bench", "--bandwidth-mib", "0", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--bandwidth-mib must be at least 1" in err[0]
+    assert not (tmp_path / "b").exists()
+
 # -- the local cluster of the start-up measurement -----------------------------------------------------------
 
 def _processes_with(marker: str) -> list[int]:

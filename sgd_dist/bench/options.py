@@ -40,3 +40,5 @@ class BenchOptions:
     """Also time the 1-step run with ``--address auto`` on a local cluster the benchmark starts and stops."""
     bandwidth_bytes: int = 1 << 30
     """Size of the tensor copied to measure the memory bandwidth (two such tensors are allocated)."""
+    progress: bool | None = None
+    """A bar over the measurements (ETA, the last median): None shows it on a terminal or in a notebook only."""

@@ -29,6 +29,7 @@ from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
 from sgd_dist.bench.startup import measure_startup
 from sgd_dist.config import TrainConfig, build_config
 from sgd_dist.errors import ConfigError, one_line
+from sgd_dist.run.progress import progress_bar
 from sgd_dist.run.rundir import read_metrics
 from sgd_dist.run.trainer import train
 
@@ -190,6 +191,28 @@ class _Measurements:
 def _measure_all(options: BenchOptions, plan: list[Planned], m: _Measurements, log: Callable[[str], None]) -> None:
     """Every size, every repeat, every system in turn; a failure becomes the row's note."""
     total = len(plan) * len(options.dims) * len(options.workers) * options.repeats
+    bar = progress_bar(total, "run", "bench", enabled=options.progress)
+    try:
+        _measure_sizes(options, plan, m, _through(bar, log), bar)
+    finally:
+        bar.close()
+
+
+def _through(bar, log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log``, around the bar: the bar is cleared for the line and drawn again below it."""
+    if bar.disable:
+        return log
+
+    def say(line: str) -> None:
+        with bar.external_write_mode(file=sys.stderr):
+            log(line)
+
+    return say
+
+
+def _measure_sizes(options: BenchOptions, plan: list[Planned], m: _Measurements, log: Callable[[str], None],
+                   bar) -> None:
+    total = bar.total
     done = 0
     with tempfile.TemporaryDirectory(prefix="sgd-bench-") as workdir:
         for dim in options.dims:
@@ -207,10 +230,14 @@ def _measure_all(options: BenchOptions, plan: list[Planned], m: _Measurements, l
                         key = (p.label, dim, k)
                         if gate or key in m.notes:  # a system that failed once at a size is not retried
                             m.notes.setdefault(key, gate or "")
+                            bar.update(1)
                             continue
                         where = f"bench [{done}/{total}] d={dim} workers={k} {p.label}"
                         _measure_one(p.run, problem, warmup, num_steps, Path(workdir), key, m, log,
                                      f"{where} (run {rep + 1}/{options.repeats})")
+                        bar.update(1)
+                        if key in m.seconds:
+                            bar.set_postfix_str(f"d={dim} K={k} {p.label}: {step_stats(m.seconds[key])[0]:.3f} ms")
 
 
 def _measure_one(run: Runner, problem: Problem, warmup: int, num_steps: int, workdir: Path, key: Key,
