@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -423,3 +424,12 @@ def test_in_a_notebook_the_bar_is_a_widget_or_one_line_says_why_not(monkeypatch)
                     "(pip install ipywidgets for the notebook's bar)"]
     monkeypatch.setattr(tqdm.notebook, "IProgress", object)  # ipywidgets there
     assert progress_bar(said.append) is tqdm.notebook.tqdm and len(said) == 1
+
+
+def test_the_trainer_imports_no_matplotlib_until_a_run_draws_its_figures():
+    # matplotlib is imported on a thread while the cluster starts, not on the command's critical path
+    code = ("import sys; import sgd_dist.cli, sgd_dist.run.trainer as t; "
+            "print('matplotlib' in sys.modules); f = t._prefetch(t.PLOTS_MODULE); f.result(); "
+            "print('matplotlib' in sys.modules, hasattr(f.result(), 'plot_run'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from sgd_dist.config import Config
 from sgd_dist.engine.evaluations import eval_steps
 from sgd_dist.run import summary as summaries
 from sgd_dist.run.checkpoint import load_checkpoint
-from sgd_dist.run.plots import plot_run
 from sgd_dist.run.progress import bar_class as progress_bar
 from sgd_dist.run.recorder import Recorder
 from sgd_dist.run.reference import Reference, compute_reference, final_noise_scale, measure_noise_scale
@@ -34,6 +34,8 @@ from sgd_dist.run.rundir import (
     write_json_atomic,
 )
 from sgd_dist.run.trackers.fanout import trackers_for
+
+PLOTS_MODULE = "sgd_dist.run.plots"  # matplotlib: imported on a thread while the cluster starts (see _prefetch)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ def train(config: Config, *, config_path: str | Path | None = None, progress: bo
     What cannot fit this machine (memory, a GPU) is a ConfigError before anything starts. An exception out of a
     started run carries ``run_dir``: the run directory, or None if the run stopped before writing one."""
     t_start = time.perf_counter()
+    plots = _prefetch(PLOTS_MODULE) if config.output.plots else None
     say = print if console else _quiet
     done = summaries.completed_summary(resume) if resume is not None else None
     if done is not None:
@@ -106,7 +109,7 @@ def train(config: Config, *, config_path: str | Path | None = None, progress: bo
         if recorder is not None:
             recorder.close()
         # the figures are drawn from the files alone: draw them while the cluster shuts down (about a second each)
-        figures = _draw_in_background(run_dir) if config.output.plots and summary is not None else None
+        figures = _draw_in_background(plots, run_dir) if plots is not None and summary is not None else None
         backend.close()
         if failed is not None:
             trackers.finish(failed, failed["status"])
@@ -170,8 +173,17 @@ def _record_failure(run_dir: Path, config: Config, exc: BaseException, recorder:
     return failed
 
 
-def _draw_in_background(run_dir: Path) -> Future:
+def _prefetch(module: str) -> Future:
+    """``module`` imported on a thread of its own: matplotlib's import (most of a second) overlaps the cluster's
+    start-up, which mostly waits on other processes, instead of adding to the command's time."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgd-dist-import")
+    imported = pool.submit(importlib.import_module, module)
+    pool.shutdown(wait=False)
+    return imported
+
+
+def _draw_in_background(plots: Future, run_dir: Path) -> Future:
     pool = ThreadPoolExecutor(max_workers=1)
-    figures = pool.submit(plot_run, run_dir)
+    figures = pool.submit(lambda: plots.result().plot_run(run_dir))
     pool.shutdown(wait=False)  # the caller waits on the future
     return figures
