@@ -653,7 +653,10 @@ def test_a_driver_killed_in_async_mode_on_the_ray_transport_resumes_and_replays(
     assert 50 <= start < recorded[-1]["step"]
     assert [r["step"] for r in read_metrics(run)] == list(range(steps + 1))
     assert [r["step"] for r in rewound(run, "metrics")] == list(range(start + 1, recorded[-1]["step"] + 1))
-    assert [r["update"] for r in rewound(run, "schedule")] == list(range(start + 1, recorded[-1]["step"] + 1))
+    # an update's schedule line is written just before its metrics row: a kill between the two leaves that one more
+    last = recorded[-1]["step"]
+    moved = [r["update"] for r in rewound(run, "schedule")]
+    assert moved in (list(range(start + 1, last + 1)), list(range(start + 1, last + 2))), (start, last, moved)
     assert len((run / "schedule.jsonl").read_text().splitlines()) == steps
     report = replay(run, tmp_path / "replayed")
     assert report.exact, report
