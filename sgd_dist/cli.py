@@ -67,6 +67,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                    "recorded in cost_model.json, else this machine's)")
     p.add_argument("--latency-us", type=float, help="also predict over a network of this latency (microseconds)")
     p.add_argument("--bandwidth-gbps", type=float, help="... and this bandwidth (Gbit/s; default unlimited)")
+    p.add_argument("--profile", metavar="PROFILE", help="predict from this time profile (sgd-dist calibrate's) "
+                   "instead of fitting one on the runs")
+
+    p = sub.add_parser("calibrate", help="measure this machine's time profile for virtual runs (under 2 minutes)")
+    p.add_argument("--out", metavar="PROFILE", help="the profile's JSON file (default "
+                   "runs/profile-<host>-<time>.json); a run names it with cluster.virtual.profile=PROFILE")
+    p.add_argument("--quick", action="store_true", help="fewer points and repeats (a rough profile in seconds)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
 
     p = sub.add_parser("config", help="print the validated config (all defaults filled in) as YAML")
     p.add_argument("--config", help="YAML config file; default: the built-in defaults")
@@ -266,7 +275,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _model(args: argparse.Namespace) -> int:
     from sgd_dist.study import cost_model  # imported here: numpy, once a command needs it
-    from sgd_dist.study.model_report import curve_lines, error_lines, extrapolation_caveat, saved_cores
+    from sgd_dist.study.model_report import curve_lines, error_lines, extrapolation_caveat, read_profile, saved_cores
 
     sweep_dir = Path(args.sweep_dir)
     if args.workers_max < 1 or (args.bandwidth_gbps is not None and args.bandwidth_gbps <= 0):
@@ -278,8 +287,9 @@ def _model(args: argparse.Namespace) -> int:
     if not (sweep_dir / "results.csv").is_file():
         raise UsageError(f"{str(sweep_dir)!r} is not a sweep directory (it needs results.csv)")
     cores = args.cores or saved_cores(sweep_dir) or cost_model.machine_cores()
+    profile = None if args.profile is None else read_profile(args.profile)
     try:
-        result = cost_model.model_sweep(sweep_dir, cores)
+        result = cost_model.model_sweep(sweep_dir, cores, profile, args.profile or "")
     except (ValueError, OSError, KeyError) as exc:
         return fail(EXIT_RUN_FAILED, f"cost model: {exc}")
     ks = cost_model.worker_counts(args.workers_max)
@@ -289,16 +299,33 @@ def _model(args: argparse.Namespace) -> int:
         bandwidth = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else None
         words = f"{args.bandwidth_gbps or 'unlimited'} Gbit/s, {args.latency_us or 0:g} us latency"
         found += cost_model.curves(result.observations, result.model, ks, None, latency, bandwidth, words)
-    print("cost model, fitted on every completed run:")
+    fitted = profile is None
+    print("cost model, fitted on every completed run:" if fitted else f"cost model from the profile {args.profile}:")
     for line in result.model.describe():
         print(f"  {line}")
-    print("measured against predicted, each run from a fit on the other grid points' runs:")
+    print("measured against predicted, each run from a fit on the other grid points' runs:" if fitted else
+          "measured against predicted from the profile (the steps to the target: each run's own):")
     for line in error_lines(result.observations, result.predictions):
         print(line)
     print("predicted on a cluster (a core per process, the measured transport's costs):")
     caveat = extrapolation_caveat(result.observations)
     for line in [caveat] if caveat else curve_lines(found, table=True):
         print(line)
+    return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from sgd_dist.bench import calibrate  # imported here: torch and Ray, once asked for
+
+    path = calibrate.profile_path(args.out)  # a path that cannot be written is refused before measuring
+    try:
+        result = calibrate.calibrate(quick=args.quick, progress=args.progress)
+    except KeyboardInterrupt as exc:
+        return fail(interrupted_code(exc), "interrupted; nothing was written")
+    for line in result.lines:
+        print(line)
+    calibrate.write_profile(path, result.profile)
+    print(f"profile written to {path} (use it with cluster.virtual.profile={path})")
     return EXIT_OK
 
 
@@ -385,7 +412,8 @@ def _jobs(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     command = {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
-               "submit": _submit, "jobs": _jobs, "sweep": _sweep, "model": _model}[args.command]
+               "submit": _submit, "jobs": _jobs, "sweep": _sweep, "model": _model,
+               "calibrate": _calibrate}[args.command]
     return guarded(lambda: command(args))
 
 

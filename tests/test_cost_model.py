@@ -1,14 +1,20 @@
 """The cost model without Ray: the fit recovers known coefficients from synthetic timings, the step formulas
-against closed forms, the network formula, steps to target, leave-one-point-out. No timing in any assert."""
+against closed forms, the network formula, steps to target, leave-one-point-out, and its step against the virtual
+clock's on the same profile. No timing in any assert."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
 import pytest
+from conftest import make_config
 
+from sgd_dist.core import time_model
+from sgd_dist.core.time_model import TimeProfile
 from sgd_dist.engine.delays import wire_delay_s
+from sgd_dist.run.trainer import train
 from sgd_dist.study.cost_model import (
     CostModel,
     Observation,
@@ -17,20 +23,32 @@ from sgd_dist.study.cost_model import (
     fit,
     leave_one_out,
     predict,
+    scenario_of,
     step_s,
     steps_to_target,
     worker_counts,
 )
 
-TRUE = CostModel(grad_s=150e-6, grad_s_per_elem=6e-9, apply_s=12e-6, apply_s_per_param=2e-9, message_s=35e-6,
-                 message_s_per_byte=0.5e-9, eval_s=300e-6, eval_s_per_elem=1e-9, cores=2)
+PROFILE = TimeProfile(grad_s=150e-6, grad_s_per_elem=6e-9, local_s=170e-6, local_s_per_elem=7e-9, apply_s=12e-6,
+                      apply_s_per_param=2e-9, message_s=35e-6, message_s_per_byte=0.5e-9, eval_s=300e-6,
+                      eval_s_per_elem=1e-9, replacement_s=1.5, restart_s=3.0, cores=2, source="tests",
+                      date="2026-12-02")
+TRUE = CostModel(PROFILE, cores=2)
+BASE = replace(PROFILE, local_s=1.0, local_s_per_elem=1.0, replacement_s=9.0, restart_s=8.0, source="base")
+
+
+def with_(model: CostModel, cores="same", **coefficients) -> CostModel:
+    """``model`` with some coefficients (and its cores) changed."""
+    return replace(model, profile=replace(model.profile, **coefficients),
+                   cores=model.cores if cores == "same" else cores)
 
 
 def synthetic(model: CostModel, scenario: Scenario, name: str, point=None, target_step: int | None = 50) -> Observation:
     """A run whose every measured number is exactly what ``model`` predicts for it."""
     p = predict(model, scenario)
-    h = scenario.local_steps if scenario.mode == "local_sgd" else 1
-    answers = tuple(h * (model.grad_s + model.grad_s_per_elem * b * scenario.dim) for b in scenario.worker_batches)
+    local = scenario.mode == "local_sgd"
+    answers = tuple(time_model.compute_s(model.profile, "local" if local else "gradient", b, scenario.dim,
+                                         scenario.local_steps if local else 1) for b in scenario.worker_batches)
     train = scenario.steps * p.step_s + scenario.num_evaluations() * p.eval_s
     return Observation(
         run=name, point=point or (name,), series=("weak", None, (("mode", scenario.mode),)), scaling="weak",
@@ -46,25 +64,41 @@ def grid(model: CostModel, dims=(11, 101, 1001), workers=(1, 2, 4, 8), batches=(
 
 
 def test_the_fit_recovers_known_coefficients_from_exact_timings():
-    fitted = fit(grid(TRUE), cores=2)
+    fitted = fit(grid(TRUE), cores=2, base=BASE, base_name="the base")
     for name in ("grad_s", "grad_s_per_elem", "apply_s", "apply_s_per_param", "message_s", "message_s_per_byte",
                  "eval_s", "eval_s_per_elem"):
-        assert getattr(fitted, name) == pytest.approx(getattr(TRUE, name), rel=1e-6), name
+        assert getattr(fitted.profile, name) == pytest.approx(getattr(TRUE.profile, name), rel=1e-6), name
     assert fitted.unidentified == ()
     assert fitted.num_runs == 4 * 2 * 3
+    # what sync runs cannot measure is the base profile's, and named
+    assert {"local_s", "local_s_per_elem", "replacement_s", "restart_s"} <= set(fitted.from_base)
+    assert (fitted.profile.local_s, fitted.profile.restart_s) == (BASE.local_s, BASE.restart_s)
+    assert any("from the base" in line and "restart_s" in line for line in fitted.describe())
+    assert time_model.from_dict(time_model.to_dict(fitted.profile)) == fitted.profile  # a profile a run can name
+
+
+def test_local_sgd_runs_fit_a_local_steps_own_coefficients():
+    runs = grid(TRUE, modes=("sync", "local_sgd"))
+    runs = [replace(o, scenario=replace(o.scenario, local_steps=4)) if o.scenario.mode == "local_sgd" else o
+            for o in runs]
+    runs = [synthetic(TRUE, o.scenario, o.run) for o in runs]
+    fitted = fit(runs, cores=2, base=BASE)
+    for name in ("grad_s", "grad_s_per_elem", "local_s", "local_s_per_elem"):
+        assert getattr(fitted.profile, name) == pytest.approx(getattr(TRUE.profile, name), rel=1e-6), name
+    assert "local_s" not in fitted.from_base
 
 
 def test_the_fit_recovers_them_from_async_and_sync_runs_together_and_with_a_core_each():
     cluster = replace(TRUE, cores=None)
-    fitted = fit(grid(cluster, modes=("sync", "async")), cores=None)
+    fitted = fit(grid(cluster, modes=("sync", "async")), cores=None, base=BASE)
     for name in ("grad_s", "grad_s_per_elem", "apply_s", "message_s", "message_s_per_byte"):
-        assert getattr(fitted, name) == pytest.approx(getattr(cluster, name), rel=1e-6), name
+        assert getattr(fitted.profile, name) == pytest.approx(getattr(cluster.profile, name), rel=1e-6), name
 
 
 def test_coefficients_the_runs_cannot_separate_are_fixed_at_zero_and_named():
-    fitted = fit(grid(TRUE, dims=(11,)), cores=2)  # one d: per parameter and per byte look like constants
+    fitted = fit(grid(TRUE, dims=(11,)), cores=2, base=BASE)  # one d: per parameter and per byte look like constants
     assert set(fitted.unidentified) >= {"apply_s_per_param", "message_s_per_byte"}
-    assert fitted.apply_s_per_param == 0 and fitted.message_s_per_byte == 0
+    assert fitted.profile.apply_s_per_param == 0 and fitted.profile.message_s_per_byte == 0
     assert any("not identifiable" in line for line in fitted.describe())
     # what is left still reproduces those runs' step times
     for o in grid(TRUE, dims=(11,)):
@@ -76,9 +110,9 @@ def test_noisy_timings_fit_within_tolerance():
     for i, o in enumerate(grid(TRUE)):
         wobble = 1 + 0.05 * math.sin(7.0 * i)  # +-5 %, deterministic
         noisy.append(replace(o, step_s=o.step_s * wobble, answer_s=tuple(a * wobble for a in o.answer_s)))
-    fitted = fit(noisy, cores=2)
-    assert fitted.grad_s == pytest.approx(TRUE.grad_s, rel=0.1)
-    assert fitted.message_s == pytest.approx(TRUE.message_s, rel=0.3)
+    fitted = fit(noisy, cores=2, base=BASE)
+    assert fitted.profile.grad_s == pytest.approx(TRUE.profile.grad_s, rel=0.1)
+    assert fitted.profile.message_s == pytest.approx(TRUE.profile.message_s, rel=0.3)
 
 
 def test_sync_step_time_never_falls_with_workers_at_a_fixed_batch_per_worker():
@@ -86,19 +120,19 @@ def test_sync_step_time_never_falls_with_workers_at_a_fixed_batch_per_worker():
     times = [step_s(model, Scenario("sync", k, (128,) * k, 1001, 10**6)) for k in worker_counts(1024)]
     assert all(b >= a for a, b in zip(times, times[1:]))
     # once the K serial messages dominate, each doubling adds K x one message
-    per_message = model.message_s + model.message_s_per_byte * 1001 * 4
+    per_message = PROFILE.message_s + PROFILE.message_s_per_byte * 1001 * 4
     assert times[-1] - times[-2] == pytest.approx(512 * per_message, rel=1e-9)
 
 
 def test_strong_scaling_peaks_where_the_closed_form_says():
     """step(K) = g0 + g1 G d / K + apply + K m is smallest at K* = sqrt(g1 G d / m)."""
-    model = replace(TRUE, cores=None, eval_s=0.0, eval_s_per_elem=0.0)
+    model = with_(TRUE, cores=None, eval_s=0.0, eval_s_per_elem=0.0)
     d, batch = 1001, 8192
     o = synthetic(model, Scenario("sync", 1, (batch,), d, 10**6, steps=100, eval_every=0), "one")
     o = replace(o, scaling="strong")
     c = curve(model, steps_to_target([o]), o, worker_counts(1024), None)
-    per_message = model.message_s + model.message_s_per_byte * d * 4
-    k_star = math.sqrt(model.grad_s_per_elem * batch * d / per_message)
+    per_message = PROFILE.message_s + PROFILE.message_s_per_byte * d * 4
+    k_star = math.sqrt(PROFILE.grad_s_per_elem * batch * d / per_message)
     k_peak, _ = c.peak()
     assert k_star / 2 <= k_peak <= k_star * 2
     assert c.basis == "time_to_target" and c.speedup[0] == 1.0
@@ -108,8 +142,8 @@ def test_strong_scaling_peaks_where_the_closed_form_says():
 def test_async_is_bounded_by_the_servers_work_for_one_answer():
     model = replace(TRUE, cores=None)
     s = Scenario("async", 1024, (128,) * 1024, 101, 10**7)
-    assert step_s(model, s) == pytest.approx(model.apply_s + model.apply_s_per_param * 101
-                                             + model.message_s + model.message_s_per_byte * 404)
+    assert step_s(model, s) == pytest.approx(PROFILE.apply_s + PROFILE.apply_s_per_param * 101
+                                             + PROFILE.message_s + PROFILE.message_s_per_byte * 404)
     one = Scenario("async", 1, (128,), 101, 10**7)
     assert step_s(model, one) > step_s(model, replace(one, num_workers=2, worker_batches=(128, 128)))
 
@@ -142,8 +176,9 @@ def test_local_sgd_pays_one_round_of_messages_per_h_steps():
     model = replace(TRUE, cores=None)
     sync = Scenario("sync", 8, (128,) * 8, 101, 10**6)
     local = replace(sync, mode="local_sgd", local_steps=4)
-    messages = step_s(model, sync) - (model.grad_s + model.grad_s_per_elem * 128 * 101)
-    assert step_s(model, local) == pytest.approx(4 * (model.grad_s + model.grad_s_per_elem * 128 * 101) + messages)
+    messages = step_s(model, sync) - (PROFILE.grad_s + PROFILE.grad_s_per_elem * 128 * 101)
+    assert step_s(model, local) == pytest.approx(4 * (PROFILE.local_s + PROFILE.local_s_per_elem * 128 * 101)
+                                                 + messages)
     assert local.rows_per_update() == 4 * 8 * 128
 
 
@@ -163,7 +198,7 @@ def test_leave_one_out_predicts_each_point_without_its_own_runs():
     runs = grid(TRUE)
     odd = runs[5]
     runs[5] = replace(odd, step_s=odd.step_s * 10)  # a point measured 10x slower than the model says
-    predictions = leave_one_out(runs, cores=2)
+    predictions = leave_one_out(runs, cores=2)  # the base: the shipped profile
     assert predictions[odd.run]["step_ms_error_pct"] == pytest.approx(-90.0, abs=5)
     assert predictions[odd.run]["prediction_fit"] == "leave-one-point-out"
     others = [abs(p["step_ms_error_pct"]) for name, p in predictions.items() if name != odd.run]
@@ -200,3 +235,24 @@ def test_no_extrapolation_to_1024_workers_from_one_worker_count():
     one_count = grid(TRUE, workers=(2,))
     assert "every run had 2 workers" in extrapolation_caveat(one_count)
     assert extrapolation_caveat(grid(TRUE, workers=(1, 2))) is None
+
+
+# -- one model of time: the cost model's step is the virtual clock's ------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sync_step_predicted_by_the_cost_model_is_the_virtual_clocks_for_the_same_profile(tmp_path, workers):
+    """A virtual run (no network, a core each, equal batches: the answers arrive together) on a profile of dyadic
+    coefficients: its median step is the cost model's prediction for the same profile, and both are the
+    hand-computed gradient + K answers + one update."""
+    profile = replace(PROFILE, grad_s=2 ** -8, grad_s_per_elem=2 ** -16, apply_s=2 ** -10, apply_s_per_param=2 ** -14,
+                      message_s=2 ** -9, message_s_per_byte=2 ** -15)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(time_model.to_dict(profile)))
+    config = make_config("cluster.backend=virtual", f"cluster.virtual.profile={path}", f"cluster.num_workers={workers}",
+                         "train.steps=30", "train.eval_every=0", f"output.dir={tmp_path / 'run'}")
+    measured = train(config, console=False, progress=False).summary["median_step_ms"] / 1e3
+    predicted = step_s(CostModel(profile, None), scenario_of(config, None))
+    d, rows = 4, 16  # make_config: 3 features and the bias; 16 rows a step, float32
+    by_hand = (2 ** -8 + 2 ** -16 * rows * d) + workers * (2 ** -9 + 2 ** -15 * 4 * d) + (2 ** -10 + 2 ** -14 * d)
+    assert predicted == pytest.approx(by_hand, rel=1e-12)
+    assert measured == pytest.approx(predicted, rel=1e-9)  # float sums of the clock's times: rounding only

@@ -50,6 +50,10 @@ class TimeProfile:
     """Where the numbers came from: free text (the command that measured them, the machine, ...)."""
     date: str
     """When they were measured: an ISO date, YYYY-MM-DD."""
+    ray_message_s: float | None = None
+    """As ``message_s``, on the ray (channel) transport, which carries messages between nodes; None: not measured."""
+    ray_message_s_per_byte: float | None = None
+    """As ``message_s_per_byte``, on the ray (channel) transport; None: not measured."""
 
     def __post_init__(self) -> None:
         problem = _problem(asdict(self))
@@ -57,13 +61,17 @@ class TimeProfile:
             raise ValueError(f"{PROFILE_FIELD}: {problem}")
 
 
-COEFFICIENTS = tuple(f.name for f in fields(TimeProfile) if f.type == "float")
+COEFFICIENTS = tuple(f.name for f in fields(TimeProfile) if f.type.startswith("float"))
+OPTIONAL = tuple(f.name for f in fields(TimeProfile) if f.type == "float | None")  # a profile file may leave out
+TRANSPORTS = ("shm", "ray")  # the transports whose per-answer costs a profile holds
 
 
 def _problem(values: dict) -> str | None:
     """What is wrong with a profile's ``values`` (one line naming the field), or None."""
     for name in COEFFICIENTS:
-        value = values[name]
+        value = values.get(name)
+        if value is None and name in OPTIONAL:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"{name} must be a number of seconds (got {value!r})"
         if not (math.isfinite(value) and value >= 0):
@@ -92,7 +100,7 @@ def from_dict(values: dict, where: str = PROFILE_FIELD) -> TimeProfile:
         raise ValueError(f"{where}: a profile is a mapping of its fields (got {type(values).__name__})")
     names = [f.name for f in fields(TimeProfile)]
     unknown = sorted(set(values) - set(names))
-    missing = [name for name in names if name not in values]
+    missing = [name for name in names if name not in values and name not in OPTIONAL]
     if unknown:
         raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(names)}")
     if missing:
@@ -123,9 +131,17 @@ def server_update_s(profile: TimeProfile, params: int) -> float:
     return profile.apply_s + profile.apply_s_per_param * params
 
 
-def server_answer_s(profile: TimeProfile, nbytes: int) -> float:
-    """The server's seconds to handle one answer of ``nbytes`` bytes."""
-    return profile.message_s + profile.message_s_per_byte * nbytes
+def server_answer_s(profile: TimeProfile, nbytes: int, transport: str = "shm") -> float:
+    """The server's seconds to handle one answer of ``nbytes`` bytes that came on ``transport`` (shm: within a
+    node; ray: the channels between nodes). ValueError if the profile has no coefficients for that transport."""
+    if transport == "shm":
+        return profile.message_s + profile.message_s_per_byte * nbytes
+    if transport != "ray":
+        raise ValueError(f"transport {transport!r} has no per-answer cost; allowed: {', '.join(TRANSPORTS)}")
+    if profile.ray_message_s is None or profile.ray_message_s_per_byte is None:
+        raise ValueError(f"{PROFILE_FIELD}: this profile has no ray_message_s and ray_message_s_per_byte "
+                         "(sgd-dist calibrate measures them)")
+    return profile.ray_message_s + profile.ray_message_s_per_byte * nbytes
 
 
 def message_s(latency_s: float, bandwidth_bps: float | None, nbytes: int) -> float:
@@ -144,7 +160,10 @@ def describe(profile: TimeProfile) -> list[str]:
         f"local step    {us(profile.local_s)} + {profile.local_s_per_elem * 1e9:.4g} ns x rows x parameters",
         f"evaluation    {us(profile.eval_s)} + {profile.eval_s_per_elem * 1e9:.4g} ns x shard rows x parameters",
         f"server update {us(profile.apply_s)} + {profile.apply_s_per_param * 1e9:.4g} ns x parameters",
-        f"server answer {us(profile.message_s)} + {profile.message_s_per_byte * 1e9:.4g} ns x bytes",
+        f"server answer {us(profile.message_s)} + {profile.message_s_per_byte * 1e9:.4g} ns x bytes (shm)",
+        "ray answer    " + ("not measured" if profile.ray_message_s is None or profile.ray_message_s_per_byte is None
+                            else f"{us(profile.ray_message_s)} + {profile.ray_message_s_per_byte * 1e9:.4g} ns x "
+                                 "bytes (the channels between nodes)"),
         f"replacement   {profile.replacement_s:.4g} s; server restart {profile.restart_s:.4g} s",
         f"measured on {profile.cores} cores, {profile.date}: {profile.source}",
     ]

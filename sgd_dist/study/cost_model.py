@@ -1,5 +1,10 @@
 """A cost model of a step, fitted from a sweep's runs, that predicts beyond the machine they ran on. No Ray.
 
+There is one model of time: a ``CostModel`` holds a ``core.time_model.TimeProfile``, the coefficients a virtual
+cluster's clock uses, and every formula below calls that module's (``compute_s``, ``server_update_s``,
+``server_answer_s``, ``message_s``). So a profile measured by ``sgd-dist calibrate`` predicts here as it times a
+virtual run, and a fitted model is a profile a virtual run can use (``CostModel.profile``).
+
 What is measured and what is modelled:
 
 - **Measured** (from each run's ``summary.json`` and ``config.yaml``): each worker's median answer time
@@ -8,10 +13,12 @@ What is measured and what is modelled:
   difference to the median steps is the evaluations' cost), the first step at the target gap.
 - **Fitted** (least squares, coefficients kept non-negative; a coefficient the runs cannot tell apart from
   another, such as a per-parameter term when every run has the same d, is fixed at 0 and named in
-  ``CostModel.unidentified``):
+  ``CostModel.unidentified``; one no run measures, such as a local step's without local SGD runs or the
+  replacement and restart times, is the base profile's, named in ``CostModel.from_base``):
 
-  - one worker's gradient: ``grad_s + grad_s_per_elem x rows x parameters``, from the answer times of runs
-    where every process had a core of its own (K + 1 <= cores), or of all runs if those have one batch size;
+  - one worker's gradient: ``grad_s + grad_s_per_elem x rows x parameters`` (a local step's ``local_s`` and
+    ``local_s_per_elem`` from the local SGD runs, per step), from the answer times of runs where every process
+    had a core of its own (K + 1 <= cores), or of all runs if those have one batch size;
   - the server's work per update: ``apply_s + apply_s_per_param x d`` plus, for each of the answers it
     handles one after the other, the per-message transport cost ``message_s + message_s_per_byte x bytes``,
     from what the synchronous runs' step times leave after the modelled compute: the K serial messages are
@@ -23,15 +30,20 @@ What is measured and what is modelled:
   ``bandwidth_gbps``; none on one machine): each worker's update costs a command (d weights) and an answer
   (d gradient values) message of ``latency + bytes x 8 / bandwidth`` each on its own path, and the server's
   link carries every worker's two messages one after the other. Cores: on the measured machine K workers
-  share ``cores`` cores (a compute phase takes ``max(1, K / cores)`` x one gradient); a cluster (``cores``
-  None) gives every process a core. Stragglers multiply a worker's compute by their slowdown and add the
-  median of their random delay. Per mode, with c_k worker k's compute:
+  share ``cores`` cores (a compute phase takes ``max(1, K / cores)`` x one gradient, as the virtual clock's
+  processor sharing gives while the server waits), and each hand-off between the server and a worker takes
+  ``max(1, (K + 1) / cores)`` x its cost (the real transports poll: an oversubscribed machine makes every
+  hand-off wait for a core; the virtual clock has no such term); a cluster (``cores`` None) gives every process a
+  core. Stragglers multiply a worker's compute by their slowdown and add the median of their random delay. Per
+  mode, with c_k worker k's compute:
 
-  - sync: max_k c_k + network + server(K answers);
+  - sync: max_k c_k + network + server(K answers) (the virtual clock's step exactly when the workers' answers
+    arrive together: without a network and with equal compute; an earlier answer's handling overlaps the
+    others' compute there);
   - backup b: the (K - b)-th smallest c_k instead of the largest;
   - ssp s >= 1: the server's work overlaps the workers' (max of the two), the slowest worker still sets the
     pace in the long run; s = 0 is sync;
-  - local_sgd H: H gradients' compute per round, one round of messages per H local steps;
+  - local_sgd H: H local steps' compute per round, one round of messages per H local steps;
   - async: workers cycle independently (an update every 1 / sum_k 1 / (c_k + messages)), bounded below by
     the server's work for one answer and by the server link carrying one answer and one command.
 
@@ -47,17 +59,20 @@ What a sweep writes and prints of the model is model_report.py.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from sgd_dist.backends.virtual import load_profile
 from sgd_dist.config import MODES, load_config
-from sgd_dist.engine.delays import wire_delay_s
+from sgd_dist.core import time_model
+from sgd_dist.core.time_model import TimeProfile
 from sgd_dist.engine.evaluations import eval_steps
 from sgd_dist.run.rundir import read_summary
 from sgd_dist.study.results import RESULTS_FILE, RUNS_DIR, grid_keys, read_results, series
@@ -133,40 +148,35 @@ class Observation:
 # The fitted coefficients
 
 
+FITTED = ("grad_s", "grad_s_per_elem", "local_s", "local_s_per_elem", "apply_s", "apply_s_per_param", "message_s",
+          "message_s_per_byte", "eval_s", "eval_s_per_elem")  # what a sweep's runs can measure; the rest: the base's
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """Fitted coefficients, in seconds (see the module docstring for what each one multiplies)."""
+    """A time profile (the virtual clock's coefficients, see the module docstring for what each multiplies) and
+    where its numbers came from."""
 
-    grad_s: float
-    grad_s_per_elem: float  # per row x parameter of one worker's batch
-    apply_s: float  # the server's work per update
-    apply_s_per_param: float
-    message_s: float  # per answer the server handles (serially), transport included
-    message_s_per_byte: float
-    eval_s: float  # one evaluation
-    eval_s_per_elem: float  # per shard row x parameter
+    profile: TimeProfile
     cores: int | None  # cores of the machine the runs were measured on
-    num_runs: int = 0  # observations behind the fit
+    num_runs: int = 0  # observations behind the fit (0: a profile used as it is)
     unidentified: tuple[str, ...] = ()  # coefficients fixed at 0: the runs cannot separate them
+    from_base: tuple[str, ...] = ()  # coefficients no run measured: the base profile's
+    base: str = ""  # the base profile, in words
 
     def describe(self) -> list[str]:
-        def us(seconds: float) -> str:
-            return f"{seconds * 1e6:.4g} us"
-
-        lines = [
-            f"gradient      {us(self.grad_s)} + {self.grad_s_per_elem * 1e9:.4g} ns x rows x parameters",
-            f"server apply  {us(self.apply_s)} + {self.apply_s_per_param * 1e9:.4g} ns x parameters per update",
-            f"per message   {us(self.message_s)} + {self.message_s_per_byte * 1e9:.4g} ns x bytes per answer, "
-            "serial at the server",
-            f"evaluation    {us(self.eval_s)} + {self.eval_s_per_elem * 1e9:.4g} ns x shard rows x parameters",
-            f"fitted on {self.num_runs} runs measured on {self.cores or 'unknown'} cores",
-        ]
+        lines = time_model.describe(self.profile)  # its last line: where the numbers came from
+        if self.num_runs:
+            lines[-1] = f"fitted on {self.num_runs} runs measured on {self.cores or 'unknown'} cores"
         if self.unidentified:
             lines.append("not identifiable from these runs (fixed at 0): " + ", ".join(self.unidentified))
+        if self.from_base:
+            lines.append(f"not measured by these runs (from {self.base}): " + ", ".join(self.from_base))
         return lines
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "unidentified": list(self.unidentified)}
+        return {"profile": time_model.to_dict(self.profile), "cores": self.cores, "num_runs": self.num_runs,
+                "unidentified": list(self.unidentified), "from_base": list(self.from_base), "base": self.base}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,10 +215,11 @@ def _handoff_contention(scenario: Scenario) -> float:
 
 def compute_s(model: CostModel, scenario: Scenario) -> list[float]:
     """Each worker's time for one answer (H local steps for local_sgd), on a core of its own."""
-    h = scenario.local_steps if scenario.mode == "local_sgd" else 1
+    local = scenario.mode == "local_sgd"
     out = []
     for k, rows in enumerate(scenario.worker_batches):
-        c = h * (model.grad_s + model.grad_s_per_elem * rows * scenario.dim)
+        c = time_model.compute_s(model.profile, "local" if local else "gradient", rows, scenario.dim,
+                                 scenario.local_steps if local else 1)
         if scenario.slowdown:
             c *= scenario.slowdown[k]
         if scenario.delay_median_s:
@@ -219,20 +230,17 @@ def compute_s(model: CostModel, scenario: Scenario) -> list[float]:
 
 def _wire_s(scenario: Scenario) -> float:
     """One message's serialisation on a link: bytes x 8 / bandwidth."""
-    if not scenario.bandwidth_bps:
-        return 0.0
-    return scenario.message_bytes * 8 / scenario.bandwidth_bps
+    return time_model.message_s(0.0, scenario.bandwidth_bps or None, scenario.message_bytes)
 
 
 def server_s(model: CostModel, scenario: Scenario, answers: int) -> float:
     """The server's work for one update of ``answers`` answers, each handled one after the other."""
-    return model.apply_s + model.apply_s_per_param * scenario.dim + answers * message_cost_s(model, scenario)
+    return time_model.server_update_s(model.profile, scenario.dim) + answers * message_cost_s(model, scenario)
 
 
 def message_cost_s(model: CostModel, scenario: Scenario) -> float:
     """One answer's handling at the server (the transport's cost, not the network's)."""
-    per_message = model.message_s + model.message_s_per_byte * scenario.message_bytes
-    return per_message * _handoff_contention(scenario)
+    return time_model.server_answer_s(model.profile, scenario.message_bytes) * _handoff_contention(scenario)
 
 
 def step_s(model: CostModel, scenario: Scenario) -> float:
@@ -241,7 +249,8 @@ def step_s(model: CostModel, scenario: Scenario) -> float:
     f = _contention(scenario)
     compute = compute_s(model, scenario)
     wire = _wire_s(scenario)
-    path = 2 * wire_delay_s(scenario.latency_s, scenario.bandwidth_bps, scenario.message_bytes)  # command, answer
+    one_way = time_model.message_s(scenario.latency_s, scenario.bandwidth_bps or None, scenario.message_bytes)
+    path = 2 * one_way  # a command and its answer
     link = 2 * k * wire  # every worker's command and answer through the server's link, one after another
     mode = scenario.mode
     if mode == "async":
@@ -261,7 +270,7 @@ def step_s(model: CostModel, scenario: Scenario) -> float:
 def eval_s(model: CostModel, scenario: Scenario) -> float:
     """One evaluation: every worker sums the loss over its shard, and the server collects K answers."""
     rows = scenario.n_samples / scenario.num_workers
-    return (model.eval_s + model.eval_s_per_elem * rows * scenario.dim * _contention(scenario)
+    return (time_model.compute_s(model.profile, "evaluate", rows, scenario.dim) * _contention(scenario)
             + scenario.num_workers * message_cost_s(model, scenario))
 
 
@@ -311,42 +320,62 @@ def _uncontended(obs: Observation, cores: int | None) -> bool:
     return cores is None or obs.scenario.num_workers + 1 <= cores
 
 
-def fit(observations: Sequence[Observation], cores: int | None = None) -> CostModel:
-    """Fit every coefficient from ``observations`` measured on a machine of ``cores`` cores (None: a core each).
+def fit(observations: Sequence[Observation], cores: int | None = None, base: TimeProfile | None = None,
+        base_name: str = "the shipped profile") -> CostModel:
+    """Fit every coefficient the runs measure from ``observations`` measured on a machine of ``cores`` cores (None:
+    a core each); the others are ``base``'s (None: the profile shipped with the package, ``base_name``).
 
     ValueError if there is nothing to fit (no completed run).
     """
     if not observations:
         raise ValueError("the cost model needs at least one completed run")
-    grad, unidentified = _fit_gradient(observations, cores)
-    partial = CostModel(grad["grad_s"], grad["grad_s_per_elem"], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
+    base = load_profile(None) if base is None else base
+    fitted: dict[str, float] = {}
+    unidentified: list[str] = []
+    for local in (False, True):
+        pool = [o for o in observations if (o.scenario.mode == "local_sgd") == local]
+        if pool:
+            coef, dropped = _fit_compute(pool, cores, local)
+            fitted.update(coef)
+            unidentified += dropped
+    silent = dict.fromkeys(("apply_s", "apply_s_per_param", "message_s", "message_s_per_byte", "eval_s",
+                            "eval_s_per_elem"), 0.0)
+    partial = _model(base, {**fitted, **silent}, cores)
     server, dropped = _fit_server(observations, cores, partial)
     unidentified += dropped
-    messages = replace(partial, message_s=server["message_s"], message_s_per_byte=server["message_s_per_byte"])
-    ev, dropped = _fit_evaluation(observations, cores, messages)
+    ev, dropped = _fit_evaluation(observations, cores, _model(base, {**fitted, **silent, **server}, cores))
     unidentified += dropped
-    return CostModel(grad["grad_s"], grad["grad_s_per_elem"], server["apply_s"], server["apply_s_per_param"],
-                     server["message_s"], server["message_s_per_byte"], ev["eval_s"], ev["eval_s_per_elem"],
-                     cores, len(observations), tuple(dict.fromkeys(unidentified)))
+    fitted.update(server, **ev)
+    from_base = tuple(name for name in time_model.COEFFICIENTS if name not in fitted)
+    profile = replace(base, **fitted, cores=cores or base.cores, date=datetime.date.today().isoformat(),
+                      source=f"the cost model's fit on {len(observations)} runs"
+                             + (f"; {', '.join(from_base)} from {base_name}" if from_base else ""))
+    return CostModel(profile, cores, len(observations), tuple(dict.fromkeys(unidentified)), from_base, base_name)
 
 
-def _fit_gradient(observations: Sequence[Observation], cores: int | None) -> tuple[dict[str, float], list[str]]:
-    """One worker's gradient, from the workers' own answer times."""
-    pool = [o for o in observations if _uncontended(o, cores)]
-    if len({_elems(o.scenario, b) for o in pool for b in o.scenario.worker_batches}) < 2:
-        pool = list(observations)
+def _model(base: TimeProfile, coefficients: dict[str, float], cores: int | None) -> CostModel:
+    """``base`` with ``coefficients`` set: a model for fitting the rest against."""
+    return CostModel(replace(base, **coefficients), cores)
+
+
+def _fit_compute(pool: Sequence[Observation], cores: int | None,
+                 local: bool) -> tuple[dict[str, float], list[str]]:
+    """One worker's gradient (``local``: one local step) from the workers' own answer times."""
+    uncontended = [o for o in pool if _uncontended(o, cores)]
+    if len({_elems(o.scenario, b) for o in uncontended for b in o.scenario.worker_batches}) >= 2:
+        pool = uncontended
     calls, elems, ys = [], [], []
     for o in pool:
         s = o.scenario
-        h = s.local_steps if s.mode == "local_sgd" else 1
+        h = s.local_steps if local else 1
         for k, (rows, answer) in enumerate(zip(s.worker_batches, o.answer_s)):
             slow = s.slowdown[k] if s.slowdown else 1.0
             delay = s.delay_median_s[k] if s.delay_median_s else 0.0
             calls.append(h)
             elems.append(h * rows * s.dim)
             ys.append(max(0.0, answer - delay) / slow)
-    return _nonneg_lstsq({"grad_s": np.array(calls, float), "grad_s_per_elem": np.array(elems, float)},
-                         np.array(ys), ["grad_s", "grad_s_per_elem"])
+    names = ["local_s", "local_s_per_elem"] if local else ["grad_s", "grad_s_per_elem"]
+    return _nonneg_lstsq({names[0]: np.array(calls, float), names[1]: np.array(elems, float)}, np.array(ys), names)
 
 
 def _fit_server(observations: Sequence[Observation], cores: int | None,
@@ -375,11 +404,11 @@ def _fit_evaluation(observations: Sequence[Observation], cores: int | None,
     ones, shard, ys = [], [], []
     for o in observations:
         s = replace(o.scenario, cores=cores)
-        ones.append(1.0)
+        ones.append(_contention(s))
         shard.append(s.n_samples / s.num_workers * s.dim * _contention(s))
         left = (o.train_time_s - s.steps * o.step_s) / s.num_evaluations()
         ys.append(max(0.0, left - eval_s(messages, s)))
-    return _nonneg_lstsq({"eval_s": np.array(ones), "eval_s_per_elem": np.array(shard, float)},
+    return _nonneg_lstsq({"eval_s": np.array(ones, float), "eval_s_per_elem": np.array(shard, float)},
                          np.array(ys), ["eval_s", "eval_s_per_elem"])
 
 
@@ -661,7 +690,19 @@ class SweepModel:
     predictions: dict[str, dict] = field(default_factory=dict)
 
 
-def model_sweep(sweep_dir: str | Path, cores: int | None = None) -> SweepModel:
+def model_sweep(sweep_dir: str | Path, cores: int | None = None, profile: TimeProfile | None = None,
+                profile_name: str = "") -> SweepModel:
+    """The sweep's runs and their model: fitted on them (each run predicted by leave-one-point-out), or ``profile``
+    as it is (``profile_name``: where it came from), each run predicted from it with the sweep's own steps to the
+    target."""
     cores = cores or machine_cores()
     observations = load_observations(sweep_dir, cores)
-    return SweepModel(observations, fit(observations, cores), leave_one_out(observations, cores))
+    if profile is None:
+        return SweepModel(observations, fit(observations, cores), leave_one_out(observations, cores))
+    if not observations:
+        raise ValueError("no completed run to set the profile's predictions beside")
+    model = CostModel(profile, cores, base=profile_name)
+    efficiency = steps_to_target(observations)
+    how = f"the profile {profile_name}"
+    return SweepModel(observations, model, {o.run: prediction_row(model, efficiency, o, cores, how)
+                                            for o in observations})

@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from sgd_dist.core.time_model import TimeProfile, from_dict
+from sgd_dist.errors import UsageError
 from sgd_dist.run.rundir import write_text_atomic
 from sgd_dist.study.cost_model import Curve, Observation, SweepModel, curves, error_summary, model_sweep, worker_counts
 
@@ -24,6 +26,20 @@ def saved_cores(sweep_dir: str | Path) -> int | None:
     if path.is_file():
         return json.loads(path.read_text()).get("model", {}).get("cores")
     return None
+
+
+def read_profile(path: str | Path) -> TimeProfile:
+    """The time profile at ``path`` (``sgd-dist model --profile``); UsageError in one line naming the flag."""
+    where = f"--profile {path}"
+    try:
+        return from_dict(json.loads(Path(path).read_text()), where)
+    except FileNotFoundError:
+        raise UsageError(f"{where}: no such file (a profile written by sgd-dist calibrate)") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # not JSON, or not a profile: from_dict's message names the field
+        text = str(exc)
+        raise UsageError(text if text.startswith(where) else f"{where}: not JSON ({text})") from None
 
 
 def _fmt(value: float | None, spec: str) -> str:
