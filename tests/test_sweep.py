@@ -283,7 +283,7 @@ def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):
         assert row["prediction_fit"] in ("leave-one-point-out", "all runs (nothing else to fit)")
     assert timed, "no run reached the target with a predicted time to it: its error went unchecked"
     saved = json.loads((smoke / MODEL_FILE).read_text())
-    assert saved["model"]["grad_s"] > 0 and saved["model"]["num_runs"] == 4
+    assert saved["model"]["profile"]["grad_s"] > 0 and saved["model"]["num_runs"] == 4
     assert "step_ms_error_pct" in saved["errors"]
     with open(smoke / PREDICTED_FILE, newline="") as f:
         predicted = list(csv.DictReader(f))
@@ -297,7 +297,7 @@ def test_the_sweep_reports_the_cost_models_prediction_beside_every_run(smoke):
 def test_sgd_dist_model_prints_the_coefficients_errors_and_predicted_table(smoke, capsys):
     assert main(["model", str(smoke), "--workers-max", "64", "--latency-us", "50", "--bandwidth-gbps", "1"]) == 0
     out = capsys.readouterr().out
-    assert "gradient" in out and "per message" in out and "median |error|" in out
+    assert "gradient" in out and "server answer" in out and "median |error|" in out
     assert "network 1.0 Gbit/s, 50 us latency" in out and ("stops paying" in out or "still paying" in out)
     assert main(["model", str(smoke / "runs")]) == 2
 

@@ -1,6 +1,7 @@
 """The Ray backend: builds the shard workers and the parameter server as Ray actors (``actors``) on the
 cluster ``cluster`` connects to, runs the loop on the transport the placement allows while the driver drains the
-server's records, rebuilds a lost server from the latest checkpoint, and releases everything it made.
+server's records, rebuilds a lost server from the latest checkpoint (by the restart protocol every backend shares:
+``backends/restarts.py``), and releases everything it made.
 
 Without an address (and without RAY_ADDRESS) it starts an embedded local Ray bound to 127.0.0.1 with the
 dashboard off; with one it joins that cluster. If Ray is already initialised in this process (a notebook, a
@@ -10,7 +11,6 @@ test session) it is used as it is and left running, and an address naming anothe
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -33,6 +33,7 @@ from sgd_dist.backends.ray.cluster import (
     spread_over,
     start_simulated,
 )
+from sgd_dist.backends.restarts import ServerRestarts
 from sgd_dist.config import Config
 from sgd_dist.engine.messages import STOP_TIMEOUT_S
 from sgd_dist.errors import ClusterError, one_line
@@ -41,7 +42,6 @@ from sgd_dist.transports.channel import ChannelLink
 from sgd_dist.transports.shm import ShmLink
 
 DRAIN_EVERY_S = 0.2  # how often the driver collects metrics rows while the loop runs
-MAX_SERVER_RESTARTS = 3
 
 
 class _ServerLost(Exception):
@@ -55,7 +55,7 @@ class RayBackend(Backend):
         super().__init__(config)
         self._group = None  # the workers' placement group
         self._specs: list[tuple[dict, dict]] = []
-        self._latest: dict | None = None  # the latest checkpoint
+        self._restarts: ServerRestarts | None = None  # the latest checkpoint and the policy to restart with
         self._last_step = 0  # the last step whose row the driver has
         self._server_killed: tuple[int, float] | None = None  # an injected server kill: (step, when)
         self._node_removed_at: float | None = None  # when the driver last removed a simulated node
@@ -146,33 +146,24 @@ class RayBackend(Backend):
     def run(self, policy, eval_at: Collection[int], sink: Sink, restore: dict | None = None) -> None:
         """Train; a lost server is replaced, restored from the latest checkpoint (or restarted from step 0 without
         one) and the steps since are redone (``sink.rewind`` drops their rows first)."""
-        initial = copy.deepcopy(policy)  # a restored server's policy: this one, loaded with the checkpoint's state
-        self._latest = restore
-        restarts = 0
+        restarts = self._restarts = ServerRestarts(policy, restore)
         t_run = time.perf_counter() - (0.0 if restore is None else restore["elapsed_s"])
         clock = None  # a rebuilt server's clock: the time since the loop first started, recovery included
         while True:
             try:
-                self._run_once(policy, eval_at, sink, self._latest, clock)
+                self._run_once(policy, eval_at, sink, restore, clock)
                 for fault in [f for f in self._faults if f.kind == "remove_node"]:  # the driver saw it too late
                     sink.fault({"fault": "remove_node", "node": fault.node, "step": fault.step,
                                 "skipped": "the run ended before the driver saw this step"})
                 return
             except _ServerLost as lost:
                 noticed, t0 = time.time(), time.perf_counter()
-                restarts += 1
-                if restarts > MAX_SERVER_RESTARTS:
-                    raise RuntimeError(f"the parameter server was lost {restarts} times; giving up") from None
-                step = -1 if self._latest is None else int(self._latest["server"]["step"])
-                sink.rewind(step)
+                at = self._last_step if self._server_killed is None else self._server_killed[0]
+                policy, restore, entry = restarts.restart(sink, at, str(lost))
                 self._release_actors()
                 self._create_actors(self.config)
-                policy = copy.deepcopy(initial)
                 clock = time.perf_counter() - t_run
-                at = self._last_step if self._server_killed is None else self._server_killed[0]
-                entry = {"fault": "server_lost", "step": at, "noticed_unix": noticed, "cause": str(lost),
-                         "restored_step": max(step, 0), "steps_redone": max(0, at - max(step, 0)),
-                         "recovery_s": time.perf_counter() - t0}
+                entry.update(noticed_unix=noticed, recovery_s=time.perf_counter() - t0)
                 if self._server_killed is not None:
                     entry["noticed_s"] = noticed - self._server_killed[1]
                     self._server_killed = None
@@ -247,7 +238,7 @@ class RayBackend(Backend):
                 self._last_step = payload[-1]["step"]
             sink.rows(payload)
         elif kind == "checkpoint":
-            self._latest = payload
+            self._restarts.checkpointed(payload)
             sink.checkpoint(payload)
         else:
             if payload["fault"] in ("kill_worker", "kill_server"):  # injected: never again, not after a restore
