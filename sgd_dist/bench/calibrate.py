@@ -284,6 +284,9 @@ def profile_path(out: str | None) -> Path:
     path = Path(out) if out is not None else Path("runs") / f"profile-{_host()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if path.is_dir() or (out is not None and out.endswith(os.sep)):
         raise UsageError(f"--out {out}: is a directory; name the profile's file (e.g. {path / 'profile.json'})")
+    above = next(p for p in path.parents if p.exists())
+    if not above.is_dir():
+        raise UsageError(f"--out {path}: {above} is a file, not a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".calibrate-"):
