@@ -256,3 +256,32 @@ def test_a_sync_step_predicted_by_the_cost_model_is_the_virtual_clocks_for_the_s
     by_hand = (2 ** -8 + 2 ** -16 * rows * d) + workers * (2 ** -9 + 2 ** -15 * 4 * d) + (2 ** -10 + 2 ** -14 * d)
     assert predicted == pytest.approx(by_hand, rel=1e-12)
     assert measured == pytest.approx(predicted, rel=1e-9)  # float sums of the clock's times: rounding only
+
+
+def test_a_sweep_predicted_from_a_profile_uses_its_coefficients_as_they_are(tmp_path, monkeypatch):
+    from sgd_dist.study import cost_model
+
+    runs = grid(TRUE, workers=(1, 2))
+    monkeypatch.setattr(cost_model, "load_observations", lambda sweep_dir, cores: runs)
+    exact = cost_model.model_sweep(tmp_path, 2, profile=PROFILE, profile_name="p.json")
+    assert exact.model.profile == PROFILE and exact.model.num_runs == 0
+    for o in runs:
+        row = exact.predictions[o.run]
+        assert row["prediction_fit"] == "the profile p.json"
+        assert row["step_ms_error_pct"] == pytest.approx(0.0, abs=1e-9)  # the runs were timed by this very profile
+    slow = cost_model.model_sweep(tmp_path, 2, profile=replace(PROFILE, grad_s=10 * PROFILE.grad_s))
+    assert all(row["step_ms_error_pct"] > 0 for row in slow.predictions.values())
+
+
+def test_sgd_dist_model_refuses_a_bad_profile_in_one_line(tmp_path, capsys):
+    from sgd_dist.cli import main
+
+    (tmp_path / "results.csv").write_text("run,status\n")
+    assert main(["model", str(tmp_path), "--profile", str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--profile {tmp_path / 'none.json'}: no such file "
+                                                    "(a profile written by sgd-dist calibrate)")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**time_model.to_dict(PROFILE), "apply_s": -1}))
+    assert main(["model", str(tmp_path), "--profile", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--profile {bad}: apply_s must be >= 0 (got -1)") and "\n" not in err
