@@ -133,5 +133,8 @@ def test_without_out_the_profile_goes_under_runs(tmp_path, monkeypatch):
     assert path.suffix == ".json" and not path.exists()
 
 
-def test_the_fit_quality_says_when_two_points_fit_exactly():
-    assert "fits them exactly" in LineFit(1.0, 2.0, ((1.0, 3.0), (2.0, 5.0))).quality()
+def test_the_fit_quality_gives_the_residuals_and_says_when_two_points_leave_no_check():
+    two = LineFit(1.0, 2.0, ((1.0, 3.0), (2.0, 5.0))).quality()
+    assert two.startswith("2 points, worst residual 0 us (0.0 %") and "nothing left to check it" in two
+    three = LineFit(1.0, 2.0, ((1.0, 3.0), (2.0, 5.0), (3.0, 8.0))).quality()
+    assert three == "3 points, worst residual 1e+06 us (12.5 %, median 0.0 %)"

@@ -101,11 +101,11 @@ class LineFit:
         """How well the line goes through the points, in words."""
         errors = [abs(self.predict(x) - y) for x, y in self.points]
         relative = [e / y for e, (_, y) in zip(errors, self.points) if y > 0]
-        if len(self.points) <= 2:
-            return f"{len(self.points)} points (a line through 2 points fits them exactly)"
         text = f"{len(self.points)} points, worst residual {max(errors) * 1e6:.3g} us"
         if len(relative) == len(errors):
             text += f" ({100 * max(relative):.1f} %, median {100 * statistics.median(relative):.1f} %)"
+        if len(self.points) <= 2:
+            text += "; a line through 2 points has nothing left to check it"
         return text
 
 
