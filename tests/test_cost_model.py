@@ -239,21 +239,29 @@ def test_no_extrapolation_to_1024_workers_from_one_worker_count():
 
 # -- one model of time: the cost model's step is the virtual clock's ------------------------------------------
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_sync_step_predicted_by_the_cost_model_is_the_virtual_clocks_for_the_same_profile(tmp_path, workers):
-    """A virtual run (no network, a core each, equal batches: the answers arrive together) on a profile of dyadic
-    coefficients: its median step is the cost model's prediction for the same profile, and both are the
-    hand-computed gradient + K answers + one update."""
+@pytest.mark.parametrize("workers, network, network_s", [
+    (1, (), 0.0),
+    (2, (), 0.0),
+    # one worker over a link of 2^-10 s latency and 2^17 bit/s: its 16-byte command and answer take 2^-10 s each
+    (1, ("cluster.network.latency_ms=0.9765625", "cluster.network.bandwidth_gbps=0.000131072"),
+     2 * (2 ** -10 + 2 ** -10)),
+])
+def test_a_sync_step_predicted_by_the_cost_model_is_the_virtual_clocks_for_the_same_profile(tmp_path, workers, network,
+                                                                                            network_s):
+    """A virtual run (a core each, equal batches: the answers arrive together) on a profile of dyadic coefficients:
+    its median step is the cost model's prediction for the same profile, and both are the hand-computed
+    gradient + the command's and the answer's time on the link + K answers + one update."""
     profile = replace(PROFILE, grad_s=2 ** -8, grad_s_per_elem=2 ** -16, apply_s=2 ** -10, apply_s_per_param=2 ** -14,
                       message_s=2 ** -9, message_s_per_byte=2 ** -15)
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(time_model.to_dict(profile)))
     config = make_config("cluster.backend=virtual", f"cluster.virtual.profile={path}", f"cluster.num_workers={workers}",
-                         "train.steps=30", "train.eval_every=0", f"output.dir={tmp_path / 'run'}")
+                         "train.steps=30", "train.eval_every=0", f"output.dir={tmp_path / 'run'}", *network)
     measured = train(config, console=False, progress=False).summary["median_step_ms"] / 1e3
     predicted = step_s(CostModel(profile, None), scenario_of(config, None))
     d, rows = 4, 16  # make_config: 3 features and the bias; 16 rows a step, float32
-    by_hand = (2 ** -8 + 2 ** -16 * rows * d) + workers * (2 ** -9 + 2 ** -15 * 4 * d) + (2 ** -10 + 2 ** -14 * d)
+    by_hand = ((2 ** -8 + 2 ** -16 * rows * d) + network_s + workers * (2 ** -9 + 2 ** -15 * 4 * d)
+               + (2 ** -10 + 2 ** -14 * d))
     assert predicted == pytest.approx(by_hand, rel=1e-12)
     assert measured == pytest.approx(predicted, rel=1e-9)  # float sums of the clock's times: rounding only
 
