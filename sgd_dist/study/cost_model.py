@@ -53,7 +53,8 @@ What is measured and what is modelled:
   ``steps = S_min + S_min x B_noise / B`` fitted over that mode's runs (the empirical steps/batch trade-off of
   McCandlish et al. 2018); async's extra staleness at many workers is not modelled.
 
-Everything here is plain arithmetic on dataclasses; ``load_observations`` is the one function that reads files.
+Everything here is plain arithmetic on dataclasses; ``load_observations`` reads a sweep's files, and ``fit`` without
+a base profile reads the shipped one.
 What a sweep writes and prints of the model is model_report.py.
 """
 
