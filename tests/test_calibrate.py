@@ -103,7 +103,7 @@ def test_a_virtual_run_names_the_calibrated_profile(quick_profile, tmp_path):
 
 @pytest.mark.parametrize("out, message", [
     ("", "--out needs a file for the profile (got an empty path); leave it out for the default"),
-    ("{dir}", "--out {dir}: is a directory; name the profile's file (e.g. {dir}/profile.json)"),
+    ("{dir}", "--out {dir}: names a directory; name the profile's file (e.g. {dir}/profile.json)"),
     ("{file}/profile.json", "--out {file}/profile.json: {file} is a file, not a directory"),
     ("/proc/sgd-dist/p.json", "--out /proc/sgd-dist/p.json: cannot write there (No such file or directory)"),
 ])

@@ -227,7 +227,7 @@ def measure_transport(transport: str, dims: Sequence[int], steps: int, server: L
     measured = []
     for dim in dims:
         config = run_config(work / f"{transport}-{dim}", dim, steps, f"cluster.transport={transport}")
-        summary = train(config, console=False, progress=False).summary
+        summary = _completed(train(config, console=False, progress=False).summary, f"the {transport} run")
         if summary.get("transport") != transport:
             raise RuntimeError(f"the {transport} run ran on {summary.get('transport')!r}")
         step_s = summary["median_step_ms"] / 1e3
@@ -235,6 +235,12 @@ def measure_transport(transport: str, dims: Sequence[int], steps: int, server: L
         measured.append((dim * ITEMSIZE, step_s - answer_s - server.predict(dim)))
         tick(f"{transport} transport d={dim}")
     return fit_line(measured, relative=False)
+
+
+def _completed(summary: dict, what: str) -> dict:
+    if summary.get("status") != "completed":
+        raise RuntimeError(f"{what} did not complete: {summary.get('error', summary.get('status'))}")
+    return summary
 
 
 def fault_config(out: Path, kills: int) -> Config:
@@ -252,9 +258,7 @@ def measure_faults(kills: int, work: Path,
                    tick: Callable[[str], None]) -> tuple[list[float], list[tuple[float, float]]]:
     """One run with the kills: each replacement's seconds, and each restart's (notice, rebuild) seconds."""
     out = work / "faults"
-    summary = train(fault_config(out, kills), console=False, progress=False).summary
-    if summary.get("status") != "completed":
-        raise RuntimeError(f"the fault run did not complete: {summary.get('error', summary.get('status'))}")
+    _completed(train(fault_config(out, kills), console=False, progress=False).summary, "the fault run")
     records = [json.loads(line) for line in (out / FAULTS_FILE).read_text().splitlines() if line.strip()]
     replaced = [r["recovery_s"] for r in records if r["fault"] == "worker_replaced"]
     restarted = [(r.get("noticed_s", 0.0), r["recovery_s"]) for r in records if r["fault"] == "server_lost"]
@@ -283,7 +287,7 @@ def profile_path(out: str | None) -> Path:
         raise UsageError("--out needs a file for the profile (got an empty path); leave it out for the default")
     path = Path(out) if out is not None else Path("runs") / f"profile-{_host()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if path.is_dir() or (out is not None and out.endswith(os.sep)):
-        raise UsageError(f"--out {out}: is a directory; name the profile's file (e.g. {path / 'profile.json'})")
+        raise UsageError(f"--out {out}: names a directory; name the profile's file (e.g. {path / 'profile.json'})")
     above = next(p for p in path.parents if p.exists())
     if not above.is_dir():
         raise UsageError(f"--out {path}: {above} is a file, not a directory")
