@@ -57,16 +57,17 @@ def test_the_gradients_rate_comes_from_the_measured_points_on_the_worker_itself(
 
 @pytest.fixture(scope="module")
 def quick_profile(tmp_path_factory, ray_session):
-    """One `sgd-dist calibrate --quick` for the tests below (its printed lines and the profile it wrote)."""
+    """One `sgd-dist calibrate --quick` for the tests below (its printed lines, its progress bar and the profile it
+    wrote)."""
     path = tmp_path_factory.mktemp("calibrate") / "profiles" / "here.json"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["calibrate", "--quick", "--no-progress", "--out", str(path)])
-    return code, out.getvalue(), path
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["calibrate", "--quick", "--progress", "--out", str(path)])
+    return code, out.getvalue(), path, err.getvalue()
 
 
 def test_calibrate_quick_writes_a_valid_profile_of_this_machine(quick_profile):
-    code, printed, path = quick_profile
+    code, printed, path, _ = quick_profile
     assert code == 0 and path.is_file()
     values = json.loads(path.read_text())
     profile = from_dict(values, str(path))
@@ -83,7 +84,7 @@ def test_calibrate_quick_writes_a_valid_profile_of_this_machine(quick_profile):
 
 
 def test_calibrate_prints_every_coefficient_with_how_well_it_was_measured(quick_profile):
-    _, printed, _ = quick_profile
+    _, printed, _, _ = quick_profile
     for label in ("gradient", "local step", "evaluation", "server update", "shm answer", "ray answer", "replacement",
                   "restart"):
         line = next((text for text in printed.splitlines() if text.startswith(label)), None)
@@ -92,8 +93,14 @@ def test_calibrate_prints_every_coefficient_with_how_well_it_was_measured(quick_
     assert f"{len(QUICK.gradient)} points" in printed
 
 
+def test_calibrate_shows_its_progress_over_every_measurement(quick_profile):
+    *_, bar = quick_profile
+    assert "calibrate" in bar and f"/{QUICK.items()}" in bar and "measurement" in bar
+    assert "ray transport d=" in bar  # the postfix names what was measured last
+
+
 def test_a_virtual_run_names_the_calibrated_profile(quick_profile, tmp_path):
-    _, _, path = quick_profile
+    _, _, path, _ = quick_profile
     config = make_config("cluster.backend=virtual", f"cluster.virtual.profile={path}", f"output.dir={tmp_path / 'v'}")
     summary = train(config, console=False, progress=False).summary
     model = summary["time_model"]
