@@ -11,7 +11,7 @@ What is measured, and how each coefficient comes out of it:
   shared-memory segment (``ShmServerEnd.publish``), at a few parameter counts; fitted the same way;
 - **the per-answer cost of a transport** (shm, and ray: the channels): short real runs (``run.trainer.train`` on
   the Ray backend, one worker, sync) at a few parameter counts; a step's median less the worker's own median
-  answer time less the modelled server update is what handling one answer costs there, and overhead + rate x
+  answer time less the server's update fitted above is what handling one answer costs there, and overhead + rate x
   answer bytes is fitted by plain least squares (the differences can be close to 0);
 - **a worker replacement and a server restart**: one real run with ``kill_worker`` and ``kill_server`` faults;
   ``replacement_s`` is a ``worker_replaced`` record's ``recovery_s`` (from the notice until the replacement is
@@ -19,8 +19,8 @@ What is measured, and how each coefficient comes out of it:
   until the rebuilt server resumes from the last checkpoint); the medians over the faults.
 
 The Ray it needs is an embedded loopback one (no dashboard) started here and shut down at the end, or the one
-this process is already connected to. Nothing is written until every measurement is in; the profile's
-``source`` names the command, the machine and its load.
+this process is already connected to. The profile is written once every measurement is in (``profile_path``
+checks first that its path can be written); its ``source`` names the command, the machine and its load.
 """
 
 from __future__ import annotations
