@@ -73,6 +73,7 @@ class Plan:
     repeats: int  # timed calls per compute point (evaluations: a quarter)
     transport_steps: int
     kills: int  # worker kills and server kills in the fault run, each
+    fault_workers: int  # workers of the fault run (a restart rebuilds every one)
 
     def items(self) -> int:
         """The measurements, for the progress bar: a point or a run each."""
@@ -81,9 +82,11 @@ class Plan:
 
 FULL = Plan(gradient=tuple((b, d) for d in (11, 1001, 10001) for b in (16, 64, 256)),
             evaluate=tuple((n, d) for d in (11, 1001, 4001) for n in (1024, 4096)),
-            server=(11, 1001, 10001, 100001), transport=(11, 1001, 20001), repeats=40, transport_steps=500, kills=2)
+            server=(11, 1001, 10001, 100001), transport=(11, 1001, 20001), repeats=40, transport_steps=500, kills=2,
+            fault_workers=2)
 QUICK = Plan(gradient=((16, 11), (256, 11), (16, 2001), (256, 2001)), evaluate=((512, 11), (2048, 1001)),
-             server=(11, 10001), transport=(11, 20001), repeats=8, transport_steps=150, kills=1)
+             server=(11, 10001), transport=(11, 20001), repeats=8, transport_steps=150, kills=1,
+             fault_workers=1)
 
 
 @dataclass(frozen=True)
@@ -243,22 +246,23 @@ def _completed(summary: dict, what: str) -> dict:
     return summary
 
 
-def fault_config(out: Path, kills: int) -> Config:
-    """Two workers, a checkpoint every 50 updates; ``kills`` worker kills (alternating workers) and as many server
-    kills, spread over the run."""
+def fault_config(out: Path, kills: int, workers: int) -> Config:
+    """``workers`` workers, a checkpoint every 50 updates; ``kills`` worker kills (taking the workers in turn) and
+    as many server kills, spread over the run."""
     faults = []
     for i in range(kills):
         base = 100 + 300 * i
-        faults += [{"kind": "kill_worker", "step": base, "worker": i % 2}, {"kind": "kill_server", "step": base + 150}]
-    return run_config(out, 11, 300 * kills + 200, "cluster.num_workers=2", "train.batch_size=16",
+        faults += [{"kind": "kill_worker", "step": base, "worker": i % workers},
+                   {"kind": "kill_server", "step": base + 150}]
+    return run_config(out, 11, 300 * kills + 200, f"cluster.num_workers={workers}", "train.batch_size=16",
                       "train.checkpoint_every=50", faults=faults)
 
 
-def measure_faults(kills: int, work: Path,
+def measure_faults(kills: int, workers: int, work: Path,
                    tick: Callable[[str], None]) -> tuple[list[float], list[tuple[float, float]]]:
     """One run with the kills: each replacement's seconds, and each restart's (notice, rebuild) seconds."""
     out = work / "faults"
-    _completed(train(fault_config(out, kills), console=False, progress=False).summary, "the fault run")
+    _completed(train(fault_config(out, kills, workers), console=False, progress=False).summary, "the fault run")
     records = [json.loads(line) for line in (out / FAULTS_FILE).read_text().splitlines() if line.strip()]
     replaced = [r["recovery_s"] for r in records if r["fault"] == "worker_replaced"]
     restarted = [(r.get("noticed_s", 0.0), r["recovery_s"]) for r in records if r["fault"] == "server_lost"]
@@ -340,7 +344,7 @@ def calibrate(quick: bool = False, progress: bool | None = None) -> Calibration:
         with _ray(), tempfile.TemporaryDirectory(prefix="sgd-dist-calibrate-") as work:
             shm = measure_transport("shm", plan.transport, plan.transport_steps, server, Path(work), tick)
             channel = measure_transport("ray", plan.transport, plan.transport_steps, server, Path(work), tick)
-            replaced, restarted = measure_faults(plan.kills, Path(work), tick)
+            replaced, restarted = measure_faults(plan.kills, plan.fault_workers, Path(work), tick)
     finally:
         bar.close()
     profile = _profile(compute, server, shm, channel, replaced, restarted, source)
