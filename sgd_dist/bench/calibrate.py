@@ -329,6 +329,7 @@ def _cpuinfo() -> list[str]:
 def calibrate(quick: bool = False, progress: bool | None = None) -> Calibration:
     """Measure this machine (see the module docstring); a Ray this starts is shut down before it returns."""
     plan = QUICK if quick else FULL
+    t0 = time.perf_counter()
     source = describe_machine(quick)
     bar = progress_bar(plan.items(), "measurement", "calibrate", enabled=progress)
 
@@ -348,7 +349,9 @@ def calibrate(quick: bool = False, progress: bool | None = None) -> Calibration:
     finally:
         bar.close()
     profile = _profile(compute, server, shm, channel, replaced, restarted, source)
-    return Calibration(profile, report_lines(profile, compute, server, shm, channel, replaced, restarted))
+    lines = report_lines(profile, compute, server, shm, channel, replaced, restarted)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return Calibration(profile, lines + [f"measured in {time.perf_counter() - t0:.0f} s; load average {load} now"])
 
 
 @contextmanager
