@@ -70,10 +70,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--profile", metavar="PROFILE", help="predict from this time profile (sgd-dist calibrate's) "
                    "instead of fitting one on the runs")
 
-    p = sub.add_parser("calibrate", help="measure this machine's time profile for virtual runs (under 2 minutes)")
+    p = sub.add_parser("calibrate", help="measure this machine's time profile for virtual runs and the cost model")
     p.add_argument("--out", metavar="PROFILE", help="the profile's JSON file (default "
                    "runs/profile-<host>-<time>.json); a run names it with cluster.virtual.profile=PROFILE")
-    p.add_argument("--quick", action="store_true", help="fewer points and repeats (a rough profile in seconds)")
+    p.add_argument("--quick", action="store_true", help="fewer points, repeats and faults: a rougher profile, sooner")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
 
