@@ -123,7 +123,18 @@ def batches_per_epoch(shard_rows: int, batch_size: int) -> int:
     return shard_rows // batch_size
 
 
-class MiniBatchSampler:
+class _Sampler:
+    """What every sampler of one shard holds: its key (seed, rank), the shard's rows, the batch, the epoch cached."""
+
+    def __init__(self, seed: int, rank: int, shard_rows: int, batch_size: int) -> None:
+        if not 1 <= batch_size <= shard_rows:
+            raise ValueError(f"batch size {batch_size} must be between 1 and the shard's {shard_rows} rows")
+        self.seed, self.rank, self.shard_rows, self.batch_size = seed, rank, shard_rows, batch_size
+        self.per_epoch = batches_per_epoch(shard_rows, batch_size)
+        self._epoch: int | None = None
+
+
+class MiniBatchSampler(_Sampler):
     """Worker ``rank``'s mini-batch rows at each local step, a pure function of (seed, rank, step).
 
     Local epoch e = step // batches_per_epoch is a permutation of the shard drawn from a generator seeded by
@@ -132,11 +143,7 @@ class MiniBatchSampler:
     """
 
     def __init__(self, seed: int, rank: int, shard_rows: int, batch_size: int) -> None:
-        if not 1 <= batch_size <= shard_rows:
-            raise ValueError(f"batch size {batch_size} must be between 1 and the shard's {shard_rows} rows")
-        self.seed, self.rank, self.shard_rows, self.batch_size = seed, rank, shard_rows, batch_size
-        self.per_epoch = batches_per_epoch(shard_rows, batch_size)
-        self._epoch: int | None = None
+        super().__init__(seed, rank, shard_rows, batch_size)
         self._perm: torch.Tensor | None = None
 
     def indices(self, step: int) -> torch.Tensor:
@@ -147,17 +154,13 @@ class MiniBatchSampler:
         return self._perm[position * self.batch_size : (position + 1) * self.batch_size]
 
 
-class BlockSampler:
+class BlockSampler(_Sampler):
     """Contiguous batches: local epoch e visits the shard's batches [o + jB, o + (j + 1)B), j < n // B, in the order
     of a permutation of j drawn from a generator seeded by (seed, rank, e); o is drawn from the same generator,
     uniform on 0..n mod B, so the rows a partial batch would hold are not the same ones left out every epoch."""
 
     def __init__(self, seed: int, rank: int, shard_rows: int, batch_size: int) -> None:
-        if not 1 <= batch_size <= shard_rows:
-            raise ValueError(f"batch size {batch_size} must be between 1 and the shard's {shard_rows} rows")
-        self.seed, self.rank, self.shard_rows, self.batch_size = seed, rank, shard_rows, batch_size
-        self.per_epoch = batches_per_epoch(shard_rows, batch_size)
-        self._epoch: int | None = None
+        super().__init__(seed, rank, shard_rows, batch_size)
         self._order: list[int] = []
         self._offset = 0
 

@@ -57,6 +57,13 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _finish(fig: Figure, ax, path: Path) -> None:
+    """One-axes figures end alike: the log grid, a small legend, saved."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def _label(key: tuple) -> str:
     scaling, batch, values = key
     parts = [scaling] + ([f"global batch {batch}"] if batch is not None else [])
@@ -132,9 +139,7 @@ def _time_to_target(path: Path, rows: list[dict], keys: list[str], target, _dir)
     ax.set_xticks(sorted({r["num_workers"] for r in rows}))
     ax.set(xlabel="workers", ylabel="seconds to the target gap", yscale="log",
            title=f"time to relative gap {target} (mean over repeats; runs that never reached it left out)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    _finish(fig, ax, path)
     return None
 
 
@@ -187,9 +192,7 @@ def _crossover(path: Path, rows: list[dict], keys: list[str], target, _dir) -> s
     ax.axhline(1, color="k", ls="--", lw=1, label="break-even (1 worker as fast)")
     ax.set(xscale="log", xlabel="features d", ylabel="best speedup of K > 1 workers over 1",
            title="where distributing pays on this machine (above the line)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    _finish(fig, ax, path)
     return None
 
 
@@ -220,9 +223,7 @@ def _batch(path: Path, rows: list[dict], keys: list[str], target, _dir) -> str |
     ax.set(xscale="log", yscale="log", xlabel="global batch size (rows per update; async: one worker's batch)",
            ylabel="steps to the target gap",
            title=f"steps to relative gap {target} (dotted: perfect scaling, steps x batch constant)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    _finish(fig, ax, path)
     return None
 
 
