@@ -13,14 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import make_config
 
 from sgd_dist.backends import capacity
+from sgd_dist.backends.base import worker_args
 from sgd_dist.backends.virtual import SHIPPED_PROFILE, VirtualBackend, load_profile
 from sgd_dist.config import ConfigError
 from sgd_dist.core.data import generate
 from sgd_dist.engine.recovery import RECOVERY_POLL_S
+from sgd_dist.engine.worker import ShardWorker
 from sgd_dist.run.rundir import read_metrics
 from sgd_dist.run.trainer import train
 
@@ -150,6 +153,36 @@ def test_the_shards_are_sliced_from_one_generation_bit_for_bit():
             assert worker.X.equal(alone_X) and worker.y.equal(alone_y)
         assert sum(w.X.shape[0] for w in backend.workers) == X.shape[0]
         assert backend.workers[1].X.data_ptr() == backend.workers[0].X.data_ptr() + backend.workers[0].X.nbytes
+    finally:
+        backend.close()
+
+
+def test_the_workers_share_one_set_of_float64_chunks_per_shard_size_and_the_sums_stay_exact():
+    config = make_config("cluster.backend=virtual", "cluster.num_workers=7", "data.n_samples=1000")
+    backend = VirtualBackend(config)
+    try:
+        sizes = {w.X.shape[0] for w in backend.workers}
+        assert len(sizes) == 2  # 1,000 rows over 7 workers: shards of 143 and 142 rows
+        assert len({id(w.chunks) for w in backend.workers}) == len(sizes)
+        weights = torch.linspace(-1, 1, config.data.dim)
+        for worker in backend.workers:  # the same sums as a worker with buffers of its own
+            alone = ShardWorker(**worker_args(config)[worker.rank], shard=(worker.X, worker.y))
+            assert worker.evaluate(weights) == alone.evaluate(weights)
+            assert worker.linear_stats().xtx.equal(alone.linear_stats().xtx)
+    finally:
+        backend.close()
+
+
+def test_the_worker_info_read_once_for_the_process_is_each_workers_own():
+    backend = VirtualBackend(make_config("cluster.backend=virtual", "cluster.num_workers=5", "data.n_samples=1000"))
+    try:
+        infos = backend.worker_info()
+        assert [i["rows"] for i in infos] == [[w.start, w.stop] for w in backend.workers]
+        for info, worker in zip(infos, backend.workers):
+            own = worker.info()
+            assert info.keys() == own.keys()  # a field info() gains must be added to the backend's worker_info too
+            assert {k: v for k, v in info.items() if k != "peak_rss_bytes"} == {
+                k: v for k, v in own.items() if k != "peak_rss_bytes"}
     finally:
         backend.close()
 
