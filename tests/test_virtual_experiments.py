@@ -1,5 +1,5 @@
-"""The virtual-cluster experiments (configs/experiments/virtual_*.yaml, scripts/virtual_experiments.py), on shrunken
-versions that run in seconds."""
+"""The virtual-cluster experiments (configs/experiments/virtual_*.yaml, scripts/virtual_experiments.py) and the
+validation against real runs (scripts/virtual_validation.py), on shrunken versions that run in seconds."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _script(name: str):
 
 
 experiments = _script("virtual_experiments")
+validation = _script("virtual_validation")
 
 
 def _sweep(tmp_path: Path, overrides: list[str], grid: dict, **extra) -> Path:
@@ -93,3 +94,50 @@ def test_a_sync_step_over_the_shared_link_takes_what_the_time_model_says(tmp_pat
     for k, ms in measured.items():
         modelled = experiments.modelled_sync_step_s(profile, k, 64, 10_000, 0.05e-3, 10e9)
         assert ms == pytest.approx(1e3 * modelled, rel=1e-9), k
+
+
+def _measured(step_ms=1.0, target_s=0.5, weights=(1.0, 2.0), staleness=None, final_gap=1e-3) -> dict:
+    return {"median_step_ms": step_ms, "target_s": target_s, "target_step": 10, "weights": list(weights),
+            "staleness": staleness, "final_gap": final_gap}
+
+
+def test_the_comparison_marks_each_target_pass_or_miss():
+    sync = validation.Case(2, "shm", 0.0, "sync", False)
+    row = validation.compare(sync, _measured(), _measured(step_ms=1.1, target_s=0.45))
+    assert (row["step_err_pct"], row["target_err_pct"]) == (pytest.approx(10.0), pytest.approx(-10.0))
+    assert (row["step_time"], row["time_to_target"], row["weights"]) == ("PASS", "PASS", "PASS")
+    row = validation.compare(sync, _measured(), _measured(step_ms=1.3, target_s=None, weights=(1.0, 2.0000002)))
+    assert (row["step_time"], row["time_to_target"], row["weights"], row["bit_equal"]) == ("MISS", "MISS", "MISS",
+                                                                                        False)
+    asyn = validation.Case(4, "2 nodes", 5.0, "async", True)
+    row = validation.compare(asyn, _measured(staleness=3, final_gap=1e-3), _measured(staleness=3, final_gap=1.9e-3))
+    assert (row["staleness"], row["final_gap"], row["gap_ratio"]) == ("PASS", "PASS", pytest.approx(1.9))
+    row = validation.compare(asyn, _measured(staleness=3, final_gap=1e-3), _measured(staleness=2, final_gap=2.1e-3))
+    assert (row["staleness"], row["final_gap"]) == ("MISS", "MISS")
+    assert "weights" not in row
+    text = "\n".join(validation.markdown([row]))
+    assert "3 / 2 MISS" in text and "2.10 MISS" in text and "async final gap within 2x: 0 of 1 PASS" in text
+
+
+def test_the_validation_covers_the_issues_cases():
+    cases = validation.cases()
+    assert len(cases) == len({c.name for c in cases}) == 24
+    assert {(c.workers, c.where, c.latency_ms) for c in cases} == {
+        (1, "shm", 0.0), (2, "shm", 0.0), (2, "2 nodes", 1.0), (2, "2 nodes", 5.0), (4, "2 nodes", 1.0),
+        (4, "2 nodes", 5.0)}
+    straggler = validation.Case(4, "2 nodes", 5.0, "async", True)
+    assert "stragglers.slowdown={1: 4.0}" in straggler.real()
+    assert {"cluster.simulated_nodes=2", "cluster.backend=ray"} <= set(straggler.real())
+    virtual = straggler.virtual(2, None)
+    assert "cluster.backend=virtual" in virtual and "cluster.virtual.cores=2" in virtual
+    assert not any(o.startswith("cluster.simulated_nodes") for o in virtual)
+
+
+def test_a_real_and_a_virtual_run_of_one_worker_compare_bit_equal(tmp_path, ray_session):
+    case = validation.Case(1, "shm", 0.0, "sync", False)
+    rows = validation.run_cases([case], tmp_path, None, 2, virtual_only=False, steps=20)
+    assert rows[0]["bit_equal"] and rows[0]["weights"] == "PASS"
+    assert rows[0]["real_step_ms"] > 0 and rows[0]["virtual_step_ms"] > 0
+    summaries = [yaml.safe_load((tmp_path / side / case.name / "config.yaml").read_text())["cluster"]["backend"]
+                 for side in ("real", "virtual")]
+    assert summaries == ["ray", "virtual"]
