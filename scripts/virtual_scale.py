@@ -1,14 +1,15 @@
 """How far the virtual backend scales on this machine: the default problem (configs/default.yaml) on 1,024 workers,
 async for 20,000 updates and sync for 200 updates of 1,024 answers, then 10,000 workers; each run in a process of
-its own, so its peak RSS is its own. Prints a markdown table: wall and CPU seconds (the process's own: on a
-loaded machine the wall time is partly waiting for a core), the setup (data, workers), the exact reference and the
-loop apart, the loop's real microseconds per answer, peak RSS, the virtual time, the median staleness, and the
-load average before and after each run (wall times are load-sensitive; the virtual numbers are not).
+its own, so its peak RSS is its own. Prints a markdown table: wall and CPU seconds of the run (its process's CPU:
+on a loaded machine the wall time is partly waiting for a core), the setup (data, workers), the exact reference and
+the loop apart, the loop's real microseconds per command (answers and evaluations), peak RSS, the virtual time,
+the median staleness, and the load average before and after each run (wall times are load-sensitive; the
+virtual numbers are not).
 
-usage: .venv/bin/python scripts/virtual_scale.py [--quick] [--growth] [--profile CASE] [--out DIR]
+usage: .venv/bin/python scripts/virtual_scale.py [--quick] [--growth] [--only CASE ...] [--profile CASE] [--out DIR]
   --quick      a tenth of the updates (a smoke test of the script)
-  --growth     instead: how the cost grows with K, async (5,000 updates) and sync (51,200 answers) at
-               K = 64 ... 10,000, batch 64 throughout (a shard of 10,000 workers holds 100 rows)
+  --growth     instead: how the cost grows with K, async (5,000 updates, or 4 a worker) and sync (51,200
+               answers) at K = 64 ... 10,000, batch 64 throughout (a shard of 10,000 workers holds 100 rows)
   --profile C  run only case C under cProfile and print its top functions (by own time) on stderr
 """
 
@@ -42,11 +43,13 @@ GROWTH_SYNC_ANSWERS = 51_200
 
 
 def growth_cases() -> dict[str, list[str]]:
-    """The --growth series: the same work at every K, evaluated only at the start and the end."""
-    common = ["train.batch_size=64", "train.eval_every=0", "optim.staleness_lr=true"]
+    """The --growth series: about the same work at every K (async: 5,000 updates, or 4 per worker where that is
+    more, so that every worker is in its steady state), evaluated only at the start and the end."""
+    common = ["train.batch_size=64", "train.eval_every=0", "optim.warmup_steps=0"]
     cases = {}
     for k in GROWTH_K:
-        cases[f"async-{k}"] = [f"cluster.num_workers={k}", "train.mode=async", "train.steps=5000", *common]
+        cases[f"async-{k}"] = [f"cluster.num_workers={k}", "train.mode=async", f"train.steps={max(5000, 4 * k)}",
+                               "optim.staleness_lr=true", *common]
     for k in GROWTH_K:
         steps = max(1, GROWTH_SYNC_ANSWERS // k)
         cases[f"sync-{k}"] = [f"cluster.num_workers={k}", "train.mode=sync", f"train.steps={steps}", *common]
@@ -56,6 +59,7 @@ def growth_cases() -> dict[str, list[str]]:
 def one(name: str, overrides: list[str], out: Path, quick: bool, profile: bool) -> dict:
     """Run case ``name`` in this process; return what the table shows."""
     from sgd_dist.config import load_config
+    from sgd_dist.engine.evaluations import eval_steps
     from sgd_dist.run.trainer import train
 
     if quick:
@@ -65,7 +69,7 @@ def one(name: str, overrides: list[str], out: Path, quick: bool, profile: bool) 
                          [*overrides, "cluster.backend=virtual", "train.log_every=0", "output.plots=false",
                           "train.checkpoint_every=0", f"output.dir={out / name}"])
     load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
@@ -73,26 +77,29 @@ def one(name: str, overrides: list[str], out: Path, quick: bool, profile: bool) 
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    answers = summary["steps"] * (1 if config.train.mode == "async" else config.cluster.num_workers)
+    k = config.cluster.num_workers
+    answers = summary["steps"] * (1 if config.train.mode == "async" else k)
+    commands = answers + k * len(eval_steps(config.train.steps, config.train.eval_every))  # the evaluations' too
     loop_s = summary["wall_time_s"] - summary["setup_time_s"] - summary["reference_time_s"]
     return {"case": name, "workers": config.cluster.num_workers, "updates": summary["steps"], "answers": answers,
-            "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "setup_s": summary["setup_time_s"],
-            "reference_s": summary["reference_time_s"], "loop_s": loop_s, "us_per_answer": 1e6 * loop_s / answers,
+            "wall_s": wall, "cpu_s": cpu, "setup_s": summary["setup_time_s"],
+            "reference_s": summary["reference_time_s"], "loop_s": loop_s, "commands": commands,
+            "us_per_command": 1e6 * loop_s / commands,
             "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "virtual_s": summary["time_model"]["end_s"],
             "median_staleness": summary["staleness"]["median"], "gap": summary["relative_optimality_gap"],
             "load": [load_before, os.getloadavg()[0]]}
 
 
-HEADER = ["case", "K", "answers", "wall s", "CPU s", "setup s", "reference s", "loop s", "loop us/answer",
+HEADER = ["case", "K", "answers", "wall s", "CPU s", "setup s", "reference s", "loop s", "loop us/command",
           "peak RSS GB", "virtual s", "median staleness", "relative gap", "load (1 min) before/after"]
 
 
 def markdown_row(r: dict) -> str:
     gap = "-" if r["gap"] is None else f"{r['gap']:.2e}"
     cells = [r["case"], f"{r['workers']:,}", f"{r['answers']:,}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
-             f"{r['setup_s']:.1f}", f"{r['reference_s']:.1f}", f"{r['loop_s']:.1f}", f"{r['us_per_answer']:.0f}",
+             f"{r['setup_s']:.1f}", f"{r['reference_s']:.1f}", f"{r['loop_s']:.1f}", f"{r['us_per_command']:.0f}",
              f"{r['peak_rss_gb']:.2f}", f"{r['virtual_s']:.3f}", f"{r['median_staleness']:g}", gap,
              f"{r['load'][0]:.1f} / {r['load'][1]:.1f}"]
     return "| " + " | ".join(cells) + " |"
@@ -103,11 +110,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--growth", action="store_true")
     parser.add_argument("--profile", metavar="CASE")
+    parser.add_argument("--only", nargs="+", metavar="CASE", help="run only these cases")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # the child process's one case
     args = parser.parse_args()
     cases = growth_cases() if args.growth else CASES
-    for name in filter(None, (args.case, args.profile)):
+    for name in [*filter(None, (args.case, args.profile)), *(args.only or [])]:
         if name not in cases:
             parser.error(f"no case {name!r}{' in --growth' if args.growth else ''}; choose from {', '.join(cases)}")
     out = args.out or Path(tempfile.mkdtemp(prefix="virtual-scale-"))
@@ -119,7 +127,7 @@ def main() -> None:
     print(f"<!-- {sys.executable} {' '.join(sys.argv)}; {os.cpu_count()} cores; uptime at the start: {uptime} -->")
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER), flush=True)
-    for name in cases:
+    for name in args.only or cases:
         command = [sys.executable, __file__, "--case", name, "--out", str(out)]
         command += ["--quick"] * args.quick + ["--growth"] * args.growth
         proc = subprocess.run(command, capture_output=True, text=True)
