@@ -46,7 +46,7 @@ TARGET_GAP = 2e-2
 STEP_TOLERANCE = 0.20  # step time and time to target: within 20 %
 GAP_RATIO = 2.0  # async final gaps: within 2x
 COMMON = ["data.n_samples=100_000", "optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=0.1",
-          "train.batch_size=128", "train.steps=300", "train.eval_every=10", "train.log_every=0",
+          "train.batch_size=128", "train.steps=200", "train.eval_every=10", "train.log_every=0",
           "train.checkpoint_every=0", "output.plots=false"]
 
 
