@@ -77,6 +77,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
 
+    _add_plan_parser(sub)
+
     p = sub.add_parser("config", help="print the validated config (all defaults filled in) as YAML")
     p.add_argument("--config", help="YAML config file; default: the built-in defaults")
     p.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
@@ -102,6 +104,28 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.command = argv[0]
     return args
+
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="find the mode, workers, batch and lr scaling that reach a target soonest (or most "
+                                    "cheaply) on a cluster you describe, by virtual runs; plan.csv, plan.png; resumes")
+    p.add_argument("--config", required=True, help="the problem: a training config (data, model, optim, train)")
+    p.add_argument("--cluster", required=True, help="the cluster description (see configs/clusters/)")
+    p.add_argument("--target-gap", type=float, required=True, help="the relative optimality gap to reach, e.g. 1e-3")
+    p.add_argument("--objective", choices=["time", "cost"], default="time",
+                   help="rank by time to the target (default) or by worker-seconds to it")
+    p.add_argument("--out", help="plan directory (default runs/plan-<problem>-<cluster>); an existing one resumes")
+    p.add_argument("--budget", help="simulated work allowed: runs=N and/or worker_steps=N (default runs=60, "
+                                    "worker_steps=2e6)")
+    p.add_argument("--workers", type=_int_list, metavar="K,K,...",
+                   help="worker counts to try (default 1, 2, 4, ... up to the cluster's max_workers)")
+    p.add_argument("--modes", help="modes to try, e.g. sync,async,backup:1,local_sgd:4 (default all, with parameters "
+                                   "chosen per worker count)")
+    p.add_argument("--batches", type=_int_list, metavar="B,B,...",
+                   help="per-worker batches (default the problem's, a quarter and four times it)")
+    p.add_argument("--lr-scaling", default="none,linear", help="lr scalings to try: none, linear or both (default)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
 
 
 def _add_bench_parser(sub) -> None:
@@ -234,6 +258,11 @@ def _plot(args: argparse.Namespace) -> int:
     from sgd_dist.run.plots import plot_run  # imported here: matplotlib, once a command needs it
 
     run_dir = Path(args.run_dir)
+    if (run_dir / "plan.csv").is_file():
+        from sgd_dist.study.plan_plots import plot_plan  # imported here: matplotlib, once a command needs it
+
+        print(plot_plan(run_dir))
+        return EXIT_OK
     if (run_dir / "results.csv").is_file():
         from sgd_dist.study.plots import plot_sweep  # imported here: matplotlib and the cost model
 
@@ -271,6 +300,39 @@ def _sweep(args: argparse.Namespace) -> int:
         _print_figures(result.figures)
     print(f"results in {out}/results.csv")
     return EXIT_RUN_FAILED if result.failed else EXIT_OK
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from sgd_dist.study import plan as planner  # imported here: torch, once the arguments are good
+    from sgd_dist.study.cluster_spec import load_cluster
+    from sgd_dist.study.plan_plots import plot_plan
+    from sgd_dist.study.plan_results import parse_budget
+
+    _check_out(args)
+    if not args.target_gap > 0:
+        raise UsageError(f"--target-gap must be > 0 (got {args.target_gap:g})")
+    try:
+        budget = parse_budget(args.budget)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    problem = planner.load_problem(args.config)
+    spec, profile = load_cluster(args.cluster)
+    space = planner.space_from(spec, args.workers, args.modes, args.batches, args.lr_scaling)
+    out = Path(args.out) if args.out else Path("runs") / f"plan-{Path(args.config).stem}-{Path(args.cluster).stem}"
+    plan = planner.Plan(out, Path(args.config).resolve(), problem, spec.model_copy(update={"name": spec.name or Path(
+        args.cluster).stem}), profile, args.target_gap, args.objective, budget, space, progress=args.progress)
+    try:
+        ranked = planner.run_plan(plan)
+    except KeyboardInterrupt as exc:
+        return fail(interrupted_code(exc), f"interrupted; run the same command again (--out {out}) to resume")
+    for line in planner.report(plan, ranked):
+        print(line)
+    try:
+        print(f"figure: {plot_plan(out, plan.spec.name)}")
+    except ValueError as exc:
+        print(f"no figure: {exc}")
+    print(f"results in {out}/plan.csv")
+    return EXIT_OK
 
 
 def _model(args: argparse.Namespace) -> int:
@@ -413,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     command = {"train": _train, "plot": _plot, "config": _config, "bench": _bench, "replay": _replay,
                "submit": _submit, "jobs": _jobs, "sweep": _sweep, "model": _model,
-               "calibrate": _calibrate}[args.command]
+               "calibrate": _calibrate, "plan": _plan}[args.command]
     return guarded(lambda: command(args))
 
 

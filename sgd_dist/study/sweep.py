@@ -83,12 +83,13 @@ def _differences(a: dict, b: dict) -> list[str]:
 
 
 def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None,
-              progress: bool | None = None) -> SweepResult:
+              progress: bool | None = None, desc: str = "sweep", model: bool = True) -> SweepResult:
     """Run every run not finished under ``out`` one at a time, rewriting results.csv after each.
 
     Ray is initialised once for the whole sweep (or the process's existing Ray is used and left running).
     ``progress``: a bar over the runs (ETA, the last run's samples/s and gap) and each run's own; None shows
-    them on a terminal or in a notebook only.
+    them on a terminal or in a notebook only; ``desc`` names the bar. ``model``: fit the cost model on the runs
+    at the end (a plan's virtual runs need none).
     """
     stderr = stderr or sys.stderr
     out = Path(out)
@@ -102,7 +103,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None,
     rows: list[dict] = []
     ran = kept = failed = 0
     started = _start_ray(sweep)
-    bar = progress_bar(len(sweep.runs), "run", "sweep", enabled=progress)
+    bar = progress_bar(len(sweep.runs), "run", desc, enabled=progress)
     try:
         for plan in sweep.runs:
             run_dir = out / RUNS_DIR / plan.name
@@ -127,7 +128,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, plots: bool = True, stderr=None,
             ray.shutdown()
             sweep_stale_semaphores()
     result = SweepResult(out, rows, ran, kept, failed)
-    result.model_lines = add_predictions(out, experiment, rows)
+    result.model_lines = add_predictions(out, experiment, rows) if model else []
     if plots:
         result.figures = plot_sweep(out)
     return result

@@ -1,0 +1,170 @@
+"""What a plan predicts before it runs a config, to size and prune its runs, and to say why a mode won.
+
+Modelled, never measured: the steps to the target from the noise scale (McCandlish et al. 2018's
+S(B) = S_min (1 + B_noise / B), with S_min from the pilot run's steps and B_noise its measured B_simple), and a
+step's time from the time model's formulas (``core/time_model.py``: compute, the server's work per answer and
+update, the server's shared link, the latency, the expected straggler delays). These numbers decide how long a
+run is and which configs are not worth running; none of them goes into plan.csv.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sgd_dist.core.time_model import TimeProfile, compute_s, message_s, server_answer_s, server_update_s
+from sgd_dist.study.cluster_spec import ClusterSpec
+
+ITEMSIZE = {"float32": 4, "float64": 8}
+
+
+@dataclass(frozen=True)
+class StepsModel:
+    """S(B) = s_min (1 + b_noise / B): updates to the target at global batch B."""
+
+    s_min: float
+    b_noise: float
+
+    def steps(self, batch: float) -> float:
+        return self.s_min * (1 + self.b_noise / batch)
+
+
+def steps_model(rows: list[dict], batch: int, say: Callable[[str], None]) -> StepsModel | None:
+    """S(B) from the pilot (the first row): its updates to the target and its noise scale at the target; None
+    (each run then takes the problem's train.steps) when it did not reach the target or has no noise scale."""
+    pilot = rows[0] if rows else None
+    if pilot is None or pilot["reached"] != "yes" or not pilot.get("noise_scale"):
+        say("  no S(B) model (the pilot did not reach the target or measured no noise scale): every run takes the "
+            "problem's train.steps")
+        return None
+    b_noise = float(pilot["noise_scale"])
+    model = StepsModel(pilot["updates_to_target"] / (1 + b_noise / (pilot["workers"] * batch)), b_noise)
+    say(f"  S(B) = {model.s_min:.3g} x (1 + {b_noise:.3g} / B) updates to the target at global batch B "
+        "(the pilot's updates and its noise scale B_simple at the target)")
+    return model
+
+
+def updates_to_target(model: StepsModel, c: Any) -> float:
+    """The updates S(B) predicts for candidate ``c``: sync and ssp at the global batch, backup at the batch it
+    keeps, async one worker's batch per update (twice, for its staleness, plus a round of stale ones), local SGD
+    S(global batch) / H rounds."""
+    k, b = c.workers, c.batch
+    if c.mode == "async":
+        return 2 * model.steps(b) + k
+    if c.mode == "backup":
+        return model.steps((k - c.parameter) * b)
+    if c.mode == "local_sgd":
+        return model.steps(k * b) / c.parameter
+    return model.steps(k * b)
+
+
+@dataclass(frozen=True)
+class Guess:
+    time_s: float
+    worker_seconds: float
+    why: str
+
+
+def step_terms(profile: TimeProfile, spec: ClusterSpec, problem: dict, c: Any) -> dict[str, float]:
+    """The time model's terms of one update of candidate ``c`` (sync-like: every answer of a round), seconds."""
+    k, d = c.workers, _dim(problem)
+    nbytes = d * ITEMSIZE[problem["data"].get("dtype", "float32")]
+    steps = c.parameter if c.mode == "local_sgd" else 1
+    compute = compute_s(profile, "local" if steps > 1 else "gradient", c.batch, d, steps)
+    if spec.cores is not None:
+        compute *= max(1.0, (k + 1) / spec.cores)
+    remote = k - min(k, spec.workers_per_node or 0)
+    bandwidth = None if spec.network.bandwidth_gbps is None else spec.network.bandwidth_gbps * 1e9
+    answers = k if c.mode != "async" else 1
+    return {
+        "compute": compute * _slowest(spec, problem, c),
+        "stragglers": _expected_delay_s(spec, problem, c),
+        "server": answers * server_answer_s(profile, nbytes) + server_update_s(profile, d),
+        "link": remote * message_s(0.0, bandwidth, nbytes) if remote else 0.0,
+        "latency": 2 * spec.network.latency_ms / 1e3 if remote else 0.0,
+    }
+
+
+def predict(profile: TimeProfile, spec: ClusterSpec, problem: dict, model: StepsModel, c: Any) -> Guess:
+    """Candidate ``c``'s predicted time to the target and worker-seconds."""
+    terms = step_terms(profile, spec, problem, c)
+    updates = updates_to_target(model, c)
+    if c.mode == "async":  # k workers each on its own cycle; the server handles one answer and update at a time
+        cycle = terms["compute"] + terms["stragglers"] + terms["latency"] + 2 * terms["link"] / max(c.workers, 1)
+        step = max(cycle / c.workers, terms["server"])
+    else:
+        step = terms["compute"] + terms["stragglers"] + terms["latency"] + terms["server"] + terms["link"]
+    time_s = updates * step
+    why = f"{updates:.3g} updates of {1e3 * step:.3g} ms: {bound_words(terms)}"
+    return Guess(time_s, c.workers * time_s, why)
+
+
+def bound_words(terms: dict[str, float]) -> str:
+    """'link-bound (4.2 ms of 4.6 ms)': the largest term of a step."""
+    total = sum(terms.values())
+    name, largest = max(terms.items(), key=lambda item: item[1])
+    word = {"compute": "compute-bound", "stragglers": "straggler-bound", "server": "server-bound",
+            "link": "link-bound", "latency": "latency-bound"}[name]
+    return f"{word} ({1e3 * largest:.3g} ms of {1e3 * total:.3g} ms)"
+
+
+def sync_step_words(profile: TimeProfile, spec: ClusterSpec, problem: dict, c: Any) -> str:
+    """Why a sync step at ``c``'s workers takes what it takes, in words, from the time model's terms."""
+    sync = _Sync(c.workers, c.batch)
+    terms = step_terms(profile, spec, problem, sync)
+    k = c.workers
+    d = _dim(problem)
+    if max(terms, key=terms.get) == "link":
+        kb = d * ITEMSIZE[problem["data"].get("dtype", "float32")] / 1e3
+        return (f"its steps are link-bound: {k} answers of {kb:.3g} KB share the server's "
+                f"{spec.network.bandwidth_gbps:g} Gbit/s link, {1e3 * terms['link']:.3g} ms a step against "
+                f"{1e3 * terms['compute']:.3g} ms of compute")
+    if max(terms, key=terms.get) == "server":
+        return (f"its steps are server-bound: the server handles {k} answers a step, {1e3 * terms['server']:.3g} ms "
+                f"against {1e3 * terms['compute']:.3g} ms of compute")
+    if max(terms, key=terms.get) == "latency":
+        return f"its steps are latency-bound: {1e3 * terms['latency']:.3g} ms of round trip a step"
+    return f"its steps are {bound_words(terms)}"
+
+
+@dataclass(frozen=True)
+class _Sync:
+    workers: int
+    batch: int
+    mode: str = "sync"
+    parameter: int | None = None
+
+
+def _dim(problem: dict) -> int:
+    data = problem["data"]
+    return int(data.get("n_features", 1)) + int(data.get("bias", True))
+
+
+def _slowest(spec: ClusterSpec, problem: dict, c: Any) -> float:
+    """The compute-time factor of the slowest worker a step waits for (backup drops the b slowest)."""
+    slow = {int(r): f for r, f in (problem.get("stragglers") or {}).get("slowdown", {}).items()}
+    if spec.stragglers.model_fields_set:
+        slow = dict(spec.stragglers.slowdown)
+    factors = sorted(spec.factor(r) * slow.get(r, 1.0) for r in range(c.workers))
+    sigma = spec.speed.sigma
+    if c.mode == "async":  # the mean worker: a lognormal's mean is exp(sigma^2 / 2)
+        return sum(factors) / len(factors) * math.exp(sigma * sigma / 2)
+    keep = c.workers - (c.parameter if c.mode == "backup" else 0)
+    # the largest of k lognormal draws is about exp(sigma sqrt(2 ln k))
+    return factors[keep - 1] * math.exp(sigma * math.sqrt(2 * math.log(keep))) if keep > 1 else factors[0]
+
+
+def _expected_delay_s(spec: ClusterSpec, problem: dict, c: Any) -> float:
+    """The expected extra delay a step waits: the largest of the kept workers' delays (exponential: mean x the
+    harmonic sum; uniform: about the largest, 2 x mean)."""
+    stragglers = spec.stragglers.model_dump() if spec.stragglers.model_fields_set else problem.get("stragglers") or {}
+    kind, mean = stragglers.get("delay", "none"), stragglers.get("delay_ms", 0.0) / 1e3
+    if kind == "none" or mean == 0:
+        return 0.0
+    if c.mode == "async":
+        return mean
+    dropped = c.parameter if c.mode == "backup" else 0
+    if kind == "exponential":
+        return mean * sum(1 / i for i in range(dropped + 1, c.workers + 1))
+    return 2 * mean * (c.workers - dropped) / (c.workers + 1)
