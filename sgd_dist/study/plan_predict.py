@@ -96,8 +96,15 @@ def predict(profile: TimeProfile, spec: ClusterSpec, problem: dict, model: Steps
     else:
         step = terms["compute"] + terms["stragglers"] + terms["latency"] + terms["server"] + terms["link"]
     time_s = updates * step
-    why = f"{updates:.3g} updates of {1e3 * step:.3g} ms: {bound_words(terms)}"
+    why = f"{updates:.3g} updates of {duration(step)}: {bound_words(terms)}"
     return Guess(time_s, c.workers * time_s, why)
+
+
+def duration(seconds: float) -> str:
+    """'2.1 s', '4.2 ms' or '25 us'."""
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
+    return f"{1e3 * seconds:.3g} ms" if seconds >= 1e-3 else f"{1e6 * seconds:.3g} us"
 
 
 def bound_words(terms: dict[str, float]) -> str:
@@ -106,7 +113,7 @@ def bound_words(terms: dict[str, float]) -> str:
     name, largest = max(terms.items(), key=lambda item: item[1])
     word = {"compute": "compute-bound", "stragglers": "straggler-bound", "server": "server-bound",
             "link": "link-bound", "latency": "latency-bound"}[name]
-    return f"{word} ({1e3 * largest:.3g} ms of {1e3 * total:.3g} ms)"
+    return f"{word} ({duration(largest)} of {duration(total)})"
 
 
 def sync_step_words(profile: TimeProfile, spec: ClusterSpec, problem: dict, c: Any) -> str:
@@ -118,13 +125,13 @@ def sync_step_words(profile: TimeProfile, spec: ClusterSpec, problem: dict, c: A
     if max(terms, key=terms.get) == "link":
         kb = d * ITEMSIZE[problem["data"].get("dtype", "float32")] / 1e3
         return (f"its steps are link-bound: {k} answers of {kb:.3g} KB share the server's "
-                f"{spec.network.bandwidth_gbps:g} Gbit/s link, {1e3 * terms['link']:.3g} ms a step against "
-                f"{1e3 * terms['compute']:.3g} ms of compute")
+                f"{spec.network.bandwidth_gbps:g} Gbit/s link, {duration(terms['link'])} a step against "
+                f"{duration(terms['compute'])} of compute")
     if max(terms, key=terms.get) == "server":
-        return (f"its steps are server-bound: the server handles {k} answers a step, {1e3 * terms['server']:.3g} ms "
-                f"against {1e3 * terms['compute']:.3g} ms of compute")
+        return (f"its steps are server-bound: the server handles {k} answers a step, {duration(terms['server'])} "
+                f"against {duration(terms['compute'])} of compute")
     if max(terms, key=terms.get) == "latency":
-        return f"its steps are latency-bound: {1e3 * terms['latency']:.3g} ms of round trip a step"
+        return f"its steps are latency-bound: {duration(terms['latency'])} of round trip a step"
     return f"its steps are {bound_words(terms)}"
 
 

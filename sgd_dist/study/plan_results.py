@@ -213,7 +213,8 @@ def recommendation(rows: list[dict], objective: str, stragglers: bool, sync_word
         return f"{head}."
     others = [r for r in reached if r["mode"] != "sync"]
     if not others:
-        return f"{head}; no other mode reached the target."
+        tried = any(r["mode"] != "sync" for r in rows)
+        return f"{head}; {'no other mode reached the target' if tried else 'only sync was tried'}."
     other = min(others, key=lambda r: r[key])
     pct = 100 * (1 - best[key] / other[key])
     return (f"{head}, {pct:.0f} % {word} than the best other mode ({other['config']}): "
