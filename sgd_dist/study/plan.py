@@ -128,6 +128,7 @@ class Plan:
     steps_model: plan_predict.StepsModel | None = None
     say: Callable[[str], None] = print
     progress: bool | None = None
+    prune: bool = True  # prune by prediction (the budget and misfits prune whatever this says)
 
     @property
     def base_batch(self) -> int:
@@ -216,18 +217,24 @@ def values(plan: Plan, c: Candidate) -> list[Any]:
             param["local_steps"], c.batch, c.lr_scaling, warmup, c.updates, max(1, c.updates // EVALUATIONS)]
 
 
+def stage_sweep(plan: Plan, stage: str, candidates: list[Candidate], raw: dict | None = None) -> Sweep:
+    """The sweep that runs ``candidates``: one joint grid key over KEYS, each run named after its candidate, every
+    config built and validated here. ``raw``: what every run shares (default: base_raw, the virtual cluster)."""
+    raw = base_raw(plan) if raw is None else raw
+    experiment = Experiment(base=str(plan.problem_path), grid={",".join(KEYS): [values(plan, c) for c in candidates]},
+                            target_gap=plan.target_gap)
+    runs = [replace(run, name=c.name()) for run, c in
+            zip(plan_runs(experiment, raw, f"plan stage {stage}"), candidates)]
+    return Sweep(plan.problem_path, experiment, plan.problem_path, raw, runs)
+
+
 def run_stage(plan: Plan, index: int, stage: str, candidates: list[Candidate]) -> list[dict]:
     """Run ``candidates`` as one sweep under stages/INDEX-STAGE (resuming what is there); their plan rows."""
     if not candidates:
         return []
-    experiment = Experiment(base=str(plan.problem_path), grid={",".join(KEYS): [values(plan, c) for c in candidates]},
-                            target_gap=plan.target_gap)
-    runs = [replace(run, name=c.name()) for run, c in
-            zip(plan_runs(experiment, base_raw(plan), f"plan stage {stage}"), candidates)]
-    sweep = Sweep(plan.problem_path, experiment, plan.problem_path, base_raw(plan), runs)
     stage_dir = plan.out / STAGES_DIR / f"{index}-{stage}"
-    result = run_sweep(sweep, stage_dir, plots=False, stderr=io.StringIO(), progress=plan.progress,
-                       desc=f"plan: {stage}", model=False)
+    result = run_sweep(stage_sweep(plan, stage, candidates), stage_dir, plots=False, stderr=io.StringIO(),
+                       progress=plan.progress, desc=f"plan: {stage}", model=False)
     itemsize = plan_predict.ITEMSIZE[plan.problem_raw["data"].get("dtype", "float32")]
     rows = [plan_row(c, stage, row, stage_dir / "runs" / c.name(), plan.out, itemsize)
             for c, row in zip(candidates, result.rows)]
@@ -261,7 +268,7 @@ def admit(plan: Plan, stage: str, candidates: list[Candidate], *, predicted: boo
             plan.pruned.append(f"{stage}: {c.label()}: {why}")
         else:
             fresh.append(c)
-    if predicted and plan.steps_model is not None and fresh:
+    if predicted and plan.prune and plan.steps_model is not None and fresh:
         fresh = _prune_predicted(plan, stage, fresh)
     kept = []
     for c in fresh:
