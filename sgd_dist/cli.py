@@ -126,6 +126,8 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--lr-scaling", default="none,linear", help="lr scalings to try: none, linear or both (default)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the problem, e.g. "
+                                                                    "data.n_features=1000")
 
 
 def _add_bench_parser(sub) -> None:
@@ -315,7 +317,7 @@ def _plan(args: argparse.Namespace) -> int:
         budget = parse_budget(args.budget)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    problem = planner.load_problem(args.config)
+    problem = planner.load_problem(args.config, args.overrides)
     spec, profile = load_cluster(args.cluster)
     space = planner.space_from(spec, args.workers, args.modes, args.batches, args.lr_scaling)
     out = Path(args.out) if args.out else Path("runs") / f"plan-{Path(args.config).stem}-{Path(args.cluster).stem}"

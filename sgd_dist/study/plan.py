@@ -27,11 +27,19 @@ import io
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
-from sgd_dist.config import MODE_PARAMETERS, ConfigError, _read_yaml, build_config, set_dotted
+from sgd_dist.config import (
+    MODE_PARAMETERS,
+    ConfigError,
+    _read_yaml,
+    apply_overrides,
+    build_config,
+    dump_config,
+    set_dotted,
+)
 from sgd_dist.core.time_model import TimeProfile
 from sgd_dist.errors import UsageError
 from sgd_dist.run.rundir import write_text_atomic
@@ -175,9 +183,11 @@ def mode_variants(mode: str, parameter: int | None, workers: int) -> list[tuple[
     return [("local_sgd", h) for h in values if h >= 2]
 
 
-def load_problem(path: str | Path) -> dict:
-    """The problem's config as a raw mapping, validated; a plan needs a constant lr and no faults section."""
+def load_problem(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """The problem's config (with dotted ``overrides``) as a raw mapping, validated; a plan needs a constant lr and
+    no faults section."""
     raw = _read_yaml(Path(path))
+    apply_overrides(raw, overrides)
     config = build_config(raw)
     if config.optim.schedule != "constant":
         raise ConfigError(f"{str(path)!r}: optim.schedule={config.optim.schedule}: a plan sets each run's length, "
@@ -187,7 +197,9 @@ def load_problem(path: str | Path) -> dict:
                           "(failures.worker_mtbf_s, server_mtbf_s); drop the faults section")
     if config.train.batch_size == "full" or isinstance(config.train.batch_size, tuple):
         raise ConfigError(f"{str(path)!r}: train.batch_size must be one number (the plan varies it per worker)")
-    return yaml.safe_load(yaml.safe_dump(build_config(raw).model_dump(mode="json", exclude={"output"})))
+    raw = yaml.safe_load(dump_config(config))  # every field written out, as a run directory's config.yaml
+    raw.pop("output")
+    return raw
 
 
 def base_raw(plan: Plan) -> dict:
