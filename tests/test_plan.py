@@ -283,3 +283,21 @@ def test_the_shipped_cluster_descriptions_load():
     for name in names:
         spec, profile = load_cluster(REPO / "configs" / "clusters" / name)
         assert spec.max_workers >= 2 and profile.grad_s > 0
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+def test_the_command_prints_the_table_the_recommendation_and_the_figure_with_a_bar(tmp_path, capsys):
+    problem = write(tmp_path / "problem.yaml", PROBLEM)
+    cluster = write(tmp_path / "cluster.yaml", {"max_workers": 2, "profile": FREE})
+    args = ["plan", "--config", str(problem), "--cluster", str(cluster), "--target-gap", "3e-3", "--out",
+            str(tmp_path / "out"), "--modes", "sync,async", "--batches", "8", "--lr-scaling", "none", "--progress"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    rows = read_plan(tmp_path / "out" / PLAN_FILE)
+    top = best(rows)
+    assert f"   1  {top['config']}" in out
+    assert f"recommendation: {top['config']}: {top['time_to_target_s']:.3g} s to the target" in out
+    assert f"figure: {tmp_path / 'out' / 'plan.png'}" in out
+    assert_png(tmp_path / "out" / "plan.png")
+    assert "plan: pilot" in err and "plan: workers" in err  # the stages' progress bars
