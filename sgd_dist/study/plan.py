@@ -40,7 +40,7 @@ from sgd_dist.config import (
     dump_config,
     set_dotted,
 )
-from sgd_dist.core.time_model import TimeProfile
+from sgd_dist.core.time_model import TimeProfile, to_dict
 from sgd_dist.errors import UsageError
 from sgd_dist.run.rundir import write_text_atomic
 from sgd_dist.study import plan_predict
@@ -392,8 +392,8 @@ def _stage(plan: Plan, index: int, stage: str, candidates: list[Candidate], repl
 def inputs(plan: Plan) -> dict:
     """What plan.yaml records: every input that decides the plan's runs (a resumed plan must match it)."""
     return {"problem": plan.problem_raw, "problem_file": str(plan.problem_path), "cluster": plan.spec.model_dump(
-        mode="json"), "profile": yaml.safe_load(yaml.safe_dump(plan.profile.__dict__)), "target_gap": plan.target_gap,
-        "objective": plan.objective, "budget": plan.budget.limits(),
+        mode="json"), "profile": to_dict(plan.profile), "target_gap": plan.target_gap,
+        "objective": plan.objective, "budget": plan.budget.limits(), "prune_by_prediction": plan.prune,
         "space": {"workers": list(plan.space.workers), "modes": [list(m) for m in plan.space.modes],
                   "batches": None if plan.space.batches is None else list(plan.space.batches),
                   "lr_scalings": list(plan.space.lr_scalings)}}
