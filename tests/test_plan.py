@@ -174,9 +174,11 @@ def test_the_recommendation_says_its_numbers_and_its_reason():
     local = recommendation([row("local_sgd", 64, 1.0, 32), row("sync", 64, 4.0)], "time", False,
                            lambda r: f"BOUND at {r['workers']}")
     assert "75 % sooner than sync at 64 workers" in local and "every 32 steps; BOUND at 64" in local
-    cheap = recommendation([row("sync", 1, 3.0), row("async", 4, 1.0)], "cost", False, lambda r: "")
-    assert cheap.startswith("sync, 1 workers: 3 s to the target, 3 worker-seconds, 25 % cheaper than the best "
-                            "other mode (async, 4 workers)")
+    one, two = {**row("sync", 1, 3.0), "updates_to_target": 60}, {**row("sync", 2, 2.0), "updates_to_target": 40}
+    cheap = recommendation([one, two, row("async", 4, 1.0)], "cost", False, lambda r: "")
+    assert cheap == ("sync, 1 workers: 3 s to the target, 3 worker-seconds, 25 % cheaper than the best other mode "
+                     "(async, 4 workers): 2 workers took 40 updates against 60, too few fewer to pay for 2x the "
+                     "workers (1.3x the worker-seconds).")
     assert "No config reached" in recommendation([{**row("sync", 1, 1.0), "reached": "no"}], "time", False, str)
 
 

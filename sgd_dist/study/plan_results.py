@@ -218,7 +218,7 @@ def recommendation(rows: list[dict], objective: str, stragglers: bool, sync_word
     other = min(others, key=lambda r: r[key])
     pct = 100 * (1 - best[key] / other[key])
     return (f"{head}, {pct:.0f} % {word} than the best other mode ({other['config']}): "
-            f"{_sync_wins(best, objective, sync_words)}.")
+            f"{_sync_wins(best, rows, objective, sync_words)}.")
 
 
 def _workers(k: int) -> str:
@@ -241,9 +241,17 @@ def _because(row: dict, stragglers: bool, sync_words: Callable[[dict], str]) -> 
             f"{sync_words(row)}")
 
 
-def _sync_wins(row: dict, objective: str, sync_words: Callable[[dict], str]) -> str:
-    if objective == "cost" and row["workers"] == 1:
-        return "one worker wastes no worker-seconds waiting or on redundant samples"
+def _sync_wins(row: dict, rows: list[dict], objective: str, sync_words: Callable[[dict], str]) -> str:
+    """Why sync at these workers won: on cost, what more workers would have cost (the next sync count that reached
+    the target); on time, what bounds its step."""
+    more = sorted((r for r in rows if r["mode"] == "sync" and r["workers"] > row["workers"]
+                   and r.get("reached") == "yes" and r.get("worker_batch") == row.get("worker_batch")),
+                  key=lambda r: r["workers"])
+    if objective == "cost" and more:
+        nxt = more[0]
+        return (f"{_workers(nxt['workers'])} took {nxt['updates_to_target']} updates against "
+                f"{row['updates_to_target']}, too few fewer to pay for {nxt['workers'] / row['workers']:g}x the "
+                f"workers ({nxt['worker_seconds'] / row['worker_seconds']:.2g}x the worker-seconds)")
     return sync_words(row)
 
 
