@@ -9,7 +9,7 @@ plan resumes) of virtual runs (``cluster.backend: virtual``):
    S(B) = S_min (1 + B_noise / B): the steps to the target at any global batch;
 2. *workers*: sync at every worker count (powers of two up to the cluster's largest);
 3. *modes*: at the two best worker counts, every mode and its parameter (ssp's staleness bound, backup's backup
-   workers, local SGD's local steps);
+   workers, local SGD's local steps), and at the most workers those predicted within reach;
 4. *batch*: at the three best configs, a quarter and four times the per-worker batch, with and without linear
    learning-rate scaling;
 5. *extend*: each config that ran out of updates before the target runs again with four times as many.
@@ -364,9 +364,13 @@ def search(plan: Plan) -> list[dict]:
     for row in rank_rows(plan.rows, plan.objective):
         if row["workers"] not in best_k:
             best_k.append(row["workers"])
-    modes = [sized(plan, Candidate(k, m, p, b0, lr0)) for k in best_k[:2] for mode, given in space.modes
-             for m, p in mode_variants(mode, given, k)]
-    _stage(plan, 2, "modes", admit(plan, "modes", modes, predicted=False))
+    def modes_at(k: int) -> list[Candidate]:
+        return [sized(plan, Candidate(k, m, p, b0, lr0)) for mode, given in space.modes
+                for m, p in mode_variants(mode, given, k)]
+
+    largest = [k for k in space.workers[-1:] if k not in best_k[:2]]  # where sync may lose most to another mode
+    _stage(plan, 2, "modes", admit(plan, "modes", [c for k in best_k[:2] for c in modes_at(k)], predicted=False)
+           + admit(plan, "modes", [c for k in largest for c in modes_at(k)]))
     batches = space.batches or tuple(sorted({max(1, b0 // 4), b0, 4 * b0}))
     top = [row["candidate"] for row in rank_rows(plan.rows, plan.objective)[:3]]
     variants = [sized(plan, replace(c, batch=b, lr_scaling=lr)) for c in top for b in batches
