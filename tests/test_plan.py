@@ -62,15 +62,16 @@ def best(rows: list[dict]) -> dict:
 
 def test_without_stragglers_or_network_the_most_workers_win_on_time_and_one_worker_on_cost(tmp_path):
     """Every sync step costs one worker's compute at any worker count, so time to the target is the steps to it,
-    which fall with the global batch; cost is K x that, and the steps fall less than K-fold."""
+    which fall with the global batch (sync only: the worker count is what is computable by hand); cost is K x
+    that, and the steps fall less than K-fold."""
     cluster = {"max_workers": 8, "profile": FREE}
     by_time = planner.run_plan(make_plan(tmp_path, cluster, objective="time", out="time"))
     by_cost = planner.run_plan(make_plan(tmp_path, cluster, objective="cost", out="cost"))
     assert sorted(r["workers"] for r in by_time) == [1, 2, 4, 8]
     assert best(by_time)["workers"] == 8
     assert best(by_cost)["workers"] == 1
-    times = {r["workers"]: r["time_to_target_s"] for r in by_time}
-    assert times[8] < times[4] < times[2] < times[1]
+    cost = {r["workers"]: r["worker_seconds"] for r in by_cost}
+    assert all(cost[k] > cost[1] for k in (2, 4, 8))  # no count cut the updates K-fold
 
 
 def test_with_a_huge_latency_local_sgd_with_the_most_local_steps_wins(tmp_path):

@@ -7,18 +7,20 @@ plan resumes) of virtual runs (``cluster.backend: virtual``):
 1. *pilot*: sync at the fewest workers, the problem's batch; it also measures the gradient noise scale at the
    target gap (``core/noise_scale.py``), which with its steps to the target gives McCandlish et al.'s
    S(B) = S_min (1 + B_noise / B): the steps to the target at any global batch;
-2. *workers*: sync at every worker count (powers of two up to the cluster's largest);
+2. *workers*: sync at every worker count (powers of two up to the cluster's largest), with each lr scaling;
 3. *modes*: at the two best worker counts, every mode and its parameter (ssp's staleness bound, backup's backup
    workers, local SGD's local steps), and at the most workers those predicted within reach;
 4. *batch*: at the three best configs, a quarter and four times the per-worker batch, with and without linear
    learning-rate scaling;
 5. *extend*: each config that ran out of updates before the target runs again with four times as many.
 
-Each run's length (train.steps) is three times the updates S(B) predicts for it (at least 20); the time model's
-formulas (``core/time_model.py``) and S(B) predict each config's time to the target and worker-seconds, and a
-config predicted at more than ``PRUNE_FACTOR`` times the stage's best prediction is pruned, as is whatever does
-not fit the budget of simulated work (runs and worker steps). What was pruned is said, with why. Predictions only
-prune: every number in plan.csv comes from a virtual run.
+Each run's length (train.steps) is twice the updates S(B) predicts for it, but never fewer than the pilot's (at
+the problem's fixed lr a larger batch cannot cut the updates below what the lr allows), and at least 20. The
+time model's formulas (``core/time_model.py``) and S(B) predict each config's time to the target and
+worker-seconds, anchored on the nearest measured config; a config predicted at more than ``PRUNE_FACTOR`` times
+the best measured is pruned, as is whatever does not fit the budget of simulated work (runs and worker steps).
+What was pruned is said, with why. Predictions only size and prune: every number in plan.csv comes from a
+virtual run.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ Objective = Literal["time", "cost"]
 INPUTS_FILE = "plan.yaml"
 STAGES_DIR = "stages"
 PROFILE_FILE = "profile.json"
-SAFETY = 3.0  # a run's updates: this many times what S(B) predicts for it
+SAFETY = 2.0  # a run's updates: this many times what S(B) predicts for it (never fewer than the pilot's)
 MIN_UPDATES = 20
 EVALUATIONS = 25  # evaluations per run (its time to the target is read at the first one below the target)
 PRUNE_FACTOR = 3.0  # a config predicted at more than this many times the stage's best prediction is not run
@@ -342,12 +344,13 @@ def _distance(a: Candidate, b: Candidate) -> tuple:
 
 
 def sized(plan: Plan, c: Candidate) -> Candidate:
-    """The candidate with its length: SAFETY x the updates S(B) predicts (the problem's train.steps without a
-    model)."""
+    """The candidate with its length: SAFETY x the updates S(B) predicts, never fewer than the pilot's (the problem's
+    train.steps without a model)."""
     if plan.steps_model is None:
         updates = int(plan.problem_raw["train"]["steps"])
     else:
-        updates = max(MIN_UPDATES, math.ceil(SAFETY * plan_predict.updates_to_target(plan.steps_model, c)))
+        updates = max(MIN_UPDATES, math.ceil(SAFETY * plan_predict.updates_to_target(plan.steps_model, c,
+                                                                                     sizing=True)))
     return replace(c, updates=updates)
 
 
@@ -358,7 +361,8 @@ def search(plan: Plan) -> list[dict]:
     pilot = Candidate(space.workers[0], "sync", None, b0, lr0, int(plan.problem_raw["train"]["steps"]))
     _stage(plan, 0, "pilot", admit(plan, "pilot", [pilot], predicted=False))
     plan.steps_model = plan_predict.steps_model(plan.rows, b0, plan.say)
-    scale = [sized(plan, Candidate(k, "sync", None, b0, lr0)) for k in space.workers[1:]]
+    scale = [sized(plan, Candidate(k, "sync", None, b0, lr)) for k in space.workers
+             for lr in dict.fromkeys([lr0, *space.lr_scalings])]
     _stage(plan, 1, "workers", admit(plan, "workers", scale))
     best_k = []
     for row in rank_rows(plan.rows, plan.objective):

@@ -21,13 +21,22 @@ ITEMSIZE = {"float32": 4, "float64": 8}
 
 @dataclass(frozen=True)
 class StepsModel:
-    """S(B) = s_min (1 + b_noise / B): updates to the target at global batch B."""
+    """S(B) = s_min (1 + b_noise / B): updates to the target at global batch B (McCandlish et al.), fitted through
+    the pilot's (batch, updates)."""
 
     s_min: float
     b_noise: float
+    pilot_batch: int
+    pilot_updates: int
 
     def steps(self, batch: float) -> float:
         return self.s_min * (1 + self.b_noise / batch)
+
+    def at_most(self, batch: float) -> float:
+        """Updates a run at ``batch`` is sized for: S(B), but never fewer than the pilot's. S(B) assumes the lr
+        tuned for each batch; at the problem's fixed lr a larger batch cannot cut the updates below what the lr
+        allows (the descent is then lr-limited), and a run sized by S(B) alone would stop short of the target."""
+        return max(self.pilot_updates, self.steps(batch))
 
 
 def steps_model(rows: list[dict], batch: int, say: Callable[[str], None]) -> StepsModel | None:
@@ -38,25 +47,37 @@ def steps_model(rows: list[dict], batch: int, say: Callable[[str], None]) -> Ste
         say("  no S(B) model (the pilot did not reach the target or measured no noise scale): every run takes the "
             "problem's train.steps")
         return None
-    b_noise = float(pilot["noise_scale"])
-    model = StepsModel(pilot["updates_to_target"] / (1 + b_noise / (pilot["workers"] * batch)), b_noise)
+    b_noise, global_batch = float(pilot["noise_scale"]), pilot["workers"] * batch
+    model = StepsModel(pilot["updates_to_target"] / (1 + b_noise / global_batch), b_noise, global_batch,
+                       pilot["updates_to_target"])
     say(f"  S(B) = {model.s_min:.3g} x (1 + {b_noise:.3g} / B) updates to the target at global batch B "
         "(the pilot's updates and its noise scale B_simple at the target)")
     return model
 
 
-def updates_to_target(model: StepsModel, c: Any) -> float:
-    """The updates S(B) predicts for candidate ``c``: sync and ssp at the global batch, backup at the batch it
-    keeps, async one worker's batch per update (twice, for its staleness, plus a round of stale ones), local SGD
-    S(global batch) / H rounds."""
-    k, b = c.workers, c.batch
+def step_batch(c: Any) -> int:
+    """The rows one update's gradient averages: sync and ssp every worker's batch, backup the kept ones', async one
+    worker's; local SGD one worker's local step's (its averaging is not counted: sizing errs long)."""
+    if c.mode in ("async", "local_sgd"):
+        return c.batch
+    return (c.workers - (c.parameter if c.mode == "backup" else 0)) * c.batch
+
+
+def updates_to_target(model: StepsModel, c: Any, sizing: bool = False) -> float:
+    """The updates S(B) predicts for candidate ``c`` (``sizing``: never fewer than the pilot's, see
+    ``StepsModel.at_most``): async twice its batch's (for its staleness) plus a round of stale ones, local SGD
+    S / H rounds, sync, ssp and backup S of the batch they average."""
+    steps = (model.at_most if sizing else model.steps)(step_batch(c) if sizing else _optimistic_batch(c))
     if c.mode == "async":
-        return 2 * model.steps(b) + k
-    if c.mode == "backup":
-        return model.steps((k - c.parameter) * b)
+        return 2 * steps + c.workers
     if c.mode == "local_sgd":
-        return model.steps(k * b) / c.parameter
-    return model.steps(k * b)
+        return steps / c.parameter
+    return steps
+
+
+def _optimistic_batch(c: Any) -> int:
+    """For predictions that prune: local SGD's round counted as H steps of the whole global batch."""
+    return c.workers * c.batch if c.mode == "local_sgd" else step_batch(c)
 
 
 @dataclass(frozen=True)
