@@ -364,16 +364,17 @@ def search(plan: Plan) -> list[dict]:
     scale = [sized(plan, Candidate(k, "sync", None, b0, lr)) for k in space.workers
              for lr in dict.fromkeys([lr0, *space.lr_scalings])]
     _stage(plan, 1, "workers", admit(plan, "workers", scale))
-    best_k = []
+    best: dict[int, str] = {}  # the best worker counts, each with its best lr scaling
     for row in rank_rows(plan.rows, plan.objective):
-        if row["workers"] not in best_k:
-            best_k.append(row["workers"])
+        best.setdefault(row["workers"], row["lr_scaling"] if row.get("reached") == "yes" else lr0)
+
     def modes_at(k: int) -> list[Candidate]:
-        return [sized(plan, Candidate(k, m, p, b0, lr0)) for mode, given in space.modes
+        return [sized(plan, Candidate(k, m, p, b0, best.get(k, lr0))) for mode, given in space.modes
                 for m, p in mode_variants(mode, given, k)]
 
-    largest = [k for k in space.workers[-1:] if k not in best_k[:2]]  # where sync may lose most to another mode
-    _stage(plan, 2, "modes", admit(plan, "modes", [c for k in best_k[:2] for c in modes_at(k)], predicted=False)
+    top_k = list(best)[:2]
+    largest = [k for k in space.workers[-1:] if k not in top_k]  # where sync may lose most to another mode
+    _stage(plan, 2, "modes", admit(plan, "modes", [c for k in top_k for c in modes_at(k)], predicted=False)
            + admit(plan, "modes", [c for k in largest for c in modes_at(k)]))
     batches = space.batches or tuple(sorted({max(1, b0 // 4), b0, 4 * b0}))
     top = [row["candidate"] for row in rank_rows(plan.rows, plan.objective)[:3]]

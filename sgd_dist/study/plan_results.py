@@ -247,11 +247,16 @@ def _sync_wins(row: dict, rows: list[dict], objective: str, sync_words: Callable
     more = sorted((r for r in rows if r["mode"] == "sync" and r["workers"] > row["workers"]
                    and r.get("reached") == "yes" and r.get("worker_batch") == row.get("worker_batch")),
                   key=lambda r: r["workers"])
+    more = [r for r in more if r.get("lr_scaling") == row.get("lr_scaling")]
     if objective == "cost" and more:
         nxt = more[0]
         return (f"{_workers(nxt['workers'])} took {nxt['updates_to_target']} updates against "
                 f"{row['updates_to_target']}, too few fewer to pay for {nxt['workers'] / row['workers']:g}x the "
                 f"workers ({nxt['worker_seconds'] / row['worker_seconds']:.2g}x the worker-seconds)")
+    if more:
+        nxt = more[0]
+        return (f"{sync_words(row)}; with {nxt['workers']} workers it took {nxt['time_to_target_s']:.3g} s "
+                f"({nxt['updates_to_target']} updates)")
     return sync_words(row)
 
 
