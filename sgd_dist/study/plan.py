@@ -73,6 +73,8 @@ KEYS = ("cluster.num_workers", "cluster.virtual.speed", "stragglers.slowdown", "
         "train.mode", "train.staleness_bound", "train.backup_workers", "train.local_steps", "train.batch_size",
         "optim.lr_scaling", "optim.warmup_steps", "train.steps", "train.eval_every")
 SHORT = {"ssp": "s", "backup": "b", "local_sgd": "H"}  # a mode parameter's letter in labels
+ASYNC_LINEAR = ("not run: linear scaling multiplies the lr by the global batch K x B / optim.base_batch_size, but an "
+                "async update applies one worker's B rows (with staleness, it diverges)")
 
 
 @dataclass(frozen=True, order=True)
@@ -277,7 +279,7 @@ def admit(plan: Plan, stage: str, candidates: list[Candidate], *, predicted: boo
         if c.point() in done or c.point() in seen:
             continue
         seen.add(c.point())
-        why = misfit(plan, c)
+        why = ASYNC_LINEAR if c.mode == "async" and c.lr_scaling == "linear" else misfit(plan, c)
         if why:
             plan.pruned.append(f"{stage}: {c.label()}: {why}")
         else:
@@ -369,8 +371,8 @@ def search(plan: Plan) -> list[dict]:
         best.setdefault(row["workers"], row["lr_scaling"] if row.get("reached") == "yes" else lr0)
 
     def modes_at(k: int) -> list[Candidate]:
-        return [sized(plan, Candidate(k, m, p, b0, best.get(k, lr0))) for mode, given in space.modes
-                for m, p in mode_variants(mode, given, k)]
+        return [sized(plan, Candidate(k, m, p, b0, "none" if m == "async" else best.get(k, lr0)))
+                for mode, given in space.modes for m, p in mode_variants(mode, given, k)]
 
     top_k = list(best)[:2]
     largest = [k for k in space.workers[-1:] if k not in top_k]  # where sync may lose most to another mode
