@@ -110,6 +110,7 @@ def test_the_budget_prunes_and_says_why(tmp_path):
     rows = planner.run_plan(plan)
     assert len(rows) == 2
     assert any("over the budget of 2 runs" in line for line in plan.pruned)
+    assert (tmp_path / "plan" / "pruned.txt").read_text().splitlines() == plan.pruned
     plan = make_plan(tmp_path, {"max_workers": 8, "profile": FREE}, budget="worker_steps=500", out="steps")
     assert len(planner.run_plan(plan)) == 1
     assert any("over the budget of 500 worker steps" in line for line in plan.pruned)

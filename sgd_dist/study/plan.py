@@ -63,6 +63,7 @@ Objective = Literal["time", "cost"]
 INPUTS_FILE = "plan.yaml"
 STAGES_DIR = "stages"
 PROFILE_FILE = "profile.json"
+PRUNED_FILE = "pruned.txt"  # what was not run, and why, one line each
 SAFETY = 2.0  # a run's updates: this many times what S(B) predicts for it (never fewer than the pilot's)
 MIN_UPDATES = 20
 EVALUATIONS = 25  # evaluations per run (its time to the target is read at the first one below the target)
@@ -398,6 +399,7 @@ def _stage(plan: Plan, index: int, stage: str, candidates: list[Candidate], repl
         plan.rows = [row for row in plan.rows if row["point"] not in points]
     plan.rows += rows
     write_plan(plan.out / PLAN_FILE, rank_rows(plan.rows, plan.objective))
+    write_text_atomic(plan.out / PRUNED_FILE, "".join(f"{line}\n" for line in plan.pruned))
 
 
 def inputs(plan: Plan) -> dict:
