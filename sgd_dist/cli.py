@@ -330,7 +330,7 @@ def _plan(args: argparse.Namespace) -> int:
     for line in planner.report(plan, ranked):
         print(line)
     try:
-        print(f"figure: {plot_plan(out, plan.spec.name)}")
+        print(f"figure: {plot_plan(out)}")
     except ValueError as exc:
         print(f"no figure: {exc}")
     print(f"results in {out}/plan.csv")

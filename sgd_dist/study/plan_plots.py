@@ -16,7 +16,7 @@ COLOURS = {"sync": "tab:blue", "async": "tab:orange", "ssp": "tab:green", "backu
            "local_sgd": "tab:purple"}
 
 
-def plot_plan(plan_dir: str | Path, title: str | None = None) -> Path:
+def plot_plan(plan_dir: str | Path) -> Path:
     """Draw plan.png beside plan.csv; ValueError when no config reached the target (nothing to place)."""
     plan_dir = Path(plan_dir)
     rows = read_plan(plan_dir / PLAN_FILE)
@@ -48,7 +48,7 @@ def plot_plan(plan_dir: str | Path, title: str | None = None) -> Path:
     ax.set_xlabel("time to the target (virtual s)")
     ax.set_ylabel("cost: worker-seconds to the target")
     missed = len(rows) - len(reached)
-    ax.set_title((title or "plan") + f": {len(reached)} configs reached the target"
+    ax.set_title(f"time against cost to the target: {len(reached)} configs reached it"
                  + (f", {missed} did not (not shown)" if missed else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
