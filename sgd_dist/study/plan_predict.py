@@ -153,7 +153,11 @@ def sync_step_words(profile: TimeProfile, spec: ClusterSpec, problem: dict, c: A
                 f"against {duration(terms['compute'])} of compute")
     if max(terms, key=terms.get) == "latency":
         return f"its steps are latency-bound: {duration(terms['latency'])} of round trip a step"
-    return f"its steps are {bound_words(terms)}"
+    if max(terms, key=terms.get) == "stragglers":
+        return (f"each of its steps waits for the latest of {k} workers' random delays, about "
+                f"{duration(terms['stragglers'])} of a {duration(sum(terms.values()))} step")
+    return (f"its steps are compute-bound: the slowest of {k} workers computes {duration(terms['compute'])} of a "
+            f"{duration(sum(terms.values()))} step")
 
 
 @dataclass(frozen=True)
