@@ -19,7 +19,7 @@ from sgd_dist.config import ConfigError, load_config
 from sgd_dist.errors import UsageError
 from sgd_dist.run.rundir import read_metrics, read_summary
 from sgd_dist.study import plan as planner
-from sgd_dist.study.cluster_spec import load_cluster
+from sgd_dist.study.cluster_spec import load_cluster, stragglers_among
 from sgd_dist.study.plan_plots import plot_plan
 from sgd_dist.study.plan_results import (
     PLAN_FILE,
@@ -170,18 +170,21 @@ def row(mode: str, workers: int, time_s: float, parameter: int | None = None, ra
 
 def test_the_recommendation_says_its_numbers_and_its_reason():
     rows = [row("backup", 128, 2.9, 8), row("sync", 128, 4.7), row("async", 128, 3.5)]
-    text = recommendation(rows, "time", True, lambda r: "")
+    text = recommendation(rows, "time", lambda k: True, lambda r: "")
     assert text.startswith("backup b=8, 128 workers: 2.9 s to the target, 371 worker-seconds, 38 % sooner than "
                            "sync at 128 workers, which waits on the slowest of 128 workers each step")
-    local = recommendation([row("local_sgd", 64, 1.0, 32), row("sync", 64, 4.0)], "time", False,
+    local = recommendation([row("local_sgd", 64, 1.0, 32), row("sync", 64, 4.0)], "time", lambda k: False,
                            lambda r: f"BOUND at {r['workers']}")
     assert "75 % sooner than sync at 64 workers" in local and "every 32 steps; BOUND at 64" in local
     one, two = {**row("sync", 1, 3.0), "updates_to_target": 60}, {**row("sync", 2, 2.0), "updates_to_target": 40}
-    cheap = recommendation([one, two, row("async", 4, 1.0)], "cost", False, lambda r: "")
+    cheap = recommendation([one, two, row("async", 4, 1.0)], "cost", lambda k: False, lambda r: "")
     assert cheap == ("sync, 1 workers: 3 s to the target, 3 worker-seconds, 25 % cheaper than the best other mode "
                      "(async, 4 workers): 2 workers took 40 updates against 60, too few fewer to pay for 2x the "
                      "workers (1.3x the worker-seconds).")
-    assert "No config reached" in recommendation([{**row("sync", 1, 1.0), "reached": "no"}], "time", False, str)
+    assert "No config reached" in recommendation([{**row("sync", 1, 1.0), "reached": "no"}], "time", bool, str)
+    even = recommendation([{**row("async", 4, 1.0), "updates_to_target": 300},
+                           {**row("sync", 4, 2.0), "updates_to_target": 280}], "time", lambda k: k > 4, str)
+    assert "which took 280 updates of 4 answers each against async's 300 of one" in even
 
 
 # --- comparing with real runs --------------------------------------------------------------------------------
@@ -305,3 +308,12 @@ def test_the_command_prints_the_table_the_recommendation_and_the_figure_with_a_b
     assert f"figure: {tmp_path / 'out' / 'plan.png'}" in out
     assert_png(tmp_path / "out" / "plan.png")
     assert "plan: pilot" in err and "plan: workers" in err  # the stages' progress bars
+
+
+def test_stragglers_are_told_apart_by_worker_count(tmp_path):
+    spec, _ = load_cluster(REPO / "configs" / "clusters" / "64_workers_1gbit.yaml")  # node 7 three times slower
+    assert not spec.uneven(8) and not spec.uneven(56) and spec.uneven(57) and spec.uneven(64)
+    assert not stragglers_among({"slowdown": {1: 4.0}}, 1) and stragglers_among({"slowdown": {1: 4.0}}, 2)
+    late = {"delay": "exponential", "delay_ms": 1.0, "delay_workers": [5]}
+    assert not stragglers_among(late, 5) and stragglers_among(late, 6)
+    assert stragglers_among({**late, "delay_workers": None}, 1) and not stragglers_among({"delay": "none"}, 8)

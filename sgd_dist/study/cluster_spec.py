@@ -130,14 +130,17 @@ class ClusterSpec(_Spec):
         node = None if self.workers_per_node is None else worker // self.workers_per_node
         return self.speed.workers.get(worker, 1.0) * self.speed.nodes.get(node, 1.0)
 
-    def has_stragglers(self) -> bool:
-        """Whether some worker is slower than the others, or answers late at random."""
-        return bool(self.stragglers.slowdown or self.stragglers.delay != "none" or self.speed.sigma
-                    or any(self.factor(r) != 1.0 for r in self._factor_workers()))
+    def uneven(self, workers: int) -> bool:
+        """Whether ``workers`` workers compute at different speeds (factors or a spread)."""
+        return workers > 1 and (self.speed.sigma > 0 or len({self.factor(r) for r in range(workers)}) > 1)
 
-    def _factor_workers(self) -> list[int]:
-        nodes = self.workers_per_node or 1
-        return [*self.speed.workers, *(w for n in self.speed.nodes for w in range(n * nodes, (n + 1) * nodes))]
+
+def stragglers_among(stragglers: dict[str, Any], workers: int) -> bool:
+    """Whether a stragglers section (as a mapping) slows or delays any of workers 0 .. workers - 1."""
+    if any(int(r) < workers for r in (stragglers.get("slowdown") or {})):
+        return True
+    delayed = stragglers.get("delay_workers")
+    return stragglers.get("delay", "none") != "none" and (delayed is None or any(r < workers for r in delayed))
 
 
 def load_cluster(path: str | Path) -> tuple[ClusterSpec, TimeProfile]:

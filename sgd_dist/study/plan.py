@@ -46,7 +46,14 @@ from sgd_dist.core.time_model import TimeProfile, to_dict
 from sgd_dist.errors import UsageError
 from sgd_dist.run.rundir import write_text_atomic
 from sgd_dist.study import plan_predict
-from sgd_dist.study.cluster_spec import ClusterSpec, cluster_section, speed_factors, stragglers_at, write_profile
+from sgd_dist.study.cluster_spec import (
+    ClusterSpec,
+    cluster_section,
+    speed_factors,
+    stragglers_among,
+    stragglers_at,
+    write_profile,
+)
 from sgd_dist.study.experiment import Experiment, Sweep, plan_runs
 from sgd_dist.study.plan_results import (
     PLAN_FILE,
@@ -457,14 +464,11 @@ def report(plan: Plan, ranked: list[dict]) -> list[str]:
     def sync_words(row: dict) -> str:
         return plan_predict.sync_step_words(plan.profile, plan.spec, plan.problem_raw, row["candidate"])
 
-    lines.append("recommendation: " + recommendation(ranked, plan.objective, plan.spec.has_stragglers()
-                                                     or _problem_stragglers(plan), sync_words))
+    def stragglers(workers: int) -> bool:
+        return plan.spec.uneven(workers) or stragglers_among(base_raw(plan).get("stragglers") or {}, workers)
+
+    lines.append("recommendation: " + recommendation(ranked, plan.objective, stragglers, sync_words))
     return lines
-
-
-def _problem_stragglers(plan: Plan) -> bool:
-    stragglers = plan.problem_raw.get("stragglers") or {}
-    return bool(stragglers.get("slowdown") or stragglers.get("delay", "none") != "none")
 
 
 def space_from(spec: ClusterSpec, workers: list[int] | None, modes: str | None, batches: list[int] | None,

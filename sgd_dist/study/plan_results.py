@@ -186,10 +186,11 @@ def table_lines(rows: list[dict], top: int = 12) -> list[str]:
     return lines
 
 
-def recommendation(rows: list[dict], objective: str, stragglers: bool, sync_words: Callable[[dict], str]) -> str:
+def recommendation(rows: list[dict], objective: str, stragglers: Callable[[int], bool],
+                   sync_words: Callable[[dict], str]) -> str:
     """The plan's advice in one sentence, from the numbers: the best config, how much it beats sync at its worker
-    count (or, when it is sync, the best other mode) by, and why (``sync_words(row)``: what bounds a sync step at
-    that row's workers, from the time model)."""
+    count (or, when it is sync, the best other mode) by, and why (``stragglers(k)``: whether k workers have a slow
+    or late one; ``sync_words(row)``: what bounds a sync step at that row's workers, from the time model)."""
     reached = [r for r in rows if r.get("reached") == "yes"]
     if not reached:
         closest = min(rows, key=lambda r: sort_key(r, objective), default=None)
@@ -207,7 +208,8 @@ def recommendation(rows: list[dict], objective: str, stragglers: bool, sync_word
         if done:
             ref = min(done, key=lambda r: r[key])
             pct = 100 * (1 - best[key] / ref[key])
-            return f"{head}, {pct:.0f} % {word} than sync at {_workers(k)}, {_because(best, stragglers, sync_words)}."
+            why = _because(best, ref, stragglers(k), sync_words)
+            return f"{head}, {pct:.0f} % {word} than sync at {_workers(k)}, {why}."
         if sync:
             return f"{head}; sync at {_workers(k)} did not reach the target in {sync[0]['updates_run']} updates."
         return f"{head}."
@@ -225,7 +227,7 @@ def _workers(k: int) -> str:
     return f"{k} worker{'s' if k != 1 else ''}"
 
 
-def _because(row: dict, stragglers: bool, sync_words: Callable[[dict], str]) -> str:
+def _because(row: dict, sync: dict, stragglers: bool, sync_words: Callable[[dict], str]) -> str:
     k, p = row["workers"], row["mode_parameter"]
     if row["mode"] == "backup":
         if stragglers:
@@ -234,7 +236,9 @@ def _because(row: dict, stragglers: bool, sync_words: Callable[[dict], str]) -> 
     if row["mode"] == "async":
         if stragglers:
             return f"which waits on the slowest of {k} workers each step (async waits on none)"
-        return f"which waits for all {k} answers each step, where async applies each as it arrives"
+        return (f"which took {sync['updates_to_target']} updates of {k} answers each against async's "
+                f"{row['updates_to_target']} of one: at this lr the larger batch hardly cuts the updates, and async "
+                f"makes about {k} in the time of one sync step")
     if row["mode"] == "ssp":
         return f"where ssp lets a worker run {p} steps ahead of the slowest instead of waiting"
     return (f"which exchanges weights with the server every step where local SGD does every {p} steps; "
