@@ -237,8 +237,7 @@ def _because(row: dict, sync: dict, stragglers: bool, sync_words: Callable[[dict
         if stragglers:
             return f"which waits on the slowest of {k} workers each step (async waits on none)"
         return (f"which took {sync['updates_to_target']} updates of {k} answers each against async's "
-                f"{row['updates_to_target']} of one: at this lr the larger batch hardly cuts the updates, and async "
-                f"makes about {k} in the time of one sync step")
+                f"{row['updates_to_target']} of one, and async makes about {k} updates in the time of one sync step")
     if row["mode"] == "ssp":
         return f"where ssp lets a worker run {p} steps ahead of the slowest instead of waiting"
     return (f"which exchanges weights with the server every step where local SGD does every {p} steps; "
