@@ -9,7 +9,7 @@ against the real best (target within 20 %). Prints PASS or MISS and writes OUT/v
 
     .venv/bin/python scripts/plan_validation.py [--out DIR] [--target-gap G] [--cluster FILE] [--virtual-only]
 
-The real runs are timed: run it on a quiet machine (about 2 minutes here, mostly Ray's start-up per run).
+The real runs are timed: run it on a quiet machine (8 runs, each mostly Ray's start-up: a few minutes here).
 """
 
 from __future__ import annotations
