@@ -74,11 +74,15 @@ MODE_PARAMETERS = {
 }
 
 LINEAR_ONLY = ("noise", "noise_scale")  # data keys that only data.kind=linear uses
-# Keys that only one value of a selector uses: (section, key) -> (selector, value). Such a key is left out of a
-# dumped config whose selector has another value, and an override that switches the selector drops it.
+# Keys that only one value of a selector uses (or one of a tuple of values): (section, key) -> (selector, value).
+# Such a key is left out of a dumped config whose selector has another value, and an override that switches the
+# selector drops it.
 OWNED_KEYS = {
     **{("data", key): ("kind", "linear") for key in LINEAR_ONLY},
     **{("train", parameter.key): ("mode", mode) for mode, parameter in MODE_PARAMETERS.items()},
+    ("train", "outer"): ("mode", "local_sgd"),
+    ("compression", "ratio"): ("kind", ("topk", "randk")),
+    ("compression", "bucket"): ("kind", "int8"),
 }
 
 
@@ -300,6 +304,29 @@ class ClusterConfig(_Section):
         return self
 
 
+OUTER_OPTIMIZERS = ("sgd", "nesterov")  # train.outer.optimizer's values (core/outer.py applies them)
+COMPRESSION_KINDS = ("none", "fp16", "bf16", "int8", "topk", "randk")  # core/compression.py's KINDS
+
+
+class OuterConfig(_Section):
+    optimizer: Literal[OUTER_OPTIMIZERS] = "sgd"
+    """How the server applies the workers' averaged model delta (a pseudo-gradient) in local_sgd: sgd (w -= lr x delta;
+    lr 1 is plain model averaging, bit for bit) or nesterov (DiLoCo's outer step, torch.optim.SGD with nesterov)."""
+    lr: float = Field(1.0, gt=0)
+    """The outer learning rate (constant; DiLoCo uses 0.7 with nesterov)."""
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """optimizer=nesterov: its momentum, in (0, 1) (DiLoCo: 0.9); sgd takes none."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OuterConfig:
+        if self.optimizer == "nesterov" and self.momentum == 0:
+            raise ValueError("train.outer.optimizer=nesterov needs train.outer.momentum in (0, 1), e.g. 0.9")
+        if self.optimizer == "sgd" and self.momentum:
+            raise ValueError(f"train.outer.momentum={self.momentum} applies to train.outer.optimizer=nesterov; "
+                             "sgd takes none (set it to 0)")
+        return self
+
+
 class TrainConfig(_Section):
     mode: Literal[MODES] = "sync"
     """Consistency mode. sync: each update averages all workers' gradients of one step; async: each gradient is applied
@@ -352,10 +379,50 @@ class TrainConfig(_Section):
     RUN_DIR/checkpoints; a lost server restarts from the latest and `sgd-dist train --resume RUN_DIR` goes on from it.
     0: none (a lost server then restarts from step 0). The default, 1000, makes a long run resumable for a few
     milliseconds per checkpoint, and leaves short runs (and the tests' tiny ones) without any."""
+    outer: OuterConfig = OuterConfig()
+    """mode=local_sgd: the outer optimizer that applies the averaged model delta (DiLoCo); the default, sgd at lr 1, is
+    plain model averaging."""
     gradient_noise_scale: tuple[Annotated[float, Field(gt=0)], ...] = ()
     """Relative gaps at which to measure the gradient noise scale B = tr(Sigma)/|G|^2 exactly over every shard, at the
     point with that gap on the segment from model.init to the optimum (also at the initial and final weights):
     summary.json gradient_noise_scale; empty: not measured."""
+
+
+class CompressionConfig(_Section):
+    kind: Literal[COMPRESSION_KINDS] = "none"
+    """What each worker's answer (a gradient, or a local_sgd model delta) is compressed to before it travels: none;
+    fp16 or bf16 (round to nearest); int8 (QSGD-style unbiased stochastic rounding, a float32 scale per bucket);
+    topk (the ratio x d largest magnitudes, with their indices); randk (ratio x d coordinates drawn at random,
+    scaled d / k to be unbiased without error feedback). Random draws are keyed by (train.seed, worker, step)."""
+    ratio: float | None = None
+    """topk and randk, and required with them: the fraction of coordinates sent, in (0, 1] (k = ceil(ratio x d))."""
+    error_feedback: bool = False
+    """Keep each worker's residual (what compression left out) and add it to its next answer (Seide et al.,
+    Karimireddy et al.); randk is then unscaled. A lost worker's residual is reset, and the run records where."""
+    bucket: Count = Field(512, ge=1, lt=1 << 16)
+    """int8 only: coordinates per float32 scale (QSGD's bucket)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CompressionConfig:
+        sparse = self.kind in ("topk", "randk")
+        if sparse and self.ratio is None:
+            raise ValueError(f"compression.kind={self.kind} needs compression.ratio, the fraction of coordinates sent "
+                             "in (0, 1] (e.g. 0.01)")
+        if self.ratio is not None and not sparse:
+            raise ValueError(f"compression.ratio applies to compression.kind=topk or randk, not {self.kind!r}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"compression.ratio must be in (0, 1] (the fraction of coordinates sent), "
+                             f"got {self.ratio}")
+        if "bucket" in self.model_fields_set and self.kind != "int8":
+            raise ValueError(f"compression.bucket applies to compression.kind=int8, not {self.kind!r}")
+        if self.error_feedback and self.kind == "none":
+            raise ValueError("compression.error_feedback needs a compression.kind other than none (nothing is left "
+                             "out to feed back)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
 
 
 class StragglersConfig(_Section):
@@ -476,6 +543,8 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     train: TrainConfig = TrainConfig()
     stragglers: StragglersConfig = StragglersConfig()
+    compression: CompressionConfig = CompressionConfig()
+    """Compression of the workers' answers, with optional error feedback (docs/compression.md)."""
     faults: tuple[FaultConfig, ...] = ()
     """Faults to inject (experiments, tests): a list of {kind, step, worker | node, how, seconds}."""
     output: OutputConfig = OutputConfig()
@@ -542,6 +611,9 @@ class Config(_Section):
                              "would be sync")
         if train.mode == "local_sgd" and (self.optim.momentum or self.optim.nesterov):
             raise ValueError("train.mode=local_sgd takes plain SGD steps on the workers: set optim.momentum=0")
+        if "outer" in train.model_fields_set and train.mode != "local_sgd":
+            raise ValueError(f"train.outer applies to train.mode=local_sgd (it applies the averaged model delta), "
+                             f"not {train.mode!r}")
         if self.optim.staleness_lr and train.mode not in ("async", "ssp"):
             raise ValueError(f"optim.staleness_lr applies to train.mode=async or ssp, not {train.mode!r}")
 
@@ -706,13 +778,18 @@ def apply_overrides(raw: dict[str, Any], items: Sequence[str]) -> set[str]:
     return set(given)
 
 
+def _owned_by(owner: str | tuple[str, ...], value: Any) -> bool:
+    """Whether a selector's ``value`` is the owner (or one of the owners) of a key."""
+    return value in owner if isinstance(owner, tuple) else value == owner
+
+
 def drop_unused_keys(raw: dict[str, Any], explicit: set[str]) -> None:
     """Drop the keys whose selector (data.kind, train.mode) an override in ``explicit`` switched away from their
     owner, unless ``explicit`` names them too."""
     for (section, key), (selector, owner) in OWNED_KEYS.items():
         values = raw.get(section)
         if (f"{section}.{selector}" in explicit and f"{section}.{key}" not in explicit and isinstance(values, dict)
-                and values.get(selector) != owner):
+                and not _owned_by(owner, values.get(selector))):
             values.pop(key, None)
 
 
@@ -744,7 +821,7 @@ def dump_config(config: Config) -> str:
     """
     exclude: dict[str, set[str]] = {}
     for (section, key), (selector, owner) in OWNED_KEYS.items():
-        if getattr(getattr(config, section), selector) != owner:
+        if not _owned_by(owner, getattr(getattr(config, section), selector)):
             exclude.setdefault(section, set()).add(key)
     return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)
 

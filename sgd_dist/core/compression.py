@@ -23,6 +23,7 @@ passed in and returned, as the residual is.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -74,6 +75,60 @@ class Compressed:
         tensors = [t for t in (self.values, self.indices, self.scales) if t is not None]
         body = sum(t.numel() * t.element_size() for t in tensors)
         return body if self.kind == "none" else body + HEADER_BYTES
+
+
+_HEADER = struct.Struct("<BBHIQ")  # kind, dtype, bucket, number of values, d: HEADER_BYTES
+_DTYPES = (torch.float32, torch.float64)
+_WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def encode(c: Compressed) -> torch.Tensor:
+    """The payload as the bytes that travel (uint8, ``c.nbytes`` of them), in the module docstring's format."""
+    assert c.kind != "none", "an uncompressed vector travels as itself"
+    header = _HEADER.pack(KINDS.index(c.kind), _DTYPES.index(c.dtype), c.bucket, c.values.numel(), c.dim)
+    parts = [torch.frombuffer(bytearray(header), dtype=torch.uint8)]
+    parts += [_raw(t) for t in ((c.scales, c.values) if c.kind == "int8" else (c.values, c.indices)) if t is not None]
+    return torch.cat(parts)
+
+
+def decode(buf: torch.Tensor) -> Compressed:
+    """The payload that ``encode`` wrote into ``buf`` (uint8; its tensors are copies: ``buf`` may be reused)."""
+    kind_i, dtype_i, bucket, count, dim = _HEADER.unpack(bytes(buf[:HEADER_BYTES].numpy()))
+    kind, dtype = KINDS[kind_i], _DTYPES[dtype_i]
+    at = HEADER_BYTES
+
+    def take(n: int, wire: torch.dtype) -> torch.Tensor:
+        nonlocal at
+        size = n * torch.empty((), dtype=wire).element_size()
+        t, at = buf[at : at + size].clone().view(wire), at + size
+        return t
+
+    if kind == "int8":
+        scales = take(-(-dim // bucket), torch.float32)
+        return Compressed(kind, dim, dtype, take(count, torch.int8), scales=scales, bucket=bucket)
+    if kind in SPARSE_KINDS:
+        values = take(count, dtype)
+        return Compressed(kind, dim, dtype, values, indices=take(count, index_dtype(dim)))
+    return Compressed(kind, dim, dtype, take(count, _WIRE[kind]))
+
+
+def payload_nbytes(kind: str, dim: int, itemsize: int, *, ratio: float | None = None,
+                   bucket: int = INT8_BUCKET) -> int:
+    """``Compressed.nbytes`` of any d-vector of ``itemsize``-byte values under ``kind``: it depends on nothing else."""
+    if kind == "none":
+        return dim * itemsize
+    if kind in ("fp16", "bf16"):
+        body = 2 * dim
+    elif kind == "int8":
+        body = dim + 4 * -(-dim // bucket)
+    else:
+        k = kept(ratio, dim)
+        body = k * (itemsize + torch.empty((), dtype=index_dtype(dim)).element_size())
+    return HEADER_BYTES + body
 
 
 def check_ratio(ratio) -> float:
