@@ -14,6 +14,7 @@ from typing import Any, Collection, Protocol, Sequence
 import torch
 
 from sgd_dist.config import Config
+from sgd_dist.core.compression import payload_nbytes
 from sgd_dist.core.data import shard_bounds, torch_dtype
 from sgd_dist.core.noise_scale import GradientMoments
 from sgd_dist.core.objectives import LinearStats, NewtonTerms
@@ -110,10 +111,19 @@ def worker_args(config: Config) -> list[dict]:
         dict(data=config.data, rank=rank, start=start, stop=stop, batch_size=size, seed=config.train.seed,
              optim=config.optim, total_steps=config.train.steps * config.train.local_steps,
              global_batch_size=config.global_batch_size(), stragglers=config.stragglers,
-             network=config.cluster.network, sampling=config.train.sampling,
+             network=config.cluster.network, sampling=config.train.sampling, compression=config.compression,
              delays={f.step: f.seconds for f in config.faults if f.kind == "delay" and f.worker == rank})
         for rank, ((start, stop), size) in enumerate(zip(bounds, config.worker_batch_sizes()))
     ]
+
+
+def answer_payload_bytes(config: Config) -> int:
+    """The exact wire size of a worker's compressed answer (a transport sizes its slots by it); 0: uncompressed."""
+    c = config.compression
+    if not c.enabled:
+        return 0
+    itemsize = torch.empty((), dtype=torch_dtype(config.data.dtype)).element_size()
+    return payload_nbytes(c.kind, config.data.dim, itemsize, ratio=c.ratio, bucket=c.bucket)
 
 
 def worker_threads(config: Config) -> int:
@@ -134,4 +144,5 @@ def server_args(config: Config) -> dict:
     init = config.model.init
     weights = torch.zeros(config.data.dim, dtype=dtype) if init == "zeros" else torch.tensor(init, dtype=dtype)
     return dict(init_weights=weights, optim=config.optim, total_steps=config.train.steps,
-                global_batch_size=config.global_batch_size())
+                global_batch_size=config.global_batch_size(), outer=config.train.outer,
+                compression=config.compression)

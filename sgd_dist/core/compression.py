@@ -29,9 +29,10 @@ from fractions import Fraction
 
 import torch
 
+from sgd_dist.config import COMPRESSION_KINDS
 from sgd_dist.core.data import derive_seed
 
-KINDS = ("none", "fp16", "bf16", "int8", "topk", "randk")
+KINDS = COMPRESSION_KINDS  # none, fp16, bf16, int8, topk, randk: the config owns the list
 SPARSE_KINDS = ("topk", "randk")  # the kinds that read compression.ratio
 HEADER_BYTES = 16
 INT8_LEVELS = 127  # levels on each side of 0: int8 holds -127..127 symmetrically

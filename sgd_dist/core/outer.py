@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-OUTER_OPTIMIZERS = ("sgd", "nesterov")
+from sgd_dist.config import OUTER_OPTIMIZERS  # sgd, nesterov: the config owns the list
 
 
 def check_outer(optimizer: str, lr: float, momentum: float) -> None:

@@ -11,7 +11,8 @@ independent, so the workers' delays overlap as their computations do. What count
 - a command carries the weights (d numbers of the data dtype) to the worker: GRADIENT, LOCAL and EVALUATE
   alike (an evaluation is of a given version, whose weights travel with it);
 - an answer carries d numbers back (GRADIENT: the gradient; LOCAL: the model delta), or one float64 for
-  EVALUATE (the shard's loss sum).
+  EVALUATE (the shard's loss sum); under ``compression`` it carries the compressed payload's bytes instead
+  (``Arrival.nbytes``, as measured on the payload that travels).
 
 The few bytes around the payload (step, version, loss, row count) are not counted. The worker applies the
 delay (``ShardWorker.execute`` sleeps one round trip after computing), so the same model holds on every
@@ -94,10 +95,12 @@ def message_bytes(dim: int, itemsize: int, kind: int = GRADIENT) -> tuple[int, i
     return weights, EVALUATE_ANSWER_BYTES if kind == EVALUATE else weights
 
 
-def round_trip_delay_s(network: NetworkConfig | None, dim: int, itemsize: int, kind: int = GRADIENT) -> float:
-    """Seconds a worker's command and its answer spend on the network: 2 x latency + their bytes / bandwidth."""
+def round_trip_delay_s(network: NetworkConfig | None, dim: int, itemsize: int, kind: int = GRADIENT,
+                       answer_bytes: int | None = None) -> float:
+    """Seconds a worker's command and its answer spend on the network: 2 x latency + their bytes / bandwidth.
+    ``answer_bytes``: what the answer actually carried (a compressed payload); None: a dense vector's."""
     sent, answered = message_bytes(dim, itemsize, kind)
-    return message_delay_s(network, sent) + message_delay_s(network, answered)
+    return message_delay_s(network, sent) + message_delay_s(network, answered if answer_bytes is None else answer_bytes)
 
 
 def describe_network(network: NetworkConfig) -> str:

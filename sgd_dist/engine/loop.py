@@ -10,10 +10,12 @@ codec) and ``RowDelivery`` (the rows handed to the driver in batches). Nothing i
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable, Collection
 
 import torch
 
+from sgd_dist.core.compression import Compressed, decompress
 from sgd_dist.engine.evaluations import Evaluations
 from sgd_dist.engine.held import HeldAnswers
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
@@ -63,6 +65,19 @@ class RowDelivery:
         self.failed = False
 
 
+class Traffic:
+    """The bytes the loop has sent (commands: the weights each carries) and received (answers' payloads) since the
+    last update's row."""
+
+    def __init__(self) -> None:
+        self.up = self.down = 0
+
+    def take(self) -> tuple[int, int]:
+        """(bytes up, bytes down) since the last call."""
+        counts, self.up, self.down = (self.up, self.down), 0, 0
+        return counts
+
+
 class Loop:
     """Run ``policy`` to completion on ``end``: the whole training loop, driven by the server.
 
@@ -97,11 +112,17 @@ class Loop:
         self.deferred: dict[int, tuple[Command, torch.Tensor]] = {}  # a dispatch waiting for the worker's evaluation
         self.evaluations = Evaluations(num_workers, server.optim.weight_decay)
         self.recoveries = Recoveries(self.hooks, end, num_workers,
-                                     None if self.restored is None else self.restored.replacements)
+                                     None if self.restored is None else self.restored.replacements,
+                                     server.compression.error_feedback)
         self.tally = Tally.empty(num_workers) if self.restored is None else self.restored.tally
         self.answers = 0  # arrivals so far: how many came from the others while a worker was replaced
         self.every = self.hooks.checkpoint_every if self.hooks.on_checkpoint is not None else 0
         self.next_checkpoint: int | None = None  # the update from which the next checkpoint is due
+        # workers whose own state (an error-feedback residual) is gone: a new process, a restored run, or this loop's
+        # start (a server started over keeps no worker's state): their next gradient command says so (Command.reset)
+        self.fresh: set[int] = set(range(num_workers))
+        self.error_feedback = server.compression.error_feedback
+        self.traffic = Traffic()
 
     def run(self) -> dict:
         """The loop; returns its statistics: staleness counts, dropped answers, the policy's own summary."""
@@ -128,7 +149,7 @@ class Loop:
             self.rows.deliver(self.evaluations.oldest(), force=True)
         assert not self.held and not self.deferred, (self.held, self.deferred)
         return {"record_seconds": self.server.record_seconds, "staleness": self.tally.staleness,
-                "dropped": self.tally.dropped, "policy": self.policy.summary(),
+                "dropped": self.tally.dropped, "residual_resets": self.tally.resets, "policy": self.policy.summary(),
                 "replacements": self.recoveries.summary(), "answer_ms": self.tally.answer_ms(),
                 "answer_s": self.tally.answer_s}
 
@@ -139,7 +160,7 @@ class Loop:
         if restored is None:
             _, row = server.start(self.elapsed_s, clock=self.end.now)
             self.end.publish(server.step, server.weights)
-            self.rows.add(row)
+            self.rows.add({**row, "bytes_up": 0, "bytes_down": 0})
             actions = list(self.policy.start())
         else:
             server.load_state_dict(restored.server)
@@ -147,6 +168,9 @@ class Loop:
             self.held.put_back(restored.held)
             server.start(restored.elapsed_s, clock=self.end.now)
             self.end.publish(server.step, server.weights)
+            if self.error_feedback and self.hooks.on_fault is not None:
+                self.hooks.on_fault({"fault": "residual_reset", "step": server.step, "workers": sorted(self.fresh),
+                                     "cause": "restored from a checkpoint: error-feedback residuals are not in it"})
             for worker, command in restored.busy.items():  # again, on the restored weights
                 self._send(worker, Command(command.kind, command.step, server.step, command.local_steps))
             actions = []
@@ -163,12 +187,16 @@ class Loop:
             return self.end.receive(timeout)
         except WorkerLost as lost:
             self.recoveries.notice(lost, self.busy, self.server.step, self.answers)
+            self.fresh.add(lost.worker)  # its replacement starts without its state
             return None
 
     def _answered(self, arrival: Arrival) -> list:
         """Take an answer in; return the policy's actions on it (none for an evaluation)."""
         self.busy.pop(arrival.worker)
         self.answers += 1
+        self.traffic.up += arrival.nbytes
+        if isinstance(arrival.grad, Compressed):  # the payload as it travelled: the server's dense copy
+            arrival = replace(arrival, grad=decompress(arrival.grad))
         actions = []
         if arrival.kind == EVALUATE:
             finished = self.evaluations.record(arrival)
@@ -182,7 +210,7 @@ class Loop:
         return actions
 
     def _dispatch(self, action: Dispatch) -> None:
-        command = Command(self.kind, action.step, self.server.step, action.local_steps)
+        command = Command(self.kind, action.step, self.server.step, action.local_steps, action.reset)
         worker = action.worker
         if worker in self.busy or self.evaluations.owes(worker):  # evaluating: dispatch after
             self.deferred[worker] = (command, self.server.weights.clone())
@@ -202,6 +230,7 @@ class Loop:
         row["applied"] = [[a.worker, a.step, a.version] for a in arrivals]
         row["answer_s"] = [a.seconds for a in arrivals]  # the per-worker views over time
         row["staleness"] = max(ages)
+        row["bytes_up"], row["bytes_down"] = self.traffic.take()
         self.end.publish(server.step, server.weights)
         self.rows.add(row)
         if server.step in self.eval_at:
@@ -228,8 +257,14 @@ class Loop:
 
     # -- sending ----------------------------------------------------------------------------------------------
     def _send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
+        if command.kind != EVALUATE and worker in self.fresh:
+            self.fresh.discard(worker)
+            command = replace(command, reset=True)
+        if command.reset and self.error_feedback and command.step > 0:  # a reset at a worker's step 0 changes nothing
+            self.tally.resets.append([worker, command.step])
         self.held.before_send(worker)  # its answer will overwrite its slot
         self.busy[worker] = command
+        self.traffic.down += self.server.weights.numel() * self.server.weights.element_size()
         self.end.send(worker, command, weights)
 
     def _send_on(self, worker: int, command: Command) -> None:

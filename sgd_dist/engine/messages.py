@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sgd_dist.core.compression import Compressed
+
 # Command kinds.
 STOP, GRADIENT, EVALUATE, LOCAL = 0, 1, 2, 3
 
@@ -38,6 +40,7 @@ class Command:
     step: int = 0
     version: int = 0
     local_steps: int = 1
+    reset: bool = False  # the worker's own state from before is gone (replaced, restored): error feedback restarts
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,10 @@ class Arrival:
     """A worker's answer to a command.
 
     GRADIENT: ``grad`` is the mean gradient over ``count`` rows and ``loss`` their mean loss. LOCAL: ``grad`` is
-    the model delta (weights sent minus weights after the local steps), ``loss`` the mean loss. EVALUATE:
-    ``loss`` is the float64 sum of the per-row loss over the worker's ``count`` rows and ``grad`` is None.
+    the model delta (weights sent minus weights after the local steps), ``loss`` the mean loss. Under
+    ``compression`` either is a ``Compressed`` payload (as it travelled; the loop decompresses it on arrival).
+    EVALUATE: ``loss`` is the float64 sum of the per-row loss over the worker's ``count`` rows and ``grad`` is None.
+    ``nbytes`` is what the answer's payload took on the wire: the (compressed) vector, or 8 for an evaluation.
     ``seconds`` is the worker's time on the command: its compute time plus any straggler or network delay
     (``cluster.network``: the command's and the answer's time on its link). On the shm transport ``grad`` is a
     view of the worker's slot, valid until that worker is sent its next command (the server clones what it
@@ -57,10 +62,11 @@ class Arrival:
     kind: int
     step: int
     version: int
-    grad: torch.Tensor | None
+    grad: torch.Tensor | Compressed | None
     loss: float
     count: int
     seconds: float
+    nbytes: int = 0
 
 
 class WorkerLost(RuntimeError):

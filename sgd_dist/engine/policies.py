@@ -27,7 +27,7 @@ versions; a policy only reports, in ``summary()``, what it alone knows (e.g. who
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Dispatch:
     step: int
     local_steps: int = 1
     """Local SGD only: SGD steps the worker takes on its own copy from its local step ``step``."""
+    reset: bool = False
+    """Replay only: the worker's error-feedback residual starts over at this command, as the recorded run's did."""
 
 
 @dataclass(frozen=True)
@@ -395,9 +397,11 @@ class ReplayPolicy(_Stateful):
         dropped: Iterable[Sequence[int]] = (),
         local_steps: int = 1,
         model_deltas: bool = False,
+        resets: Iterable[Sequence[int]] = (),
     ) -> None:
         self.num_workers = num_workers
         self.num_steps = len(schedule)
+        self._resets = {(int(w), int(s)) for w, s in resets}  # where a worker's error feedback restarted
         self.local_steps = local_steps
         self.model_deltas = model_deltas
         self.version = 0
@@ -444,7 +448,8 @@ class ReplayPolicy(_Stateful):
             if version == self.version:
                 queue.pop()
                 self._num_sent += 1
-                actions.append(self._in_flight.dispatch(r, step, self.local_steps))
+                dispatch = self._in_flight.dispatch(r, step, self.local_steps)
+                actions.append(replace(dispatch, reset=True) if (r, step) in self._resets else dispatch)
         return actions
 
     def _can_apply(self) -> bool:

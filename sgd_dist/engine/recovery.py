@@ -59,8 +59,9 @@ class Recoveries:
     """
 
     def __init__(self, hooks: LoopHooks, end: ServerEnd, num_workers: int,
-                 replacements: Mapping[int, int] | None = None) -> None:
-        self.hooks, self.end = hooks, end
+                 replacements: Mapping[int, int] | None = None, error_feedback: bool = False) -> None:
+        """``error_feedback``: the workers keep residuals, which a replacement starts without (its record says so)."""
+        self.hooks, self.end, self.error_feedback = hooks, end, error_feedback
         self.replacements = {r: 0 for r in range(num_workers)} if replacements is None else dict(replacements)
         self.starting: dict[int, _Recovery] = {}
 
@@ -95,11 +96,12 @@ class Recoveries:
             command = lost.command
             send(r, command if command.kind == EVALUATE else replace(command, version=step))
             if self.hooks.on_fault is not None:
-                self.hooks.on_fault({"fault": "worker_replaced", "worker": r, "step": step,
-                                     "lost_step": lost.lost_step, "recovery_s": self.end.now() - lost.t0,
-                                     "answers_meanwhile": answers - lost.answers,
-                                     "redone": {"kind": command.kind, "step": command.step,
-                                                "version": command.version}})
+                entry = {"fault": "worker_replaced", "worker": r, "step": step, "lost_step": lost.lost_step,
+                         "recovery_s": self.end.now() - lost.t0, "answers_meanwhile": answers - lost.answers,
+                         "redone": {"kind": command.kind, "step": command.step, "version": command.version}}
+                if self.error_feedback:  # where it restarted: summary.json's residual_resets, which replay follows
+                    entry["residual"] = "reset: the error-feedback residual died with the worker"
+                self.hooks.on_fault(entry)
 
     def summary(self) -> dict[int, int]:
         """The workers replaced at least once: how often."""

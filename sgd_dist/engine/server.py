@@ -13,16 +13,23 @@ from typing import Callable, Sequence
 
 import torch
 
-from sgd_dist.config import OptimConfig
+from sgd_dist.config import CompressionConfig, OptimConfig, OuterConfig
 from sgd_dist.core.objectives import weighted_mean
 from sgd_dist.core.optim import learning_rate, sgd_update_
+from sgd_dist.core.outer import outer_update_
 
 
 class ParameterServer:
     def __init__(
-        self, init_weights: torch.Tensor, optim: OptimConfig, total_steps: int, global_batch_size: int
+        self, init_weights: torch.Tensor, optim: OptimConfig, total_steps: int, global_batch_size: int,
+        outer: OuterConfig | None = None, compression: CompressionConfig | None = None,
     ) -> None:
+        """``outer``: how averaged model deltas are applied (local SGD; None: plain averaging). ``compression``: what
+        the workers' answers are compressed to (the loop reads whether they keep error-feedback state)."""
         self.optim = optim
+        self.outer = outer if outer is not None else OuterConfig()
+        self.compression = compression if compression is not None else CompressionConfig()
+        self.outer_state: dict[str, torch.Tensor] = {}  # the outer optimizer's (nesterov: a momentum buffer)
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
         self.weights = init_weights.detach().clone()
@@ -48,8 +55,9 @@ class ParameterServer:
 
         ``results`` have ``grad``, ``loss`` (mean over their rows) and ``count``. Gradients go through the
         optimiser's rule at this update's learning rate; model deltas (local SGD: each worker's own steps
-        already applied its learning rate) are subtracted as they are. ``scales`` multiply each gradient
-        (the staleness-aware learning rate).
+        already applied its learning rate) are a pseudo-gradient for the outer optimizer (``train.outer``; at its
+        default, sgd at lr 1, they are subtracted as they are). ``scales`` multiply each gradient (the
+        staleness-aware learning rate).
         """
         counts = [r.count for r in results]
         total = sum(counts)
@@ -57,8 +65,9 @@ class ParameterServer:
         grad = weighted_mean(grads, counts)
         lr = learning_rate(self.optim, self.step, self.total_steps, self.global_batch_size)
         if deltas:
-            with torch.no_grad():
-                self.weights.sub_(grad)
+            outer = self.outer
+            outer_update_(self.weights, grad, self.outer_state, optimizer=outer.optimizer, lr=outer.lr,
+                          momentum=outer.momentum)
         else:
             sgd_update_(
                 self.weights, grad, self.optimizer_state, lr=lr, momentum=self.optim.momentum,
@@ -84,10 +93,11 @@ class ParameterServer:
         return self.clock() - self._t0
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: weights, optimizer buffers, step and samples seen."""
+        """Everything needed to resume: weights, optimizer buffers (the outer optimizer's too), step, samples seen."""
         return {
             "weights": self.weights.clone(),
             "optimizer": {k: v.clone() for k, v in self.optimizer_state.items()},
+            "outer": {k: v.clone() for k, v in self.outer_state.items()},
             "step": self.step,
             "samples_seen": self.samples_seen,
         }
@@ -95,5 +105,6 @@ class ParameterServer:
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"].clone()
         self.optimizer_state = {k: v.clone() for k, v in state["optimizer"].items()}
+        self.outer_state = {k: v.clone() for k, v in state.get("outer", {}).items()}  # none before outer steps
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])

@@ -25,6 +25,7 @@ class Tally:
     staleness: dict[int, int] = field(default_factory=dict)  # age -> applied answers of that age
     dropped: list[list[int]] = field(default_factory=list)  # [worker, step, version, server step when dropped]
     answer_s: dict[int, list[float]] = field(default_factory=dict)  # worker -> seconds of each gradient answer
+    resets: list[list[int]] = field(default_factory=list)  # [worker, step]: commands whose error feedback restarted
 
     @classmethod
     def empty(cls, num_workers: int) -> Tally:
@@ -63,6 +64,7 @@ def encode(state: LoopState) -> dict:
                   "count": a.count, "seconds": a.seconds, "grad": a.grad.clone()} for a in state.held],
         "staleness": [[age, n] for age, n in state.tally.staleness.items()],
         "dropped": [list(d) for d in state.tally.dropped],
+        "resets": [list(r) for r in state.tally.resets],
         "answer_s": {str(r): torch.tensor(t, dtype=torch.float64) for r, t in state.tally.answer_s.items()},
         "replacements": {str(r): n for r, n in state.replacements.items()},
     }
@@ -72,6 +74,7 @@ def decode(checkpoint: Mapping, num_workers: int) -> LoopState:
     """The loop's state in ``checkpoint`` (from ``encode``, possibly through ``torch.save`` and back)."""
     tally = Tally(staleness={int(age): int(n) for age, n in checkpoint["staleness"]},
                   dropped=[list(d) for d in checkpoint["dropped"]],
+                  resets=[list(r) for r in checkpoint.get("resets", [])],
                   answer_s={r: checkpoint["answer_s"][str(r)].tolist() for r in range(num_workers)})
     held = [Arrival(a["worker"], a["kind"], a["step"], a["version"], a["grad"], a["loss"], a["count"], a["seconds"])
             for a in checkpoint["held"]]

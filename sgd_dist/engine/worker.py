@@ -17,11 +17,12 @@ from typing import Literal
 
 import torch
 
-from sgd_dist.config import DataConfig, NetworkConfig, OptimConfig, StragglersConfig
+from sgd_dist.config import CompressionConfig, DataConfig, NetworkConfig, OptimConfig, StragglersConfig
 from sgd_dist.core import noise_scale, objectives
+from sgd_dist.core.compression import Compressed, Key, build_compressor, compress_with_feedback
 from sgd_dist.core.data import Batches, generate, make_sampler
 from sgd_dist.core.optim import learning_rate, sgd_update_
-from sgd_dist.engine.delays import extra_delay_s, round_trip_delay_s
+from sgd_dist.engine.delays import EVALUATE_ANSWER_BYTES, extra_delay_s, round_trip_delay_s
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command
 
 
@@ -55,9 +56,10 @@ class ShardWorker:
         delays: dict[int, float] | None = None,
         sampling: str = "shuffle",
         shard: tuple[torch.Tensor, torch.Tensor] | None = None,
+        compression: CompressionConfig | None = None,
     ) -> None:
         """``shard``: rows [start, stop) as (X, y) on ``device``, already generated (a slice of the whole dataset,
-        the same values); None generates them here."""
+        the same values); None generates them here. ``compression``: how answers are compressed (None: not)."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         # local SGD's own steps follow the run's learning-rate schedule over every local step
@@ -72,6 +74,12 @@ class ShardWorker:
         self.sampler = None if batch_size == "full" else make_sampler(sampling, seed, rank, stop - start, batch_size)
         self.batch = Batches(self.X, self.y, self.sampler)  # batch(step): that local step's rows
         self.chunks = objectives.Float64Chunks()  # evaluation's and the moments' float64 copies
+        self.seed = seed
+        self.compression = compression if compression is not None and compression.enabled else None
+        self.compressor = None if self.compression is None else build_compressor(
+            self.compression.kind, ratio=self.compression.ratio, error_feedback=self.compression.error_feedback,
+            bucket=self.compression.bucket)
+        self.residual: torch.Tensor | None = None  # error feedback: what compression has left out so far
 
     def gradient(self, weights: torch.Tensor, step: int) -> GradientResult:
         X, y = self.batch(step)
@@ -89,18 +97,32 @@ class ShardWorker:
         else:
             assert command.kind == EVALUATE, command
             grad, (loss, count) = None, self.evaluate(weights)
+        if grad is not None and self.compressor is not None:
+            grad = self.compress(grad, command)
+        nbytes = answer_nbytes(grad)
         # stragglers and the network cost wall time only: the numbers stay the same
         delay = 0.0
         if self.stragglers is not None and command.kind != EVALUATE:
             delay += extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0)
         if self.network is not None:  # the command's and the answer's time on this worker's link
-            delay += round_trip_delay_s(self.network, weights.numel(), weights.element_size(), command.kind)
+            delay += round_trip_delay_s(self.network, weights.numel(), weights.element_size(), command.kind, nbytes)
         if command.kind != EVALUATE and command.step in self.delays:  # a fault: once
             delay += self.delays.pop(command.step)
         if delay > 0:
             time.sleep(delay)
         return Arrival(self.rank, command.kind, command.step, command.version, grad, loss, count,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, nbytes)
+
+    def compress(self, x: torch.Tensor, command: Command) -> Compressed:
+        """The payload for answer x to ``command``, its draws keyed by (seed, worker, local step); under error
+        feedback the residual is added first and the new one kept (``command.reset``: the residual starts over)."""
+        key = Key(self.seed, self.rank, command.step)
+        if not self.compression.error_feedback:
+            return self.compressor.compress(x, key)
+        if command.reset:
+            self.residual = None
+        payload, self.residual = compress_with_feedback(self.compressor, x, self.residual, key)
+        return payload
 
     def local_steps(self, weights: torch.Tensor, step: int, num_steps: int) -> tuple[torch.Tensor, float, int]:
         """Local SGD: ``num_steps`` plain SGD steps on a copy of ``weights`` from local step ``step``; returns the
@@ -140,6 +162,13 @@ class ShardWorker:
             "pid": os.getpid(),
             "peak_rss_bytes": peak_rss_bytes(),
         }
+
+
+def answer_nbytes(grad: torch.Tensor | Compressed | None) -> int:
+    """The bytes an answer's payload takes on the wire: a compressed one's, a dense vector's, an evaluation's."""
+    if grad is None:
+        return EVALUATE_ANSWER_BYTES
+    return grad.nbytes if isinstance(grad, Compressed) else grad.numel() * grad.element_size()
 
 
 def peak_rss_bytes() -> int:

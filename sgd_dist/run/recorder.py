@@ -38,6 +38,7 @@ class Recorder:
         self.bar = bar(total=config.train.steps, unit="step", disable=None if progress is None else not progress,
                         file=sys.stderr, dynamic_ncols=True, leave=False)
         self.times: list[float] = []
+        self.traffic = {"bytes_up": 0, "bytes_down": 0}  # totals over the rows recorded
         self.last: dict | None = None
         self.last_eval: dict | None = None
         self._logged: tuple[int, float] = (0, 0.0)
@@ -74,6 +75,7 @@ class Recorder:
         self.writer = MetricsWriter(self.run_dir / METRICS_FILE)
         self.schedule = MetricsWriter(self.run_dir / SCHEDULE_FILE)
         self.times = [row["wall_time_s"] for row in kept]
+        self.traffic = {key: sum(row.get(key, 0) for row in kept) for key in self.traffic}
         self.last = kept[-1] if kept else None
         self.last_eval = next((row for row in reversed(kept) if "eval_loss" in row), None)
         self.bar.n = max(step, 0)
@@ -99,6 +101,8 @@ class Recorder:
                 self.last_eval = row
             self.writer.write(row)
             self.times.append(row["wall_time_s"])
+            for key in self.traffic:
+                self.traffic[key] += row.get(key, 0)
             self.last = row
             if row["loss"] is not None and not math.isfinite(row["loss"]):
                 raise DivergenceError(

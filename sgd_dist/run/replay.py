@@ -1,8 +1,9 @@
 """Exact replay: re-execute a run's recorded schedule in one process and check it is reproduced bit for bit.
 
 Every run writes ``schedule.jsonl``: for each update, which worker's answer of which local step, computed on
-which weights version, it averaged, in order (and ``summary.json`` lists the dropped answers). Since a
-mini-batch is a pure function of (seed, worker, step) and the server's rule is deterministic, the serial
+which weights version, it averaged, in order (and ``summary.json`` lists the dropped answers, and under error
+feedback the (worker, step) commands at which a worker's residual restarted: after a replacement or a restore).
+Since a mini-batch is a pure function of (seed, worker, step) and the server's rule is deterministic, the serial
 backend driven by that schedule (``consistency.ReplayPolicy``) recomputes every gradient on the same weights
 and every update from the same answers: an asynchronous run becomes a reproducible experiment.
 """
@@ -65,7 +66,8 @@ def replay(run_dir: str | Path, out: str | Path | None = None) -> ReplayReport:
                                                  f"output.dir={out}"])
     try:
         policy = ReplayPolicy(schedule, config.cluster.num_workers, dropped=original.get("dropped", []),
-                              local_steps=config.train.local_steps, model_deltas=config.train.mode == "local_sgd")
+                              local_steps=config.train.local_steps, model_deltas=config.train.mode == "local_sgd",
+                              resets=original.get("residual_resets", []))
     except ValueError as exc:  # a schedule no run could have written: edited, or from another run
         raise ConfigError(f"{run_dir / SCHEDULE_FILE}: {exc}") from None
     result = train(config, policy=policy, console=False, progress=False)

@@ -31,6 +31,7 @@ class Recorded(Protocol):
     last: dict | None
     last_eval: dict | None
     faults: list[dict]
+    traffic: dict[str, int]
     checkpoints: int
     checkpoint_seconds: float
 
@@ -62,6 +63,9 @@ def describe_fault(entry: dict) -> str:
                 f"({entry['steps_redone']} steps to redo) in {entry['recovery_s']:.2f} s")
     if kind == "resumed":
         return f"resumed from the checkpoint at step {entry['step']}"
+    if kind == "residual_reset":
+        return (f"error-feedback residuals of workers {entry['workers']} reset at step {entry['step']} "
+                f"({entry['cause']})")
     if "skipped" in entry:
         return f"{kind} at step {entry['step']} not injected: {entry['skipped']}"
     where = (f"worker {entry['worker']}" if "worker" in entry
@@ -138,6 +142,7 @@ def completed(config: Config, backend: Backend, reference: Reference, recorder: 
         "network": config.cluster.network.model_dump(),
         "mode": config.train.mode,
         **_mode_summary(config, backend.loop_stats),
+        **_traffic_summary(config, backend.loop_stats, recorder.traffic),
         "device": backend.device,
         "ray_address": backend.address,
         **backend.clock_summary(),
@@ -159,6 +164,16 @@ def completed(config: Config, backend: Backend, reference: Reference, recorder: 
         "versions": {"sgd_dist": sgd_dist.__version__, "torch": torch.__version__, "python": platform.python_version(),
                      **({"ray": metadata.version("ray")} if backend.name == "ray" else {})},
     }
+
+
+def _traffic_summary(config: Config, stats: dict, traffic: dict[str, int]) -> dict:
+    """What travelled: the byte totals of the recorded rows, the compression and outer step that shaped them, and
+    where a worker's error feedback restarted (what replay follows)."""
+    out = {**traffic, "compression": config.compression.model_dump(mode="json"),
+           "residual_resets": stats.get("residual_resets", [])}
+    if config.train.mode == "local_sgd":
+        out["outer"] = config.train.outer.model_dump(mode="json")
+    return out
 
 
 def _mode_summary(config: Config, stats: dict) -> dict:

@@ -2,12 +2,13 @@
 
 One segment in /dev/shm holds, for K workers and d parameters:
 
-- ``ctrl``, int64 [K, 9]: per worker, the command (sequence number, kind, step, version, weight slot, local
-  steps), the sequence number of its latest answer, its row count, and the worker's pid;
+- ``ctrl``, int64 [K, 11]: per worker, the command (sequence number, kind, step, version, weight slot, local
+  steps, reset), the sequence number of its latest answer, its row count and payload bytes, and the worker's pid;
 - ``vals``, float64 [K, 2]: the answer's loss and compute seconds;
 - ``weights``, [K + 2, d]: weight slots; a command names the slot of the version it must use, and a slot is
   rewritten only when no command in flight reads it (K in flight + the newest + the one being written);
-- ``grads``, [K, d]: one gradient slot per worker.
+- ``grads``, [K, d]: one gradient slot per worker; under ``compression`` ``payload``, uint8 [K, B] instead: each
+  worker's compressed answer as the bytes of its wire format (``core.compression.encode``), B its exact size.
 
 A command is handed over by writing its fields and then bumping the sequence number; an answer by writing
 the gradient, loss and count and then bumping the answer number (x86 keeps stores in order). Each side
@@ -33,6 +34,7 @@ import numpy as np
 import ray
 import torch
 
+from sgd_dist.core.compression import Compressed, decode, encode
 from sgd_dist.engine.messages import GRADIENT, LOCAL, STOP, STOP_TIMEOUT_S, Arrival, Command, ServerEnd, WorkerLost
 from sgd_dist.transports.base import Every, Waiter, alive
 
@@ -40,7 +42,9 @@ SHM_DIR = Path("/dev/shm")
 PREFIX = "sgd_dist-"
 
 # ctrl columns
-_CMD_SEQ, _CMD_KIND, _CMD_STEP, _CMD_VERSION, _CMD_SLOT, _ANS_SEQ, _ANS_COUNT, _PID, _CMD_LOCAL = range(9)
+_COLUMNS = 11
+(_CMD_SEQ, _CMD_KIND, _CMD_STEP, _CMD_VERSION, _CMD_SLOT, _ANS_SEQ, _ANS_COUNT, _PID, _CMD_LOCAL, _CMD_RESET,
+ _ANS_BYTES) = range(_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Layout:
     num_workers: int
     dim: int
     dtype: str  # numpy dtype name: float32 / float64
+    payload_bytes: int = 0  # a compressed answer's size (core.compression.payload_nbytes); 0: answers are dense
 
     @property
     def num_slots(self) -> int:
@@ -55,8 +60,9 @@ class Layout:
 
     def sizes(self) -> list[tuple[str, tuple[int, ...], str]]:
         k, d = self.num_workers, self.dim
-        return [("ctrl", (k, 9), "int64"), ("vals", (k, 2), "float64"), ("server", (1,), "int64"),
-                ("weights", (self.num_slots, d), self.dtype), ("grads", (k, d), self.dtype)]
+        answers = ("payload", (k, self.payload_bytes), "uint8") if self.payload_bytes else ("grads", (k, d), self.dtype)
+        return [("ctrl", (k, _COLUMNS), "int64"), ("vals", (k, 2), "float64"), ("server", (1,), "int64"),
+                ("weights", (self.num_slots, d), self.dtype), answers]
 
     def nbytes(self) -> int:
         return sum(_aligned(int(np.prod(shape)) * np.dtype(dt).itemsize) for _, shape, dt in self.sizes())
@@ -122,7 +128,8 @@ class ShmServerEnd(ServerEnd):
         self.segment.server[0] = os.getpid()
         k = layout.num_workers
         self._weights = [torch.from_numpy(self.segment.weights[s]) for s in range(layout.num_slots)]
-        self._grads = [torch.from_numpy(self.segment.grads[r]) for r in range(k)]
+        answers = self.segment.payload if layout.payload_bytes else self.segment.grads
+        self._grads = [torch.from_numpy(answers[r]) for r in range(k)]
         self._refs = [0] * layout.num_slots  # commands in flight reading each slot
         self._current = -1
         self._sent: list[Command | None] = [None] * k
@@ -147,8 +154,8 @@ class ShmServerEnd(ServerEnd):
             self._weights[slot].copy_(weights)
         self._refs[slot] += 1
         self._slot_of[worker], self._sent[worker] = slot, command
-        ctrl[_CMD_KIND], ctrl[_CMD_STEP], ctrl[_CMD_VERSION], ctrl[_CMD_SLOT], ctrl[_CMD_LOCAL] = (
-            command.kind, command.step, command.version, slot, command.local_steps)
+        ctrl[_CMD_KIND], ctrl[_CMD_STEP], ctrl[_CMD_VERSION], ctrl[_CMD_SLOT], ctrl[_CMD_LOCAL], ctrl[_CMD_RESET] = (
+            command.kind, command.step, command.version, slot, command.local_steps, command.reset)
         self._seq[worker] += 1
         ctrl[_CMD_SEQ] = self._seq[worker]  # last: the worker starts when it sees this
 
@@ -174,9 +181,12 @@ class ShmServerEnd(ServerEnd):
         command, self._sent[r] = self._sent[r], None
         self._refs[self._slot_of[r]] -= 1
         loss, seconds = self.segment.vals[r]
-        grad = self._grads[r] if command.kind in (GRADIENT, LOCAL) else None
+        nbytes = int(self.segment.ctrl[r, _ANS_BYTES])
+        grad = None
+        if command.kind in (GRADIENT, LOCAL):  # a view of the slot; a compressed payload is decoded into copies
+            grad = decode(self._grads[r][:nbytes]) if self.layout.payload_bytes else self._grads[r]
         return Arrival(r, command.kind, command.step, command.version, grad, float(loss),
-                       int(self.segment.ctrl[r, _ANS_COUNT]), float(seconds))
+                       int(self.segment.ctrl[r, _ANS_COUNT]), float(seconds), nbytes)
 
     def _check_workers(self) -> None:
         for r in range(self.layout.num_workers):
@@ -219,7 +229,8 @@ class ShmWorkerEnd:
         self.segment = _Segment(name, layout, create=False)
         self.rank = rank
         self._weights = [torch.from_numpy(self.segment.weights[s]) for s in range(layout.num_slots)]
-        self._grad = torch.from_numpy(self.segment.grads[rank])
+        answers = self.segment.payload if layout.payload_bytes else self.segment.grads
+        self._grad = torch.from_numpy(answers[rank])
         self._seen = int(self.segment.ctrl[rank, _CMD_SEQ])
         self.segment.ctrl[rank, _PID] = os.getpid()
 
@@ -232,15 +243,18 @@ class ShmWorkerEnd:
             if liveness.due(now) and not alive(server_pid):
                 return Command(STOP), self._weights[0]
         self._seen = int(ctrl[_CMD_SEQ])
-        command = Command(int(ctrl[_CMD_KIND]), int(ctrl[_CMD_STEP]), int(ctrl[_CMD_VERSION]), int(ctrl[_CMD_LOCAL]))
+        command = Command(int(ctrl[_CMD_KIND]), int(ctrl[_CMD_STEP]), int(ctrl[_CMD_VERSION]), int(ctrl[_CMD_LOCAL]),
+                          bool(ctrl[_CMD_RESET]))
         return command, self._weights[int(ctrl[_CMD_SLOT])]
 
     def answer(self, arrival: Arrival) -> None:
-        if arrival.grad is not None:
+        if isinstance(arrival.grad, Compressed):
+            self._grad[: arrival.nbytes].copy_(encode(arrival.grad))
+        elif arrival.grad is not None:
             self._grad.copy_(arrival.grad)
         self.segment.vals[self.rank] = (arrival.loss, arrival.seconds)
         ctrl = self.segment.ctrl[self.rank]
-        ctrl[_ANS_COUNT] = arrival.count
+        ctrl[_ANS_COUNT], ctrl[_ANS_BYTES] = arrival.count, arrival.nbytes
         ctrl[_ANS_SEQ] = self._seen  # last: the server takes the answer when it sees this
 
     def close(self) -> None:
@@ -270,8 +284,8 @@ class ShmLink:
 
     name = "shm"
 
-    def __init__(self, num_workers: int, dim: int, dtype: str) -> None:
-        self.layout = Layout(num_workers, dim, dtype)
+    def __init__(self, num_workers: int, dim: int, dtype: str, payload_bytes: int = 0) -> None:
+        self.layout = Layout(num_workers, dim, dtype, payload_bytes)
         self.segment: str | None = None
 
     def connect(self, server: Any, workers: Sequence[Any], nodes: Sequence[str]) -> None:

@@ -203,6 +203,7 @@ class VirtualServerEnd(ServerEnd):
         weights = self.weights if weights is None else weights
         answer = self.workers[worker].execute(command, weights)
         sent_bytes, answer_bytes = self.message_bytes(weights.numel(), weights.element_size(), command.kind)
+        answer_bytes = answer.nbytes or answer_bytes  # what the answer carries, a compressed payload's size included
         steps = command.local_steps if command.kind == LOCAL else 1
         work_s = compute_s(self.profile, _KINDS[command.kind], answer.count // steps, weights.numel(), steps)
         delay_s = 0.0 if command.kind == EVALUATE else self.delays.get(worker, {}).pop(command.step, 0.0)

@@ -22,7 +22,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sgd_dist import signals
-from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
+from sgd_dist.backends.base import Backend, Sink, answer_payload_bytes, server_args, worker_args, worker_threads
 from sgd_dist.backends.ray import actors, simulated
 from sgd_dist.backends.ray.cluster import (
     check_cluster,
@@ -63,7 +63,8 @@ class RayBackend(Backend):
         self._run: ray.ObjectRef | None = None  # the server's loop, while it may still run
         cluster, data = config.cluster, config.data
         # each transport pick_transport may choose; it sets itself up between the actors (transports.base.Link)
-        self._links: dict[str, Link] = {link.name: link(cluster.num_workers, data.dim, data.dtype)
+        self._links: dict[str, Link] = {link.name: link(cluster.num_workers, data.dim, data.dtype,
+                                                        answer_payload_bytes(config))
                                         for link in (ShmLink, ChannelLink)}
         self.simulated = None  # cluster.simulated_nodes: the ray.cluster_utils.Cluster this run started
         self._simulated_nodes: list[Any] = []  # its nodes in index order (the head first); None once removed
