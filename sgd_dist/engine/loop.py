@@ -51,6 +51,11 @@ class RowDelivery:
         """Add ``fields`` to the waiting row of ``step``."""
         next(r for r in self.rows if r["step"] == step).update(fields)
 
+    def count_bytes(self, step: int, up: int, down: int) -> None:
+        """Add an evaluation's bytes to the waiting row of the version it evaluates."""
+        row = next(r for r in self.rows if r["step"] == step)
+        row["bytes_up"], row["bytes_down"] = row["bytes_up"] + up, row["bytes_down"] + down
+
     def deliver(self, waiting: int | None, force: bool = False) -> None:
         """Hand the rows before step ``waiting`` (None: all) to ``emit``, if DELIVER_TO_DRIVER_EVERY_S has passed
         since the last time or ``force``."""
@@ -66,11 +71,16 @@ class RowDelivery:
 
 
 class Traffic:
-    """The bytes the loop has sent (commands: the weights each carries) and received (answers' payloads) since the
-    last update's row."""
+    """The bytes of the gradient (or model-delta) answers received since the last update's row (up: their payloads)
+    and of the commands they answered (down: the weights each carried); an evaluation's go to its version's row. A
+    command lost with its worker is not counted, its redone copy is: the rows are a function of the schedule alone,
+    as their numbers are."""
 
     def __init__(self) -> None:
         self.up = self.down = 0
+
+    def answered(self, up: int, down: int) -> None:
+        self.up, self.down = self.up + up, self.down + down
 
     def take(self) -> tuple[int, int]:
         """(bytes up, bytes down) since the last call."""
@@ -194,15 +204,17 @@ class Loop:
         """Take an answer in; return the policy's actions on it (none for an evaluation)."""
         self.busy.pop(arrival.worker)
         self.answers += 1
-        self.traffic.up += arrival.nbytes
+        sent = self.server.weights.numel() * self.server.weights.element_size()  # the weights its command carried
         if isinstance(arrival.grad, Compressed):  # the payload as it travelled: the server's dense copy
             arrival = replace(arrival, grad=decompress(arrival.grad))
         actions = []
         if arrival.kind == EVALUATE:
+            self.rows.count_bytes(arrival.version, arrival.nbytes, sent)  # its version's row is waiting for it
             finished = self.evaluations.record(arrival)
             if finished is not None:
                 self.rows.fill(*finished)
         else:
+            self.traffic.answered(arrival.nbytes, sent)
             self.tally.answer_s[arrival.worker].append(arrival.seconds)
             self.held.hold(arrival)
             actions = list(self.policy.on_gradient(arrival.worker, arrival.step))
@@ -264,7 +276,6 @@ class Loop:
             self.tally.resets.append([worker, command.step])
         self.held.before_send(worker)  # its answer will overwrite its slot
         self.busy[worker] = command
-        self.traffic.down += self.server.weights.numel() * self.server.weights.element_size()
         self.end.send(worker, command, weights)
 
     def _send_on(self, worker: int, command: Command) -> None:
