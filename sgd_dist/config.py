@@ -401,6 +401,9 @@ class CompressionConfig(_Section):
     Karimireddy et al.); randk is then unscaled. A lost worker's residual is reset, and the run records where."""
     bucket: Count = Field(512, ge=1, lt=1 << 16)
     """int8 only: coordinates per float32 scale (QSGD's bucket)."""
+    down: bool = False
+    """Also compress the server's weights to each worker, as the delta from the weights that worker holds (the server
+    keeps a copy of each: the error feeds back by itself); evaluations still get the exact weights."""
 
     @model_validator(mode="after")
     def _check(self) -> CompressionConfig:
@@ -418,11 +421,19 @@ class CompressionConfig(_Section):
         if self.error_feedback and self.kind == "none":
             raise ValueError("compression.error_feedback needs a compression.kind other than none (nothing is left "
                              "out to feed back)")
+        if self.down and self.kind == "none":
+            raise ValueError("compression.down needs a compression.kind other than none (it compresses the weights "
+                             "with it)")
         return self
 
     @property
     def enabled(self) -> bool:
         return self.kind != "none"
+
+    @property
+    def stateful(self) -> bool:
+        """Whether a worker keeps state between commands (a residual, the weights it holds) that it can lose."""
+        return self.error_feedback or self.down
 
 
 class StragglersConfig(_Section):

@@ -16,12 +16,12 @@ import torch
 import yaml
 from conftest import make_config
 from plain_sgd import _init, _Shards, expected_lr
-from test_compression import reference
+from test_compression import keyed, ref_int8, reference
 
 from sgd_dist.backends.base import answer_payload_bytes, worker_args
 from sgd_dist.config import COMPRESSION_KINDS, OUTER_OPTIMIZERS, ConfigError, build_config, dump_config
 from sgd_dist.core import outer
-from sgd_dist.core.compression import KINDS, Compressed, decompress, payload_nbytes
+from sgd_dist.core.compression import DOWN, KINDS, Compressed, decompress, payload_nbytes
 from sgd_dist.core.outer import OUTER_OPTIMIZERS as CORE_OUTER_OPTIMIZERS
 from sgd_dist.engine import worker as worker_module
 from sgd_dist.engine.delays import round_trip_delay_s
@@ -41,6 +41,10 @@ KIND_CASES = {  # id -> overrides: each kind once, the sparse ones under error f
     "topk-ef": ("compression.kind=topk", "compression.ratio=0.1", "compression.error_feedback=true"),
     "randk-ef": ("compression.kind=randk", "compression.ratio=0.25", "compression.error_feedback=true"),
     "randk": ("compression.kind=randk", "compression.ratio=0.25"),
+    "topk-ef-down": ("compression.kind=topk", "compression.ratio=0.25", "compression.error_feedback=true",
+                     "compression.down=true"),
+    "int8-down": ("compression.kind=int8", "compression.bucket=8", "compression.down=true"),
+    "randk-down": ("compression.kind=randk", "compression.ratio=0.5", "compression.down=true"),
 }
 TOPK_EF = KIND_CASES["topk-ef"]
 
@@ -102,22 +106,24 @@ def plain_compressed(config, kind_key) -> tuple[list[float], torch.Tensor]:
     o = train_cfg.outer
     opt = torch.optim.SGD([param], lr=o.lr, momentum=o.momentum, nesterov=o.optimizer == "nesterov")
     residuals = [torch.zeros_like(param.data) for _ in range(k)]
+    held = [torch.zeros_like(param.data) for _ in range(k)]  # compression.down: the weights each worker holds
     losses = []
     for t in range(steps):
         w = param.data.clone()
         answers, loss_sum, rows = [], 0.0, 0
         for r in range(k):
-            v = w
+            if c.down:  # the delta to what it holds, compressed (a contraction: randk unscaled), added on both ends
+                held[r] = held[r] + compress(kind_key, w - held[r], (train_cfg.seed, r, t * local, DOWN), c, True)
+            v = start = held[r] if c.down else w
             for s in range(t * local, (t + 1) * local):
                 grad, loss, m = shards.gradient(r, s, v)
                 loss_sum, rows = loss_sum + loss * m, rows + m
                 if local > 1:
                     v = v - expected_lr(config.optim, s, steps * local, total) * grad
-            answer = w - v if local > 1 else grad
+            answer = start - v if local > 1 else grad
             if c.kind != "none":
                 p = answer + residuals[r] if c.error_feedback else answer
-                answer = reference(c.kind, p, (train_cfg.seed, r, t * local), ratio=c.ratio or 0.1,
-                                   ef=c.error_feedback) if kind_key != "int8" else _int8(p, train_cfg.seed, r, t)
+                answer = compress(kind_key, p, (train_cfg.seed, r, t * local), c, c.error_feedback)
                 residuals[r] = p - answer
             answers.append(answer)
         mean = sum(shards.rows[r] / total * answers[r] for r in range(k))
@@ -130,10 +136,11 @@ def plain_compressed(config, kind_key) -> tuple[list[float], torch.Tensor]:
     return losses, param.data
 
 
-def _int8(p: torch.Tensor, seed: int, worker: int, step: int) -> torch.Tensor:
-    from test_compression import keyed, ref_int8
-
-    return ref_int8(p, keyed(seed, worker, step), bucket=8)
+def compress(kind_key: str, x: torch.Tensor, key: tuple, c, ef: bool) -> torch.Tensor:
+    """What the reference compressor delivers for x (int8 with the runs' bucket of 8)."""
+    if kind_key.startswith("int8"):
+        return ref_int8(x, keyed(*key), bucket=8)
+    return reference(c.kind, x, key, ratio=c.ratio or 0.1, ef=ef)
 
 
 @pytest.mark.parametrize("kind", list(KIND_CASES))
@@ -151,14 +158,14 @@ def test_a_compressed_sync_run_equals_the_plain_reference(tmp_path, kind):
     assert losses != uncompressed  # the compression changed the run: the comparison above saw it
 
 
-@pytest.mark.parametrize("compression", [(), TOPK_EF], ids=["plain", "topk-ef"])
-def test_diloco_equals_local_sgd_with_torch_sgds_nesterov_outer_step(tmp_path, compression):
+@pytest.mark.parametrize("case", ["none", "topk-ef", "int8-down"])
+def test_diloco_equals_local_sgd_with_torch_sgds_nesterov_outer_step(tmp_path, case):
     diloco = ("train.mode=local_sgd", "train.local_steps=4", "train.outer.optimizer=nesterov",
               "train.outer.momentum=0.9", "train.outer.lr=0.7")
-    config = make_config(*WIDE, *diloco, *compression, "data.dtype=float64", "cluster.backend=serial",
+    config = make_config(*WIDE, *diloco, *KIND_CASES.get(case, ()), "data.dtype=float64", "cluster.backend=serial",
                          f"output.dir={tmp_path / 'run'}")
     result = train(config, console=False, progress=False)
-    losses, weights = plain_compressed(config, "topk-ef" if compression else "none")
+    losses, weights = plain_compressed(config, case)
     rows = [r for r in read_metrics(result.run_dir) if r["step"] > 0]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor(losses), rtol=1e-9, atol=0)
     torch.testing.assert_close(torch.tensor(result.summary["weights"], dtype=torch.float64), weights,
@@ -208,7 +215,7 @@ def test_the_servers_outer_step_is_torch_sgds_and_its_state_is_checkpointed():
 
 # -- every backend and transport equals the serial reference --------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "topk-ef", "randk-ef"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "topk-ef", "randk-ef", "topk-ef-down", "int8-down"])
 @pytest.mark.parametrize("transport", ["shm", "ray"])
 def test_a_compressed_ray_run_equals_the_serial_one_bit_for_bit(ray_session, tmp_path, transport, kind):
     common = (*WIDE, *KIND_CASES[kind], "train.steps=12")
@@ -230,7 +237,7 @@ def test_compressed_diloco_on_ray_equals_the_serial_one_bit_for_bit(ray_session,
 
 
 @pytest.mark.parametrize("mode", [("train.mode=sync",), ("train.mode=local_sgd", "train.local_steps=3")])
-@pytest.mark.parametrize("kind", ["int8", "topk-ef"])
+@pytest.mark.parametrize("kind", ["int8", "topk-ef", "topk-ef-down"])
 def test_a_compressed_virtual_run_equals_the_serial_one_bit_for_bit(tmp_path, kind, mode):
     common = (*WIDE, *KIND_CASES[kind], *mode, "cluster.num_workers=3")
     serial = run(tmp_path, "serial", *common, "cluster.backend=serial")
@@ -240,11 +247,12 @@ def test_a_compressed_virtual_run_equals_the_serial_one_bit_for_bit(tmp_path, ki
     assert virtual.summary["weights"] == serial.summary["weights"]
 
 
+@pytest.mark.parametrize("kind", ["topk-ef", "topk-ef-down"])
 @pytest.mark.parametrize("mode", [("train.mode=async",), ("train.mode=ssp", "train.staleness_bound=2"),
                                   ("train.mode=backup", "train.backup_workers=1")], ids=["async", "ssp", "backup"])
-def test_error_feedback_in_the_asynchronous_modes_replays_bit_for_bit(tmp_path, mode):
+def test_error_feedback_in_the_asynchronous_modes_replays_bit_for_bit(tmp_path, mode, kind):
     """On the virtual clock with uneven speeds the arrival order differs from the serial one; replay is exact."""
-    result = run(tmp_path, "run", *WIDE, *TOPK_EF, *mode, "cluster.num_workers=3", "train.steps=30",
+    result = run(tmp_path, "run", *WIDE, *KIND_CASES[kind], *mode, "cluster.num_workers=3", "train.steps=30",
                  "cluster.backend=virtual", "cluster.virtual.speed={0: 2.5, 2: 1.5}")
     report = replay(result.run_dir, tmp_path / "again")
     assert report.exact and report.losses_compared > 30
@@ -363,4 +371,23 @@ def test_a_killed_ray_worker_under_error_feedback_replays_bit_for_bit(ray_sessio
     result = run(tmp_path, "run", *WIDE, *TOPK_EF, "cluster.transport=shm", "train.steps=30",
                  "faults=[{kind: kill_worker, worker: 1, step: 10}]")
     assert [w for w, _ in result.summary["residual_resets"]] == [1]
+    assert replay(result.run_dir, tmp_path / "again").exact
+
+
+def test_with_down_each_command_carries_the_compressed_delta_and_evaluations_the_exact_weights(tmp_path):
+    config = make_config(*WIDE, *KIND_CASES["topk-ef-down"])
+    result = run(tmp_path, "run", *WIDE, *KIND_CASES["topk-ef-down"], "cluster.backend=serial")
+    rows, k, d = read_metrics(result.run_dir), 2, 20
+    payload = answer_payload_bytes(config)
+    assert payload == 16 + 5 * 4 + 5 * 4 < d * 4  # ceil(0.25 x 20) = 5 values and indices
+    for row in rows[1:]:
+        evaluated = "eval_loss" in row
+        assert row["bytes_down"] == k * (payload + d * 4 * evaluated)
+        assert row["bytes_up"] == k * (payload + 8 * evaluated)
+
+
+def test_a_replaced_worker_under_down_compression_starts_from_zero_and_replay_follows(tmp_path):
+    result = run(tmp_path, "killed", *WIDE, *KIND_CASES["randk-down"], "cluster.num_workers=3",
+                 "cluster.backend=virtual", "train.eval_every=0", "faults=[{kind: kill_worker, worker: 2, step: 7}]")
+    assert result.summary["residual_resets"] == [[2, 7]]
     assert replay(result.run_dir, tmp_path / "again").exact

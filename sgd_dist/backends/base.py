@@ -145,4 +145,4 @@ def server_args(config: Config) -> dict:
     weights = torch.zeros(config.data.dim, dtype=dtype) if init == "zeros" else torch.tensor(init, dtype=dtype)
     return dict(init_weights=weights, optim=config.optim, total_steps=config.train.steps,
                 global_batch_size=config.global_batch_size(), outer=config.train.outer,
-                compression=config.compression)
+                compression=config.compression, seed=config.train.seed)

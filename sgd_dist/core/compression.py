@@ -70,6 +70,14 @@ class Compressed:
     scales: torch.Tensor | None = None  # int8: float32, one per bucket
     bucket: int = 0  # int8: coordinates per scale
 
+    def numel(self) -> int:
+        """The dense vector's length (what code that sizes a message by its vector reads)."""
+        return self.dim
+
+    def element_size(self) -> int:
+        """The dense vector's bytes per value."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
     @property
     def nbytes(self) -> int:
         """The bytes on the wire: the tensors' bytes, plus the header for every kind but ``none``."""

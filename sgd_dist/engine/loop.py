@@ -16,6 +16,7 @@ from typing import Callable, Collection
 import torch
 
 from sgd_dist.core.compression import Compressed, decompress
+from sgd_dist.engine.downlink import Downlink
 from sgd_dist.engine.evaluations import Evaluations
 from sgd_dist.engine.held import HeldAnswers
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
@@ -123,7 +124,7 @@ class Loop:
         self.evaluations = Evaluations(num_workers, server.optim.weight_decay)
         self.recoveries = Recoveries(self.hooks, end, num_workers,
                                      None if self.restored is None else self.restored.replacements,
-                                     server.compression.error_feedback)
+                                     server.compression.stateful)
         self.tally = Tally.empty(num_workers) if self.restored is None else self.restored.tally
         self.answers = 0  # arrivals so far: how many came from the others while a worker was replaced
         self.every = self.hooks.checkpoint_every if self.hooks.on_checkpoint is not None else 0
@@ -131,8 +132,10 @@ class Loop:
         # workers whose own state (an error-feedback residual) is gone: a new process, a restored run, or this loop's
         # start (a server started over keeps no worker's state): their next gradient command says so (Command.reset)
         self.fresh: set[int] = set(range(num_workers))
-        self.error_feedback = server.compression.error_feedback
+        self.stateful = server.compression.stateful  # error feedback, or weights sent as deltas (compression.down)
+        self.downlink = Downlink(server.compression, server.seed) if server.compression.down else None
         self.traffic = Traffic()
+        self.sent_bytes: dict[int, int] = {}  # each command in flight's bytes
 
     def run(self) -> dict:
         """The loop; returns its statistics: staleness counts, dropped answers, the policy's own summary."""
@@ -178,9 +181,10 @@ class Loop:
             self.held.put_back(restored.held)
             server.start(restored.elapsed_s, clock=self.end.now)
             self.end.publish(server.step, server.weights)
-            if self.error_feedback and self.hooks.on_fault is not None:
+            if self.stateful and self.hooks.on_fault is not None:
                 self.hooks.on_fault({"fault": "residual_reset", "step": server.step, "workers": sorted(self.fresh),
-                                     "cause": "restored from a checkpoint: error-feedback residuals are not in it"})
+                                     "cause": "restored from a checkpoint: the workers' compression state is not in "
+                                     "it"})
             for worker, command in restored.busy.items():  # again, on the restored weights
                 self._send(worker, Command(command.kind, command.step, server.step, command.local_steps))
             actions = []
@@ -204,7 +208,7 @@ class Loop:
         """Take an answer in; return the policy's actions on it (none for an evaluation)."""
         self.busy.pop(arrival.worker)
         self.answers += 1
-        sent = self.server.weights.numel() * self.server.weights.element_size()  # the weights its command carried
+        sent = self.sent_bytes.pop(arrival.worker)  # what its command carried
         if isinstance(arrival.grad, Compressed):  # the payload as it travelled: the server's dense copy
             arrival = replace(arrival, grad=decompress(arrival.grad))
         actions = []
@@ -272,8 +276,11 @@ class Loop:
         if command.kind != EVALUATE and worker in self.fresh:
             self.fresh.discard(worker)
             command = replace(command, reset=True)
-        if command.reset and self.error_feedback and command.step > 0:  # a reset at a worker's step 0 changes nothing
+        if command.reset and self.stateful and command.step > 0:  # a reset at a worker's step 0 changes nothing
             self.tally.resets.append([worker, command.step])
+        if self.downlink is not None and command.kind != EVALUATE:
+            weights = self.downlink.encode(worker, command, self.server.weights if weights is None else weights)
+        self.sent_bytes[worker] = (weights if weights is not None else self.server.weights).nbytes
         self.held.before_send(worker)  # its answer will overwrite its slot
         self.busy[worker] = command
         self.end.send(worker, command, weights)

@@ -22,11 +22,12 @@ from sgd_dist.core.outer import outer_update_
 class ParameterServer:
     def __init__(
         self, init_weights: torch.Tensor, optim: OptimConfig, total_steps: int, global_batch_size: int,
-        outer: OuterConfig | None = None, compression: CompressionConfig | None = None,
+        outer: OuterConfig | None = None, compression: CompressionConfig | None = None, seed: int = 0,
     ) -> None:
         """``outer``: how averaged model deltas are applied (local SGD; None: plain averaging). ``compression``: what
-        the workers' answers are compressed to (the loop reads whether they keep error-feedback state)."""
-        self.optim = optim
+        the answers (and with ``down`` the weights sent) are compressed to, read by the loop; ``seed`` keys the
+        weights' compression."""
+        self.optim, self.seed = optim, seed
         self.outer = outer if outer is not None else OuterConfig()
         self.compression = compression if compression is not None else CompressionConfig()
         self.outer_state: dict[str, torch.Tensor] = {}  # the outer optimizer's (nesterov: a momentum buffer)

@@ -22,7 +22,8 @@ from sgd_dist.core import noise_scale, objectives
 from sgd_dist.core.compression import Compressed, Key, build_compressor, compress_with_feedback
 from sgd_dist.core.data import Batches, generate, make_sampler
 from sgd_dist.core.optim import learning_rate, sgd_update_
-from sgd_dist.engine.delays import EVALUATE_ANSWER_BYTES, extra_delay_s, round_trip_delay_s
+from sgd_dist.engine.delays import EVALUATE_ANSWER_BYTES, extra_delay_s, message_delay_s
+from sgd_dist.engine.downlink import HeldWeights
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command
 
 
@@ -80,15 +81,20 @@ class ShardWorker:
             self.compression.kind, ratio=self.compression.ratio, error_feedback=self.compression.error_feedback,
             bucket=self.compression.bucket)
         self.residual: torch.Tensor | None = None  # error feedback: what compression has left out so far
+        self.held = HeldWeights()  # compression.down: the weights the compressed deltas have built up
 
     def gradient(self, weights: torch.Tensor, step: int) -> GradientResult:
         X, y = self.batch(step)
         loss, grad = objectives.fast_loss_and_grad(self.kind, weights.to(self.device), X, y)
         return GradientResult(grad.cpu(), loss, X.shape[0], self.rank, step)
 
-    def execute(self, command: Command, weights: torch.Tensor) -> Arrival:
-        """One pass of the worker's loop, whatever the transport: answer ``command`` on ``weights``."""
+    def execute(self, command: Command, weights: torch.Tensor | Compressed) -> Arrival:
+        """One pass of the worker's loop, whatever the transport: answer ``command`` on ``weights`` (under
+        ``compression.down``, a compressed delta to the weights this worker holds)."""
         t0 = time.perf_counter()
+        sent_bytes = weights.nbytes
+        if isinstance(weights, Compressed):
+            weights = self.held.receive(command, weights)
         if command.kind == GRADIENT:
             result = self.gradient(weights, command.step)
             grad, loss, count = result.grad, result.loss, result.count
@@ -105,7 +111,7 @@ class ShardWorker:
         if self.stragglers is not None and command.kind != EVALUATE:
             delay += extra_delay_s(self.stragglers, self.rank, command.step, time.perf_counter() - t0)
         if self.network is not None:  # the command's and the answer's time on this worker's link
-            delay += round_trip_delay_s(self.network, weights.numel(), weights.element_size(), command.kind, nbytes)
+            delay += message_delay_s(self.network, sent_bytes) + message_delay_s(self.network, nbytes)
         if command.kind != EVALUATE and command.step in self.delays:  # a fault: once
             delay += self.delays.pop(command.step)
         if delay > 0:

@@ -94,8 +94,10 @@ class ChannelServerEnd(ServerEnd):
     def publish(self, version: int, weights: torch.Tensor) -> None:
         self._weights = weights.numpy().copy()  # the server goes on updating its tensor in place
 
-    def send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
+    def send(self, worker: int, command: Command, weights: torch.Tensor | Compressed | None = None) -> None:
         self._sent[worker] = command
+        if isinstance(weights, Compressed):  # compression.down: the delta's bytes
+            weights = encode(weights)
         array = self._weights if weights is None else weights.numpy()
         self.go[worker].write((command.kind, command.step, command.version, command.local_steps, command.reset, array))
 
@@ -165,6 +167,7 @@ def serve_worker(worker, go: Channel, answer: Channel) -> int:
             return served
         kind, step, version, local_steps, reset, weights = message
         weights = torch.from_numpy(np.array(weights))  # a copy: the server's next write waits for this value's release
+        weights = decode(weights) if weights.dtype == torch.uint8 else weights  # compressed weights (down)
         del message
         if kind == STOP:
             return served
@@ -217,7 +220,7 @@ class ChannelLink:
 
     name = "ray"
 
-    def __init__(self, num_workers: int, dim: int, dtype: str, payload_bytes: int = 0) -> None:
+    def __init__(self, num_workers: int, dim: int, dtype: str, payload_bytes: int = 0, down: bool = False) -> None:
         self.dim = max(dim, -(-payload_bytes // 8))  # what the buffers hold: d float64s, or a larger payload
         self._before: set[str] | None = None  # /dev/shm semaphores before this run made its channels
 

@@ -2,13 +2,16 @@
 
 One segment in /dev/shm holds, for K workers and d parameters:
 
-- ``ctrl``, int64 [K, 11]: per worker, the command (sequence number, kind, step, version, weight slot, local
-  steps, reset), the sequence number of its latest answer, its row count and payload bytes, and the worker's pid;
+- ``ctrl``, int64 [K, 12]: per worker, the command (sequence number, kind, step, version, weight slot, local
+  steps, reset, its payload's bytes), the sequence number of its latest answer, its row count and payload bytes,
+  and the worker's pid;
 - ``vals``, float64 [K, 2]: the answer's loss and compute seconds;
 - ``weights``, [K + 2, d]: weight slots; a command names the slot of the version it must use, and a slot is
   rewritten only when no command in flight reads it (K in flight + the newest + the one being written);
 - ``grads``, [K, d]: one gradient slot per worker; under ``compression`` ``payload``, uint8 [K, B] instead: each
-  worker's compressed answer as the bytes of its wire format (``core.compression.encode``), B its exact size.
+  worker's compressed answer as the bytes of its wire format (``core.compression.encode``), B its exact size;
+- with ``compression.down``, ``down``, uint8 [K, B]: each worker's compressed weights delta (a command naming slot
+  -1 reads it).
 
 A command is handed over by writing its fields and then bumping the sequence number; an answer by writing
 the gradient, loss and count and then bumping the answer number (x86 keeps stores in order). Each side
@@ -42,9 +45,10 @@ SHM_DIR = Path("/dev/shm")
 PREFIX = "sgd_dist-"
 
 # ctrl columns
-_COLUMNS = 11
+_COLUMNS = 12
 (_CMD_SEQ, _CMD_KIND, _CMD_STEP, _CMD_VERSION, _CMD_SLOT, _ANS_SEQ, _ANS_COUNT, _PID, _CMD_LOCAL, _CMD_RESET,
- _ANS_BYTES) = range(_COLUMNS)
+ _ANS_BYTES, _CMD_BYTES) = range(_COLUMNS)
+_DOWN_SLOT = -1  # a command's weights are in its worker's down region
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Layout:
     dim: int
     dtype: str  # numpy dtype name: float32 / float64
     payload_bytes: int = 0  # a compressed answer's size (core.compression.payload_nbytes); 0: answers are dense
+    down: bool = False  # compressed weights too, of the same size
 
     @property
     def num_slots(self) -> int:
@@ -61,8 +66,9 @@ class Layout:
     def sizes(self) -> list[tuple[str, tuple[int, ...], str]]:
         k, d = self.num_workers, self.dim
         answers = ("payload", (k, self.payload_bytes), "uint8") if self.payload_bytes else ("grads", (k, d), self.dtype)
+        down = [("down", (k, self.payload_bytes), "uint8")] if self.down else []
         return [("ctrl", (k, _COLUMNS), "int64"), ("vals", (k, 2), "float64"), ("server", (1,), "int64"),
-                ("weights", (self.num_slots, d), self.dtype), answers]
+                ("weights", (self.num_slots, d), self.dtype), answers, *down]
 
     def nbytes(self) -> int:
         return sum(_aligned(int(np.prod(shape)) * np.dtype(dt).itemsize) for _, shape, dt in self.sizes())
@@ -146,13 +152,17 @@ class ShmServerEnd(ServerEnd):
         self._weights[slot].copy_(weights)
         self._current = slot
 
-    def send(self, worker: int, command: Command, weights: torch.Tensor | None = None) -> None:
+    def send(self, worker: int, command: Command, weights: torch.Tensor | Compressed | None = None) -> None:
         ctrl = self.segment.ctrl[worker]
         slot = self._current
-        if weights is not None:  # K in flight at most, the newest, and this one: K + 2 slots are enough
+        if isinstance(weights, Compressed):  # its own region: no slot is read
+            slot, ctrl[_CMD_BYTES] = _DOWN_SLOT, weights.nbytes
+            torch.from_numpy(self.segment.down[worker])[: weights.nbytes].copy_(encode(weights))
+        elif weights is not None:  # K in flight at most, the newest, and this one: K + 2 slots are enough
             slot = self._free_slot()
             self._weights[slot].copy_(weights)
-        self._refs[slot] += 1
+        if slot != _DOWN_SLOT:
+            self._refs[slot] += 1
         self._slot_of[worker], self._sent[worker] = slot, command
         ctrl[_CMD_KIND], ctrl[_CMD_STEP], ctrl[_CMD_VERSION], ctrl[_CMD_SLOT], ctrl[_CMD_LOCAL], ctrl[_CMD_RESET] = (
             command.kind, command.step, command.version, slot, command.local_steps, command.reset)
@@ -177,9 +187,13 @@ class ShmServerEnd(ServerEnd):
             if waiter.expired(now):
                 return None
 
+    def _release(self, r: int) -> None:
+        if self._slot_of[r] != _DOWN_SLOT:
+            self._refs[self._slot_of[r]] -= 1
+
     def _take(self, r: int) -> Arrival:
         command, self._sent[r] = self._sent[r], None
-        self._refs[self._slot_of[r]] -= 1
+        self._release(r)
         loss, seconds = self.segment.vals[r]
         nbytes = int(self.segment.ctrl[r, _ANS_BYTES])
         grad = None
@@ -196,7 +210,7 @@ class ShmServerEnd(ServerEnd):
 
     def forget(self, worker: int) -> None:
         if self._sent[worker] is not None:
-            self._refs[self._slot_of[worker]] -= 1
+            self._release(worker)
             self._sent[worker] = None
         self.segment.ctrl[worker, _PID] = 0  # until its replacement attaches
 
@@ -231,10 +245,11 @@ class ShmWorkerEnd:
         self._weights = [torch.from_numpy(self.segment.weights[s]) for s in range(layout.num_slots)]
         answers = self.segment.payload if layout.payload_bytes else self.segment.grads
         self._grad = torch.from_numpy(answers[rank])
+        self._down = torch.from_numpy(self.segment.down[rank]) if layout.down else None
         self._seen = int(self.segment.ctrl[rank, _CMD_SEQ])
         self.segment.ctrl[rank, _PID] = os.getpid()
 
-    def wait(self) -> tuple[Command, torch.Tensor]:
+    def wait(self) -> tuple[Command, torch.Tensor | Compressed]:
         ctrl = self.segment.ctrl[self.rank]
         server_pid = int(self.segment.server[0])
         waiter, liveness = Waiter(), Every()
@@ -245,7 +260,8 @@ class ShmWorkerEnd:
         self._seen = int(ctrl[_CMD_SEQ])
         command = Command(int(ctrl[_CMD_KIND]), int(ctrl[_CMD_STEP]), int(ctrl[_CMD_VERSION]), int(ctrl[_CMD_LOCAL]),
                           bool(ctrl[_CMD_RESET]))
-        return command, self._weights[int(ctrl[_CMD_SLOT])]
+        slot = int(ctrl[_CMD_SLOT])
+        return command, decode(self._down[: int(ctrl[_CMD_BYTES])]) if slot == _DOWN_SLOT else self._weights[slot]
 
     def answer(self, arrival: Arrival) -> None:
         if isinstance(arrival.grad, Compressed):
@@ -258,7 +274,7 @@ class ShmWorkerEnd:
         ctrl[_ANS_SEQ] = self._seen  # last: the server takes the answer when it sees this
 
     def close(self) -> None:
-        self._weights, self._grad = [], None
+        self._weights, self._grad, self._down = [], None, None
         self.segment.close(unlink=False)
 
 
@@ -284,8 +300,8 @@ class ShmLink:
 
     name = "shm"
 
-    def __init__(self, num_workers: int, dim: int, dtype: str, payload_bytes: int = 0) -> None:
-        self.layout = Layout(num_workers, dim, dtype, payload_bytes)
+    def __init__(self, num_workers: int, dim: int, dtype: str, payload_bytes: int = 0, down: bool = False) -> None:
+        self.layout = Layout(num_workers, dim, dtype, payload_bytes, down)
         self.segment: str | None = None
 
     def connect(self, server: Any, workers: Sequence[Any], nodes: Sequence[str]) -> None:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from sgd_dist.config import StragglersConfig
+from sgd_dist.core.compression import Compressed
 from sgd_dist.core.time_model import TimeProfile, compute_s, message_s, server_answer_s, server_update_s
 from sgd_dist.engine.delays import extra_delay_s, message_bytes
 from sgd_dist.engine.messages import EVALUATE, GRADIENT, LOCAL, Arrival, Command, ServerEnd, WorkerLost
@@ -203,6 +204,7 @@ class VirtualServerEnd(ServerEnd):
         weights = self.weights if weights is None else weights
         answer = self.workers[worker].execute(command, weights)
         sent_bytes, answer_bytes = self.message_bytes(weights.numel(), weights.element_size(), command.kind)
+        sent_bytes = weights.nbytes if isinstance(weights, Compressed) else sent_bytes  # compressed weights (down)
         answer_bytes = answer.nbytes or answer_bytes  # what the answer carries, a compressed payload's size included
         steps = command.local_steps if command.kind == LOCAL else 1
         work_s = compute_s(self.profile, _KINDS[command.kind], answer.count // steps, weights.numel(), steps)

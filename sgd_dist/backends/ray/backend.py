@@ -64,7 +64,7 @@ class RayBackend(Backend):
         cluster, data = config.cluster, config.data
         # each transport pick_transport may choose; it sets itself up between the actors (transports.base.Link)
         self._links: dict[str, Link] = {link.name: link(cluster.num_workers, data.dim, data.dtype,
-                                                        answer_payload_bytes(config))
+                                                        answer_payload_bytes(config), config.compression.down)
                                         for link in (ShmLink, ChannelLink)}
         self.simulated = None  # cluster.simulated_nodes: the ray.cluster_utils.Cluster this run started
         self._simulated_nodes: list[Any] = []  # its nodes in index order (the head first); None once removed
