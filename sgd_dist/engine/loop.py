@@ -129,8 +129,9 @@ class Loop:
         self.answers = 0  # arrivals so far: how many came from the others while a worker was replaced
         self.every = self.hooks.checkpoint_every if self.hooks.on_checkpoint is not None else 0
         self.next_checkpoint: int | None = None  # the update from which the next checkpoint is due
-        # workers whose own state (an error-feedback residual) is gone: a new process, a restored run, or this loop's
-        # start (a server started over keeps no worker's state): their next gradient command says so (Command.reset)
+        # workers whose own state (an error-feedback residual, the weights compression.down built up) is gone: a new
+        # process, a restored run, or this loop's start (a server started over keeps no worker's state): their next
+        # gradient command says so (Command.reset)
         self.fresh: set[int] = set(range(num_workers))
         self.stateful = server.compression.stateful  # error feedback, or weights sent as deltas (compression.down)
         self.downlink = Downlink(server.compression, server.seed) if server.compression.down else None
