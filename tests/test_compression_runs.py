@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -391,3 +393,21 @@ def test_a_replaced_worker_under_down_compression_starts_from_zero_and_replay_fo
                  "cluster.backend=virtual", "train.eval_every=0", "faults=[{kind: kill_worker, worker: 2, step: 7}]")
     assert result.summary["residual_resets"] == [[2, 7]]
     assert replay(result.run_dir, tmp_path / "again").exact
+
+
+def test_the_benchmarks_compression_rows_set_the_byte_saving_beside_the_time(tmp_path):
+    """On 2 simulated nodes (a fresh process: a simulated cluster cannot start inside the session's Ray); the bytes
+    are exact, the times only reported."""
+    script = ("import json, sys; from sgd_dist.bench.compression import compression_rows, compression_markdown; "
+              "rows = compression_rows({'none': {}, 'topk': {'kind': 'topk', 'ratio': 0.01, 'error_feedback': True}}, "
+              "d=1000, steps=4); print(compression_markdown(rows), file=sys.stderr); "
+              "print(json.dumps([r.__dict__ for r in rows]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    none, topk = json.loads(proc.stdout.splitlines()[-1])
+    evals = 2 * 2 * (8 + 4000)  # the start's and the last: 2 workers, the weights down and a float64 back
+    dense = (4 * 2 * (4000 + 4000) + evals) / 4
+    sparse = (4 * 2 * (payload_nbytes("topk", 1000, 4, ratio=0.01) + 4000) + evals) / 4
+    assert (none["bytes_per_step"], topk["bytes_per_step"]) == (dense, sparse)
+    assert topk["byte_saving"] == dense / sparse and topk["time_saving"] > 0 and none["median_ms"] > 0
+    assert "| topk | 1,000 | 2 / 2 | 0.1 Gb/s |" in proc.stderr
