@@ -411,3 +411,17 @@ def test_the_benchmarks_compression_rows_set_the_byte_saving_beside_the_time(tmp
     assert (none["bytes_per_step"], topk["bytes_per_step"]) == (dense, sparse)
     assert topk["byte_saving"] == dense / sparse and topk["time_saving"] > 0 and none["median_ms"] > 0
     assert "| topk | 1,000 | 2 / 2 | 0.1 Gb/s |" in proc.stderr
+
+
+def test_a_restored_sync_run_records_the_undisturbed_runs_bytes_row_for_row(tmp_path):
+    """The bytes received before a checkpoint for the row after it travel in the checkpoint; a lost command's
+    bytes are not counted, its redone copy's are."""
+    common = (*WIDE, "compression.kind=int8", "cluster.num_workers=3", "cluster.backend=virtual",
+              "train.checkpoint_every=8")
+    plain = run(tmp_path, "plain", *common)
+    faulty = run(tmp_path, "faulty", *common, "faults=[{kind: kill_server, step: 13}, {kind: kill_worker, worker: 1, "
+                 "step: 16}]")
+    assert {"server_lost", "worker_replaced"} <= {f["fault"] for f in faulty.summary["faults"]}
+    assert numbers(faulty.run_dir) == numbers(plain.run_dir)
+    assert (faulty.summary["bytes_up"], faulty.summary["bytes_down"]) == (plain.summary["bytes_up"],
+                                                                        plain.summary["bytes_down"])

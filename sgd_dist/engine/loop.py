@@ -136,6 +136,8 @@ class Loop:
         self.stateful = server.compression.stateful  # error feedback, or weights sent as deltas (compression.down)
         self.downlink = Downlink(server.compression, server.seed) if server.compression.down else None
         self.traffic = Traffic()
+        if self.restored is not None:
+            self.traffic.up, self.traffic.down = self.restored.traffic
         self.sent_bytes: dict[int, int] = {}  # each command in flight's bytes
 
     def run(self) -> dict:
@@ -269,7 +271,8 @@ class Loop:
         self.rows.deliver(self.evaluations.oldest(), force=True)
         self.hooks.on_checkpoint(encode(LoopState(
             server=self.server.state_dict(), elapsed_s=self.server.elapsed(), policy=self.policy.state_dict(),
-            busy=self.busy, held=self.held.values(), tally=self.tally, replacements=self.recoveries.replacements)))
+            busy=self.busy, held=self.held.values(), tally=self.tally, replacements=self.recoveries.replacements,
+            traffic=(self.traffic.up, self.traffic.down))))
         self.next_checkpoint = (self.server.step // self.every + 1) * self.every
 
     # -- sending ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class LoopState:
     held: list[Arrival]  # the answers waiting for their Apply, in arrival order
     tally: Tally
     replacements: dict[int, int]
+    traffic: tuple[int, int] = (0, 0)  # bytes up and down received since the last row (the next row's)
 
 
 def encode(state: LoopState) -> dict:
@@ -67,6 +68,7 @@ def encode(state: LoopState) -> dict:
         "resets": [list(r) for r in state.tally.resets],
         "answer_s": {str(r): torch.tensor(t, dtype=torch.float64) for r, t in state.tally.answer_s.items()},
         "replacements": {str(r): n for r, n in state.replacements.items()},
+        "traffic": list(state.traffic),
     }
 
 
@@ -83,4 +85,5 @@ def decode(checkpoint: Mapping, num_workers: int) -> LoopState:
         busy={w: Command(k, step, version, local_steps) for w, k, step, version, local_steps in checkpoint["busy"]},
         held=held, tally=tally,
         replacements={r: int(checkpoint["replacements"][str(r)]) for r in range(num_workers)},
+        traffic=tuple(checkpoint.get("traffic", (0, 0))),
     )
