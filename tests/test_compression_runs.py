@@ -254,8 +254,11 @@ def test_a_compressed_virtual_run_equals_the_serial_one_bit_for_bit(tmp_path, ki
                                   ("train.mode=backup", "train.backup_workers=1")], ids=["async", "ssp", "backup"])
 def test_error_feedback_in_the_asynchronous_modes_replays_bit_for_bit(tmp_path, mode, kind):
     """On the virtual clock with uneven speeds the arrival order differs from the serial one; replay is exact."""
-    result = run(tmp_path, "run", *WIDE, *KIND_CASES[kind], *mode, "cluster.num_workers=3", "train.steps=30",
-                 "cluster.backend=virtual", "cluster.virtual.speed={0: 2.5, 2: 1.5}")
+    common = (*WIDE, *KIND_CASES[kind], *mode, "cluster.num_workers=3", "train.steps=30")
+    result = run(tmp_path, "run", *common, "cluster.backend=virtual", "cluster.virtual.speed={0: 2.5, 2: 1.5}")
+    serial = run(tmp_path, "serial", *common, "cluster.backend=serial")
+    schedule = (result.run_dir / "schedule.jsonl").read_text()
+    assert schedule != (serial.run_dir / "schedule.jsonl").read_text()  # another order: what replay must follow
     report = replay(result.run_dir, tmp_path / "again")
     assert report.exact and report.losses_compared > 30
 

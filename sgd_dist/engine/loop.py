@@ -71,24 +71,6 @@ class RowDelivery:
         self.failed = False
 
 
-class Traffic:
-    """The bytes of the gradient (or model-delta) answers received since the last update's row (up: their payloads)
-    and of the commands they answered (down: the weights each carried); an evaluation's go to its version's row. A
-    command lost with its worker is not counted, its redone copy is: the rows are a function of the schedule alone,
-    as their numbers are."""
-
-    def __init__(self) -> None:
-        self.up = self.down = 0
-
-    def answered(self, up: int, down: int) -> None:
-        self.up, self.down = self.up + up, self.down + down
-
-    def take(self) -> tuple[int, int]:
-        """(bytes up, bytes down) since the last call."""
-        counts, self.up, self.down = (self.up, self.down), 0, 0
-        return counts
-
-
 class Loop:
     """Run ``policy`` to completion on ``end``: the whole training loop, driven by the server.
 
@@ -135,9 +117,6 @@ class Loop:
         self.fresh: set[int] = set(range(num_workers))
         self.stateful = server.compression.stateful  # error feedback, or weights sent as deltas (compression.down)
         self.downlink = Downlink(server.compression, server.seed) if server.compression.down else None
-        self.traffic = Traffic()
-        if self.restored is not None:
-            self.traffic.up, self.traffic.down = self.restored.traffic
         self.sent_bytes: dict[int, int] = {}  # each command in flight's bytes
 
     def run(self) -> dict:
@@ -165,7 +144,8 @@ class Loop:
             self.rows.deliver(self.evaluations.oldest(), force=True)
         assert not self.held and not self.deferred, (self.held, self.deferred)
         return {"record_seconds": self.server.record_seconds, "staleness": self.tally.staleness,
-                "dropped": self.tally.dropped, "residual_resets": self.tally.resets, "policy": self.policy.summary(),
+                "dropped": self.tally.dropped, "dropped_bytes": self.tally.dropped_bytes,
+                "residual_resets": self.tally.resets, "policy": self.policy.summary(),
                 "replacements": self.recoveries.summary(), "answer_ms": self.tally.answer_ms(),
                 "answer_s": self.tally.answer_s}
 
@@ -211,17 +191,16 @@ class Loop:
         """Take an answer in; return the policy's actions on it (none for an evaluation)."""
         self.busy.pop(arrival.worker)
         self.answers += 1
-        sent = self.sent_bytes.pop(arrival.worker)  # what its command carried
-        if isinstance(arrival.grad, Compressed):  # the payload as it travelled: the server's dense copy
-            arrival = replace(arrival, grad=decompress(arrival.grad))
+        # the payload as it travelled becomes the server's dense copy; the answer keeps what its command carried
+        grad = decompress(arrival.grad) if isinstance(arrival.grad, Compressed) else arrival.grad
+        arrival = replace(arrival, grad=grad, sent_nbytes=self.sent_bytes.pop(arrival.worker))
         actions = []
         if arrival.kind == EVALUATE:
-            self.rows.count_bytes(arrival.version, arrival.nbytes, sent)  # its version's row is waiting for it
+            self.rows.count_bytes(arrival.version, arrival.nbytes, arrival.sent_nbytes)  # that row waits for it
             finished = self.evaluations.record(arrival)
             if finished is not None:
                 self.rows.fill(*finished)
         else:
-            self.traffic.answered(arrival.nbytes, sent)
             self.tally.answer_s[arrival.worker].append(arrival.seconds)
             self.held.hold(arrival)
             actions = list(self.policy.on_gradient(arrival.worker, arrival.step))
@@ -249,7 +228,9 @@ class Loop:
         row["applied"] = [[a.worker, a.step, a.version] for a in arrivals]
         row["answer_s"] = [a.seconds for a in arrivals]  # the per-worker views over time
         row["staleness"] = max(ages)
-        row["bytes_up"], row["bytes_down"] = self.traffic.take()
+        # what its answers and their commands moved: the rows' bytes are a function of the schedule, as their numbers
+        row["bytes_up"] = sum(a.nbytes for a in arrivals)
+        row["bytes_down"] = sum(a.sent_nbytes for a in arrivals)
         self.end.publish(server.step, server.weights)
         self.rows.add(row)
         if server.step in self.eval_at:
@@ -261,6 +242,8 @@ class Loop:
     def _drop(self, action: Drop) -> None:
         for arrival in self.held.take(action.gradients):
             self.tally.dropped.append([arrival.worker, arrival.step, arrival.version, self.server.step])
+            self.tally.dropped_bytes[0] += arrival.nbytes
+            self.tally.dropped_bytes[1] += arrival.sent_nbytes
 
     def _checkpoint_if_due(self) -> None:
         """A checkpoint once ``checkpoint_every`` updates have passed and no evaluation is pending; every row up to
@@ -271,8 +254,7 @@ class Loop:
         self.rows.deliver(self.evaluations.oldest(), force=True)
         self.hooks.on_checkpoint(encode(LoopState(
             server=self.server.state_dict(), elapsed_s=self.server.elapsed(), policy=self.policy.state_dict(),
-            busy=self.busy, held=self.held.values(), tally=self.tally, replacements=self.recoveries.replacements,
-            traffic=(self.traffic.up, self.traffic.down))))
+            busy=self.busy, held=self.held.values(), tally=self.tally, replacements=self.recoveries.replacements)))
         self.next_checkpoint = (self.server.step // self.every + 1) * self.every
 
     # -- sending ----------------------------------------------------------------------------------------------

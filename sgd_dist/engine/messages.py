@@ -51,7 +51,8 @@ class Arrival:
     the model delta (weights sent minus weights after the local steps), ``loss`` the mean loss. Under
     ``compression`` either is a ``Compressed`` payload (as it travelled; the loop decompresses it on arrival).
     EVALUATE: ``loss`` is the float64 sum of the per-row loss over the worker's ``count`` rows and ``grad`` is None.
-    ``nbytes`` is what the answer's payload took on the wire: the (compressed) vector, or 8 for an evaluation.
+    ``nbytes`` is what the answer's payload took on the wire: the (compressed) vector, or 8 for an evaluation;
+    ``sent_nbytes`` what its command carried (the loop fills it in: the weights, or their compressed delta).
     ``seconds`` is the worker's time on the command: its compute time plus any straggler or network delay
     (``cluster.network``: the command's and the answer's time on its link). On the shm transport ``grad`` is a
     view of the worker's slot, valid until that worker is sent its next command (the server clones what it
@@ -67,6 +68,7 @@ class Arrival:
     count: int
     seconds: float
     nbytes: int = 0
+    sent_nbytes: int = 0
 
 
 class WorkerLost(RuntimeError):

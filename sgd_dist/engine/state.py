@@ -26,6 +26,7 @@ class Tally:
     dropped: list[list[int]] = field(default_factory=list)  # [worker, step, version, server step when dropped]
     answer_s: dict[int, list[float]] = field(default_factory=dict)  # worker -> seconds of each gradient answer
     resets: list[list[int]] = field(default_factory=list)  # [worker, step]: commands whose error feedback restarted
+    dropped_bytes: list[int] = field(default_factory=lambda: [0, 0])  # the dropped answers' bytes up and down
 
     @classmethod
     def empty(cls, num_workers: int) -> Tally:
@@ -51,7 +52,6 @@ class LoopState:
     held: list[Arrival]  # the answers waiting for their Apply, in arrival order
     tally: Tally
     replacements: dict[int, int]
-    traffic: tuple[int, int] = (0, 0)  # bytes up and down received since the last row (the next row's)
 
 
 def encode(state: LoopState) -> dict:
@@ -62,13 +62,14 @@ def encode(state: LoopState) -> dict:
         "policy": json.dumps(state.policy),
         "busy": [[w, c.kind, c.step, c.version, c.local_steps] for w, c in sorted(state.busy.items())],
         "held": [{"worker": a.worker, "kind": a.kind, "step": a.step, "version": a.version, "loss": a.loss,
-                  "count": a.count, "seconds": a.seconds, "grad": a.grad.clone()} for a in state.held],
+                  "count": a.count, "seconds": a.seconds, "grad": a.grad.clone(), "nbytes": a.nbytes,
+                  "sent_nbytes": a.sent_nbytes} for a in state.held],
         "staleness": [[age, n] for age, n in state.tally.staleness.items()],
         "dropped": [list(d) for d in state.tally.dropped],
         "resets": [list(r) for r in state.tally.resets],
+        "dropped_bytes": list(state.tally.dropped_bytes),
         "answer_s": {str(r): torch.tensor(t, dtype=torch.float64) for r, t in state.tally.answer_s.items()},
         "replacements": {str(r): n for r, n in state.replacements.items()},
-        "traffic": list(state.traffic),
     }
 
 
@@ -77,13 +78,13 @@ def decode(checkpoint: Mapping, num_workers: int) -> LoopState:
     tally = Tally(staleness={int(age): int(n) for age, n in checkpoint["staleness"]},
                   dropped=[list(d) for d in checkpoint["dropped"]],
                   resets=[list(r) for r in checkpoint.get("resets", [])],
+                  dropped_bytes=list(checkpoint.get("dropped_bytes", [0, 0])),
                   answer_s={r: checkpoint["answer_s"][str(r)].tolist() for r in range(num_workers)})
-    held = [Arrival(a["worker"], a["kind"], a["step"], a["version"], a["grad"], a["loss"], a["count"], a["seconds"])
-            for a in checkpoint["held"]]
+    held = [Arrival(a["worker"], a["kind"], a["step"], a["version"], a["grad"], a["loss"], a["count"], a["seconds"],
+                    a.get("nbytes", 0), a.get("sent_nbytes", 0)) for a in checkpoint["held"]]
     return LoopState(
         server=checkpoint["server"], elapsed_s=checkpoint["elapsed_s"], policy=json.loads(checkpoint["policy"]),
         busy={w: Command(k, step, version, local_steps) for w, k, step, version, local_steps in checkpoint["busy"]},
         held=held, tally=tally,
         replacements={r: int(checkpoint["replacements"][str(r)]) for r in range(num_workers)},
-        traffic=tuple(checkpoint.get("traffic", (0, 0))),
     )

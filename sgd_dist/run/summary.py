@@ -167,9 +167,12 @@ def completed(config: Config, backend: Backend, reference: Reference, recorder: 
 
 
 def _traffic_summary(config: Config, stats: dict, traffic: dict[str, int]) -> dict:
-    """What travelled: the byte totals of the recorded rows, the compression and outer step that shaped them, and
-    where a worker's error feedback restarted (what replay follows)."""
-    out = {**traffic, "compression": config.compression.model_dump(mode="json"),
+    """What travelled: the bytes of the recorded rows with the dropped answers' (backup), the compression and outer
+    step that shaped them, and where a worker's error feedback restarted (what replay follows)."""
+    dropped = stats.get("dropped_bytes", [0, 0])
+    out = {"bytes_up": traffic["bytes_up"] + dropped[0], "bytes_down": traffic["bytes_down"] + dropped[1],
+           "dropped_bytes": {"up": dropped[0], "down": dropped[1]},
+           "compression": config.compression.model_dump(mode="json"),
            "residual_resets": stats.get("residual_resets", [])}
     if config.train.mode == "local_sgd":
         out["outer"] = config.train.outer.model_dump(mode="json")
