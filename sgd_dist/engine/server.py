@@ -95,17 +95,19 @@ class ParameterServer:
 
     def state_dict(self) -> dict:
         """Everything needed to resume: weights, optimizer buffers (the outer optimizer's too), step, samples seen."""
-        return {
+        state = {
             "weights": self.weights.clone(),
             "optimizer": {k: v.clone() for k, v in self.optimizer_state.items()},
-            "outer": {k: v.clone() for k, v in self.outer_state.items()},
             "step": self.step,
             "samples_seen": self.samples_seen,
         }
+        if self.outer_state:  # the outer optimizer's buffers (nesterov, after a round)
+            state["outer"] = {k: v.clone() for k, v in self.outer_state.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"].clone()
         self.optimizer_state = {k: v.clone() for k, v in state["optimizer"].items()}
-        self.outer_state = {k: v.clone() for k, v in state.get("outer", {}).items()}  # none before outer steps
+        self.outer_state = {k: v.clone() for k, v in state.get("outer", {}).items()}  # none without its buffers
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
