@@ -339,7 +339,7 @@ class VirtualServerEnd(ServerEnd):
             return
         job.phase = _SENT
         a = job.answer  # seconds: the worker's own time, as real transports say (built directly: replace() is slow)
-        job.answer = Arrival(a.worker, a.kind, a.step, a.version, a.grad, a.loss, a.count, at_s - job.start_s)
+        job.answer = Arrival(a.worker, a.kind, a.step, a.version, a.grad, a.loss, a.count, at_s - job.start_s, a.nbytes)
         if job.worker < self.local_workers:
             self._push(at_s, _ARRIVE, job)
         else:
