@@ -160,6 +160,9 @@ def _add_bench_parser(sub) -> None:
                    f"many torch actors (default {','.join(map(str, DEFAULT_STARTUP_WORKERS))}; none skips)")
     p.add_argument("--no-startup-cluster", dest="startup_cluster", action="store_false",
                    help="skip the 1-step run on a running local cluster (--address auto after ray start --head)")
+    p.add_argument("--compression", action="store_true",
+                   help="also time one run per compression kind on the ray transport across 2 simulated nodes at "
+                   "0.1 Gbit/s, at the largest --dims (compression.md; about 2 minutes)")
     p.add_argument("--bandwidth-mib", type=int, default=1024,
                    help="size of the tensor copied to measure the memory bandwidth, in MiB (default 1024)")
     p.add_argument("--out", help="directory for results.csv, results.md and bench.png (default runs/bench-<timestamp>)")
@@ -416,7 +419,7 @@ def _bench(args: argparse.Namespace) -> int:
     options = BenchOptions(dims=args.dims, workers=args.workers, steps=args.steps, warmup=args.warmup,
                            systems=args.systems, repeats=args.repeats, startup_repeats=args.startup_repeats,
                            startup_workers=args.startup_workers, startup_cluster=args.startup_cluster,
-                           bandwidth_bytes=args.bandwidth_mib << 20)
+                           bandwidth_bytes=args.bandwidth_mib << 20, compression=args.compression)
     try:
         result = run_benchmark(options, out)
     except KeyboardInterrupt as exc:

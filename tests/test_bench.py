@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgd_dist.bench import BenchOptions, floor, peers, report, run_benchmark, runner
+from sgd_dist.bench import BenchOptions, compression, floor, peers, report, run_benchmark, runner
 from sgd_dist.bench.problem import Problem, floor_ms, measured_intervals, percentile, step_stats
 from sgd_dist.cli import _int_list, main
 from sgd_dist.core.data import generate
@@ -361,6 +361,28 @@ def test_the_startup_and_bandwidth_options_reach_the_benchmark(monkeypatch, tmp_
     assert options.bandwidth_bytes == 64 << 20
     main(["bench", "--startup-workers", "4,32", "--out", str(tmp_path)])
     assert list(seen["options"].startup_workers) == [4, 32] and seen["options"].startup_cluster is True
+    assert seen["options"].compression is False
+    main(["bench", "--compression", "--out", str(tmp_path)])
+    assert seen["options"].compression is True
+
+
+def test_the_compression_rows_run_before_any_ray_and_their_table_is_written(monkeypatch, tmp_path):
+    asked = {}
+
+    def fake_rows(d):
+        asked["d"], asked["ray_up"] = d, runner.ray.is_initialized()
+        return [compression.CompressionRow("none", d, 2, 2, 0.1, 800_000.0, 70.0),
+                compression.CompressionRow("int8", d, 2, 2, 0.1, 200_000.0, 20.0, 4.0, 3.5)]
+
+    monkeypatch.setattr(runner, "compression_rows", fake_rows)
+    options = BenchOptions(dims=[2, 1000], workers=[1], steps=3, warmup=1, systems=["floor"], startup_repeats=0,
+                           bandwidth_bytes=1 << 24, compression=True)
+    lines: list[str] = []
+    result = run_benchmark(options, tmp_path, log=lines.append)
+    assert asked == {"d": 1000, "ray_up": False}
+    text = (tmp_path / "compression.md").read_text()
+    assert "| int8 | 1,000 | 2 / 2 | 0.1 Gb/s | 200,000 | 20.0 | 4.0x | 3.50x |" in text
+    assert tmp_path / "compression.md" in result.files and any("| int8 |" in line for line in lines)
 
 
 def test_a_bandwidth_below_one_mib_is_a_one_line_error(tmp_path, capsys):

@@ -40,5 +40,7 @@ class BenchOptions:
     """Also time the 1-step run with ``--address auto`` on a local cluster the benchmark starts and stops."""
     bandwidth_bytes: int = 1 << 30
     """Size of the tensor copied to measure the memory bandwidth (two such tensors are allocated)."""
+    compression: bool = False
+    """Also time one run per compression kind on the ray transport across simulated nodes (bench/compression.py)."""
     progress: bool | None = None
     """A bar over the measurements (ETA, the last median): None shows it on a terminal or in a notebook only."""

@@ -24,6 +24,7 @@ import ray
 
 from sgd_dist.backends.ray.cluster import init_ray
 from sgd_dist.bench import floor, peers, report
+from sgd_dist.bench.compression import compression_markdown, compression_rows
 from sgd_dist.bench.options import SAMPLINGS, SYSTEMS, BenchOptions
 from sgd_dist.bench.problem import Problem, measured_intervals, step_stats
 from sgd_dist.bench.startup import measure_startup
@@ -147,6 +148,7 @@ def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] |
         startup = measure_startup(options.startup_repeats, options.startup_config, log,
                                   workers=options.startup_workers, cluster=options.startup_cluster)
 
+    compressed = _compression(options, out, log) if options.compression else None  # clusters of their own: no Ray yet
     plan = _plan(options)
     m = _Measurements()
     started_ray = _start_ray(plan, max(options.workers))
@@ -164,6 +166,8 @@ def run_benchmark(options: BenchOptions, out: Path, log: Callable[[str], None] |
     rows = report.fill_ratios(_rows(options, plan, m), bandwidth["gb_s"])
     targets = report.target_rows(rows, startup)
     files = write_outputs(out, rows, targets, startup, bandwidth)
+    if compressed is not None:
+        files.append(compressed)
     if interrupted:
         raise KeyboardInterrupt
     return BenchResult(rows, targets, startup, bandwidth, files)
@@ -196,6 +200,17 @@ def _measure_all(options: BenchOptions, plan: list[Planned], m: _Measurements, l
         _measure_sizes(options, plan, m, _through(bar, log), bar)
     finally:
         bar.close()
+
+
+def _compression(options: BenchOptions, out: Path, log: Callable[[str], None]) -> Path:
+    """One run per compression kind at the largest d asked (ray transport, 2 simulated nodes, 0.1 Gbit/s);
+    the table goes to compression.md and the log."""
+    log(f"bench: compression rows at d={max(options.dims)}, 2 workers on 2 simulated nodes, 0.1 Gbit/s")
+    table = compression_markdown(compression_rows(d=max(options.dims)))
+    path = out / "compression.md"
+    path.write_text("# Compression on the ray transport across simulated nodes\n\n" + table + "\n")
+    log(table)
+    return path
 
 
 def _through(bar, log: Callable[[str], None]) -> Callable[[str], None]:
