@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sgd_dist.run.rundir import METRICS_FILE, read_metrics, read_summary, write_text_atomic
+from sgd_dist.study.results import csv_cell
 
 PLAN_FILE = "plan.csv"
 COLUMNS = ["rank", "config", "stage", "workers", "mode", "mode_parameter", "worker_batch", "global_batch",
@@ -129,20 +130,12 @@ def rank_rows(rows: list[dict], objective: str) -> list[dict]:
     return ranked
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ""
-    return str(value)
-
-
 def write_plan(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _cell(row.get(key)) for key in COLUMNS})
+        writer.writerow({key: csv_cell(row.get(key)) for key in COLUMNS})
     write_text_atomic(path, buffer.getvalue())
 
 

@@ -126,7 +126,8 @@ def add_speedups(rows: list[dict], grid_keys: list[str]) -> list[dict]:
     return rows
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
+    """A CSV cell: empty for None and non-finite floats, repr for floats (exact round trip)."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -139,7 +140,7 @@ def write_results(path: Path, experiment: Experiment, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns(experiment), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _cell(v) for k, v in row.items()})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     write_text_atomic(path, buffer.getvalue())
 
 
