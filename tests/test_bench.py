@@ -264,6 +264,7 @@ def _blocks_available() -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_and_its_table_is_well_formed(ray_session, tmp_path):
     options = BenchOptions(dims=[2], workers=[1, 2], steps=8, warmup=2,
                            systems=["floor", "docs-ps", "ddp", "sgd-dist"], startup_repeats=0, bandwidth_bytes=1 << 24)

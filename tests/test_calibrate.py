@@ -66,6 +66,7 @@ def quick_profile(tmp_path_factory, ray_session):
     return code, out.getvalue(), path, err.getvalue()
 
 
+@pytest.mark.slow
 def test_calibrate_quick_writes_a_valid_profile_of_this_machine(quick_profile):
     code, printed, path, _ = quick_profile
     assert code == 0 and path.is_file()

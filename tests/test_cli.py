@@ -41,6 +41,7 @@ def tiny(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_on_an_embedded_ray_end_to_end(tiny, tmp_path):
     out = tmp_path / "run"
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(out), "train.steps=30")
@@ -56,6 +57,7 @@ def test_train_on_an_embedded_ray_end_to_end(tiny, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
 
 
+@pytest.mark.slow
 def test_train_joins_an_existing_cluster_with_address(ray_session, tiny, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "joined"
@@ -67,6 +69,7 @@ def test_train_joins_an_existing_cluster_with_address(ray_session, tiny, tmp_pat
     assert summary["ray_address"] == address and summary["final_loss"] > 0
 
 
+@pytest.mark.slow
 def test_ray_address_in_the_environment_is_joined_as_inside_a_ray_job(ray_session, tiny, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "job"
@@ -143,6 +146,7 @@ def test_cluster_too_small_exits_1(ray_session, tiny, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_plot_redraws_from_the_files(tiny, tmp_path):
     run = tmp_path / "r"
     assert sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial").returncode == 0
@@ -219,6 +223,7 @@ DIVERGED = (r"run failed: DivergenceError: the mini-batch loss is (inf|nan) at s
             r"try a smaller optim\.lr \(step \d+ used lr 50\)")
 
 
+@pytest.mark.slow
 def test_a_run_failing_part_way_exits_1_in_one_line_keeping_its_rows(tiny, tmp_path):
     run = tmp_path / "diverged"
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(run), *DIVERGES)
@@ -267,6 +272,7 @@ def test_ctrl_c_exits_130_keeping_the_rows(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
+@pytest.mark.slow
 def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, transport):
     """An interrupted run on an embedded Ray: its rows kept, its shm segment and its channels' semaphores gone."""
     run = tmp_path / "interrupted"
@@ -292,6 +298,7 @@ def test_ctrl_c_on_ray_exits_130_and_leaves_no_shared_memory(tiny, tmp_path, tra
     assert not {name for name in made if (SHM_DIR / name).exists()}
 
 
+@pytest.mark.slow
 def test_plot_redraws_a_killed_run(tiny, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen([SGD_DIST, "train", "--config", str(tiny), "--out", str(run), "--backend", "serial",
@@ -397,6 +404,7 @@ def test_data_that_cannot_fit_this_machine_is_refused_up_front(tmp_path, backend
     _one_line_exit_2(proc, message)
 
 
+@pytest.mark.slow
 def test_resume_of_a_completed_run_says_so_and_changes_nothing(tiny, tmp_path):
     run = tmp_path / "done"
     first = sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial",
@@ -454,6 +462,7 @@ def _start_long_ray_run(tiny: Path, run: Path, *extra: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("to", ["the process", "its group"])
+@pytest.mark.slow
 def test_sigterm_stops_the_run_as_ctrl_c_does_and_exits_143(tiny, tmp_path, to):
     run = tmp_path / "terminated"
     proc = _start_long_ray_run(tiny, run)
@@ -476,6 +485,7 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_exits_143(tiny, tmp_path, to):
     assert _none_left(proc.pid) == []
 
 
+@pytest.mark.slow
 def test_a_double_ctrl_c_exits_130_and_leaves_no_ray_process(tiny, tmp_path):
     run = tmp_path / "twice"
     proc = _start_long_ray_run(tiny, run)
@@ -509,6 +519,7 @@ def test_ctrl_c_before_the_run_directory_exists_says_nothing_was_written(tiny, t
     assert _none_left(proc.pid) == []
 
 
+@pytest.mark.slow
 def test_the_done_line_the_summary_and_the_metrics_agree_on_the_training_time(tiny, tmp_path):
     run = tmp_path / "timed"
     proc = sgd_dist("train", "--config", str(tiny), "--out", str(run), "--no-progress")
@@ -540,6 +551,7 @@ def test_an_error_line_carries_no_terminal_colour_codes():
     assert one_line(error) == "RuntimeError: The actor died in its creation task, ray::_Worker.__init__() (pid=1)"
 
 
+@pytest.mark.slow
 def test_replay_exits_0_on_a_bit_equal_run_and_1_naming_the_first_step_that_differs(tiny, tmp_path):
     run = tmp_path / "run"
     trained = sgd_dist("train", "--config", str(tiny), "--out", str(run), "--backend", "serial", "train.mode=async",

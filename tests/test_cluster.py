@@ -77,6 +77,7 @@ def _train(address: str, out: Path, env: dict[str, str]) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
 
 
+@pytest.mark.slow
 def test_train_on_a_ray_start_cluster_with_its_token(loopback_cluster, tmp_path):
     address, token = loopback_cluster
     proc = _train(address, tmp_path / "run", _user_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token))
@@ -86,6 +87,7 @@ def test_train_on_a_ray_start_cluster_with_its_token(loopback_cluster, tmp_path)
 
 
 @pytest.mark.parametrize("client", ["no token", "a wrong token"])
+@pytest.mark.slow
 def test_a_client_without_the_token_is_refused_in_one_line_before_rays_retries(loopback_cluster, tmp_path, client):
     address, _ = loopback_cluster
     env = (_user_env() if client == "no token"

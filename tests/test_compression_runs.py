@@ -371,6 +371,7 @@ def test_a_restored_server_resets_every_residual_and_replay_still_reproduces_the
     assert replay(killed.run_dir, tmp_path / "again").exact
 
 
+@pytest.mark.slow
 def test_a_killed_ray_worker_under_error_feedback_replays_bit_for_bit(ray_session, tmp_path):
     result = run(tmp_path, "run", *WIDE, *TOPK_EF, "cluster.transport=shm", "train.steps=30",
                  "faults=[{kind: kill_worker, worker: 1, step: 10}]")

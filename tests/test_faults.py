@@ -78,6 +78,7 @@ def faults_of(summary: dict, kind: str) -> list[dict]:
 # -- worker loss ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
+@pytest.mark.slow
 def test_a_worker_killed_from_outside_is_replaced_and_sync_ends_bit_equal(ray_session, tmp_path, monkeypatch,
                                                                           reference, transport):
     """SIGKILL to a worker's process from outside: noticed within 2 s, replaced (its shard regenerated), its
@@ -109,6 +110,7 @@ def test_a_worker_killed_from_outside_is_replaced_and_sync_ends_bit_equal(ray_se
 
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
+@pytest.mark.slow
 def test_a_worker_removed_by_ray_kill_is_replaced_and_sync_ends_bit_equal(ray_session, tmp_path, reference,
                                                                           transport):
     config = make_config(*BASE, *SLOW, f"cluster.transport={transport}", f"output.dir={tmp_path / 'k'}",
@@ -123,6 +125,7 @@ def test_a_worker_removed_by_ray_kill_is_replaced_and_sync_ends_bit_equal(ray_se
 
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
+@pytest.mark.slow
 def test_a_worker_lost_while_it_evaluates_is_replaced_and_its_evaluation_redone(ray_session, tmp_path, reference,
                                                                                 transport):
     """The kill lands right after update 20, which is evaluated: the worker dies holding its evaluation
@@ -138,6 +141,7 @@ def test_a_worker_lost_while_it_evaluates_is_replaced_and_its_evaluation_redone(
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.slow
 def test_every_worker_lost_at_once_is_replaced_side_by_side(ray_session, tmp_path, reference, mode):
     """Both workers killed at the same update: both replacements start together and the run goes on; sync is
     still bit-equal, async still replays."""
@@ -156,6 +160,7 @@ def test_every_worker_lost_at_once_is_replaced_side_by_side(ray_session, tmp_pat
 
 
 @pytest.mark.parametrize("mode, transport", [("async", "shm"), ("ssp", "ray"), ("backup", "shm")])
+@pytest.mark.slow
 def test_the_other_modes_go_on_through_a_worker_loss_and_still_replay_exactly(ray_session, tmp_path, mode, transport):
     # a staleness bound of 100: SSP's fast worker may run 100 local steps ahead while the other is replaced
     extra = {"ssp": ["train.staleness_bound=100"], "backup": ["cluster.num_workers=3", "train.backup_workers=1"]}
@@ -185,6 +190,7 @@ def rewound(run_dir: Path, name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
+@pytest.mark.slow
 def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal(ray_session, tmp_path, reference,
                                                                                   transport):
     """The server dies right after update 25; the checkpoint of update 20 is restored. Worker 0's gradient for
@@ -208,6 +214,7 @@ def test_a_killed_server_is_restored_from_its_checkpoint_and_sync_ends_bit_equal
     assert manifest["step"] == STEPS and state["server"]["weights"].tolist() == reference.summary["weights"]
 
 
+@pytest.mark.slow
 def test_a_server_killed_before_any_checkpoint_starts_over_and_sync_ends_bit_equal(ray_session, tmp_path, reference):
     config = make_config(*[o for o in BASE if not o.startswith("train.checkpoint_every=")], "train.checkpoint_every=0",
                          f"output.dir={tmp_path / 's'}",
@@ -249,6 +256,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode, transport", [("sync", "shm"), ("sync", "ray"), ("async", "shm"), ("local_sgd", "shm")])
+@pytest.mark.slow
 def test_a_killed_driver_resumes_from_its_checkpoint_with_no_row_lost_or_repeated(ray_session, tmp_path, mode,
                                                                                   transport):
     """SIGKILL to `sgd-dist train` (its embedded Ray goes with it) with rows on disk past the latest checkpoint,
@@ -574,6 +582,7 @@ LOCAL_SGD = ("train.mode=local_sgd", "train.local_steps=3")
 
 
 @pytest.mark.parametrize("transport", ["shm", "ray"])
+@pytest.mark.slow
 def test_a_worker_lost_in_local_sgd_is_replaced_and_the_run_ends_bit_equal(ray_session, tmp_path, transport):
     """Local SGD waits for every worker's model delta: the lost worker's replacement redoes its 3 local steps from
     the very weights of that round, so every loss and the final weights equal the undisturbed serial run's."""
@@ -591,6 +600,7 @@ def test_a_worker_lost_in_local_sgd_is_replaced_and_the_run_ends_bit_equal(ray_s
     assert result.summary["mode"] == "local_sgd" and result.summary["replacements"] == {1: 1}
 
 
+@pytest.mark.slow
 def test_a_killed_server_in_async_mode_on_the_ray_transport_is_restored_and_the_run_replays(ray_session, tmp_path):
     """Async on Ray's channels: the server dies right after update 27 and the checkpoint of update 20 comes back.
     Each worker's 13th gradient (local step 12) is 1 s late, so update 25 comes at least ~0.8 s after update
@@ -632,6 +642,7 @@ def _kill_driver_once_rows_pass_a_checkpoint(config_file: Path, run: Path, args:
     return read_metrics(run)
 
 
+@pytest.mark.slow
 def test_a_driver_killed_in_async_mode_on_the_ray_transport_resumes_and_replays(ray_session, tmp_path):
     """SIGKILL to an async `sgd-dist train` on Ray's channels, then --resume: every step recorded once, the rows
     and the schedule recorded past the checkpoint moved aside, and the resumed run replays exactly."""
@@ -662,6 +673,7 @@ def test_a_driver_killed_in_async_mode_on_the_ray_transport_resumes_and_replays(
     assert report.exact, report
 
 
+@pytest.mark.slow
 def test_a_worker_lost_a_fourth_time_fails_the_run_in_one_line(ray_session, tmp_path, capsys):
     """Worker 1 killed at updates 2, 4, 6 and 8: replaced three times (the limit), the fourth loss fails the run:
     exit 1, one line naming the worker and the limit, status failed, the faults until then recorded."""
@@ -757,6 +769,7 @@ def test_no_checkpoint_is_taken_while_a_lost_worker_owes_an_evaluation():
         assert all("eval_loss" in r for r in emitted[: step + 1] if r["step"] % 10 == 0)
 
 
+@pytest.mark.slow
 def test_a_server_lost_a_fourth_time_fails_the_run_in_one_line(ray_session, tmp_path, capsys):
     """The server killed at updates 2, 4, 6 and 8 (no checkpoints: each rebuilt server starts over): restarted
     three times (the limit), the fourth loss fails the run in one line, status failed."""

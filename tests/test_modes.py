@@ -60,6 +60,7 @@ def assert_close_to(rows, summary, ref, rtol=ROUND_OFF) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("mode", [("train.mode=ssp", "train.staleness_bound=0"),
                                   ("train.mode=backup", "train.backup_workers=0")], ids=["ssp-s0", "backup-b0"])
+@pytest.mark.slow
 def test_s0_and_b0_are_sync_bit_for_bit(ray_session, tmp_path, transport, mode):
     base = ("cluster.num_workers=3", "data.n_samples=600", "optim.momentum=0.9", f"cluster.transport={transport}")
     sync, sync_rows = run(tmp_path, "sync", *base)
@@ -211,6 +212,7 @@ MODE_GAP_BOUNDS = {"sync": 5e-5, "local_sgd": 5e-5, "ssp": 1e-4, "async": 5e-4, 
                                   ("train.mode=backup", "train.backup_workers=1", "cluster.num_workers=3"),
                                   ("train.mode=local_sgd", "train.local_steps=4")],
                          ids=["sync", "async", "ssp", "backup", "local_sgd"])
+@pytest.mark.slow
 def test_every_mode_ends_the_default_job_within_a_few_times_its_measured_gap(ray_session, tmp_path, transport, mode):
     """configs/default.yaml scaled down (1e5 rows, 1,000 updates), on the Ray backend."""
     steps = 250 if "train.mode=local_sgd" in mode else 1000  # local SGD: 250 rounds of 4 local steps

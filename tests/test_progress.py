@@ -8,6 +8,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
 from conftest import make_config
 from deploy_support import require
 
@@ -46,6 +47,7 @@ NOTEBOOK_CELLS = [
 ]
 
 
+@pytest.mark.slow
 def test_a_notebook_shows_one_line_of_progress_updated_in_place(tmp_path):
     for module in ("nbclient", "nbformat", "ipykernel"):
         require(importlib.util.find_spec(module) is not None,

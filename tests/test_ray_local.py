@@ -167,6 +167,7 @@ def test_workers_wait_for_cpus_freed_within_the_placement_timeout(ray_session):
 
 @pytest.mark.parametrize("ending, transport", [("completed", "ray"), ("the driver failed", "shm"),
                                                ("the driver failed", "ray"), ("the server failed", "ray")])
+@pytest.mark.slow
 def test_the_workers_loops_have_ended_when_their_transport_closes(ray_session, tmp_path, monkeypatch, ending,
                                                                   transport):
     """However a run ends, no worker's loop still runs when the server closes the transport (the actors are
@@ -212,6 +213,7 @@ def test_the_workers_loops_have_ended_when_their_transport_closes(ray_session, t
     assert json.loads(Path(seen).read_text()) == {"loops": 2, "running": 0}
 
 
+@pytest.mark.slow
 def test_an_address_naming_another_cluster_is_refused_when_ray_is_initialised(ray_session):
     connected = ray_session.get_runtime_context().gcs_address
     with pytest.raises(ClusterError, match=(

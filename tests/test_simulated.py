@@ -183,6 +183,7 @@ def simulated_run(tmp_path_factory):
     return root / "run", proc, before
 
 
+@pytest.mark.slow
 def test_two_simulated_nodes_equal_the_serial_reference(simulated_run, tmp_path):
     run_dir, proc, _ = simulated_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -242,6 +243,7 @@ def test_a_process_connected_to_ray_refuses_to_start_a_simulated_cluster(ray_ses
 # -- removing a node, in its own process --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_removing_a_simulated_node_kills_the_workers_on_it(tmp_path):
     before = _shm_entries()
     script = TESTS / "simulated_support.py"
@@ -267,6 +269,7 @@ def test_removing_a_simulated_node_kills_the_workers_on_it(tmp_path):
     assert _stale(_shm_entries() - before) == []
 
 
+@pytest.mark.slow
 def test_a_worker_on_a_removed_node_is_replaced_in_seconds(tmp_path):
     """A remove_node fault mid-run: the lost worker's bundle was pinned to that node, so its replacement goes
     straight to a live node instead of waiting out the replacement timeout (30 s); then the server is killed
@@ -293,6 +296,7 @@ def test_a_worker_on_a_removed_node_is_replaced_in_seconds(tmp_path):
     assert summary["weights"] == serial["weights"]
 
 
+@pytest.mark.slow
 def test_a_simulated_cluster_stops_after_a_failed_run(tmp_path):
     """A run on 2 simulated nodes fails (its loss diverges while the server's loop still runs): the whole cluster
     stops all the same (every raylet, the GCS, the workers), leaving nothing in /dev/shm and Ray's current-cluster

@@ -168,6 +168,7 @@ def smoke(ray_session, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_smoke_sweep_writes_one_well_formed_row_per_run(smoke):
     rows = read_results(smoke / RESULTS_FILE)
     sweep = load_experiment(SMOKE)
@@ -210,6 +211,7 @@ def test_steps_to_target_match_the_metrics_rows(smoke):
         assert row["final_relative_gap"] == pytest.approx(last["optimality_gap"] / row["optimal_loss"])
 
 
+@pytest.mark.slow
 def test_resume_keeps_finished_runs_and_redoes_half_written_ones(smoke, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(smoke, out)
@@ -357,6 +359,7 @@ def test_a_diverged_run_is_a_row_not_a_failure_and_is_kept_on_resume(tmp_path, c
     assert [r["status"] for r in read_results(out / RESULTS_FILE)] == ["completed", "diverged"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_sweep_with_exit_130_and_the_command_that_resumes_it(tmp_path, capsys):
     """SIGINT (as a terminal sends it) during the second of two serial runs: exit 130 and one line saying how to
     resume; the same command then keeps the first run and redoes the interrupted one."""

@@ -147,6 +147,7 @@ def test_a_failed_run_leaves_no_segment_and_keeps_its_rows(ray_session, tmp_path
     assert not set(made_segments) & segments()
 
 
+@pytest.mark.slow
 def test_an_embedded_ray_run_on_the_ray_transport_leaves_no_channel_semaphores(tmp_path):
     """Ray 2.60 leaves its channels' semaphores in /dev/shm, named after the raylet: an embedded Ray's go with it."""
     run = tmp_path / "r"

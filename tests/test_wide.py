@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_config
 
@@ -43,6 +44,7 @@ def test_1024_rows_by_1e5_features_train(ray_session, tmp_path):
     assert all(w["data_bytes"] == 512 * 100_002 * 4 for w in summary["workers"])
 
 
+@pytest.mark.slow
 def test_256_rows_by_1e6_features_train(ray_session, tmp_path):
     summary, rows = _train_wide(tmp_path, 256, 1_000_000)
     assert summary["status"] == "completed" and summary["steps"] == 4 and len(summary["weights"]) == 1_000_001
