@@ -71,6 +71,10 @@ def test_rays_prometheus_export_has_the_runs_step_staleness_answer_times_and_fau
     assert step.value == STEPS == read_metrics(out)[-1]["step"]
     [rate] = samples("ray_sgd_dist_samples_per_second")
     assert rate.value > 0
+    rows = read_metrics(out)
+    for direction in ("up", "down"):
+        [carried] = samples("ray_sgd_dist_bytes", "_total", direction=direction)
+        assert carried.value == sum(r[f"bytes_{direction}"] for r in rows) > 0
 
     schedule = [json.loads(line) for line in (out / "schedule.jsonl").read_text().splitlines()]
     ages = [line["update"] - 1 - version for line in schedule for _, _, version in line["applied"]]

@@ -34,7 +34,8 @@ BIN = Path(sys.executable).parent
 
 # the names the trackers give metrics.jsonl's keys (samples/s is derived)
 NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "weight_norm": "train/weight_norm",
-         "staleness": "train/staleness", "eval_loss": "eval/loss", "optimality_gap": "eval/optimality_gap"}
+         "staleness": "train/staleness", "eval_loss": "eval/loss", "optimality_gap": "eval/optimality_gap",
+         "bytes_up": "comm/bytes_up", "bytes_down": "comm/bytes_down"}
 FAULTS = [
     {"fault": "worker_lost", "worker": 1, "step": 12, "noticed_unix": 1.7e9, "cause": "ActorDiedError: it died"},
     {"fault": "worker_replaced", "worker": 1, "step": 14, "lost_step": 12, "recovery_s": 1.25, "answers_meanwhile": 3,

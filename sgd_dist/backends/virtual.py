@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Collection, Sequence
 
 import torch
 
-from sgd_dist.backends.base import Backend, Sink, server_args, worker_args, worker_threads
+from sgd_dist.backends.base import Sink, server_args, worker_args
 from sgd_dist.backends.restarts import ServerRestarts
-from sgd_dist.backends.serial import resolve_local_device
+from sgd_dist.backends.serial import InProcessBackend
 from sgd_dist.config import Config, ConfigError, VirtualConfig
 from sgd_dist.core.data import generate, generator
 from sgd_dist.core.objectives import Float64Chunks
@@ -178,32 +178,19 @@ class VirtualFaults:
                 raise _ServerDown(f"killed at update {version} (faults: kill_server)", version, now)
 
 
-class VirtualBackend(Backend):
+class VirtualBackend(InProcessBackend):
     name = "virtual"
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.transport = "virtual"
         self.profile = load_profile(config.cluster.virtual.profile)
-        self.device = resolve_local_device(config.cluster.device)
         self.speed_factors = speed_factors(config.cluster.virtual, config.cluster.num_workers)
         self.end_s = 0.0  # the virtual clock when the run ended
-        # the serial reference's thread count: large reductions round differently with other counts
-        self._process_threads: int | None = torch.get_num_threads()
-        torch.set_num_threads(worker_threads(config))
-        try:
-            self.workers = sliced_workers(config, self.device)
-            self.server = ParameterServer(**server_args(config))
-            self.info = self.worker_info()
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(config)
+        self.transport = "virtual"
 
-    def _call(self, target: Any, method: str, *args: Any) -> Any:
-        return getattr(target, method)(*args)
-
-    def _get(self, handles: Sequence[Any]) -> list[Any]:
-        return list(handles)
+    def make_workers(self, config: Config) -> list[ShardWorker]:
+        """Shards sliced from the dataset generated once (the same values as each worker generating its own)."""
+        return sliced_workers(config, self.device)
 
     def worker_info(self) -> list[dict]:
         """Each worker's ``info()``; the process's part of it (host, pid, peak memory: one process holds every
@@ -258,18 +245,9 @@ class VirtualBackend(Backend):
                     staleness_lr=self.config.optim.staleness_lr, hooks=hooks, restore=restore,
                     elapsed_s=elapsed_s).run()
 
-    def final_weights(self) -> torch.Tensor:
-        return self.server.weights.clone()
-
     def clock_summary(self) -> dict:
         return {"clock": "virtual", "time_model": time_model_summary(self.config, self.profile, self.speed_factors,
                                                                      self.end_s)}
-
-    def close(self) -> None:
-        """Give this process its own torch thread count back."""
-        if self._process_threads is not None:
-            torch.set_num_threads(self._process_threads)
-            self._process_threads = None
 
 
 def time_model_summary(config: Config, profile: TimeProfile, factors: Sequence[float], end_s: float) -> dict:

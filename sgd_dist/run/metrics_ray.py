@@ -1,6 +1,7 @@
 """A run's metrics in Ray's own metrics system (``ray.util.metrics``): the step, samples/s, the loss and the
-optimality gap, a histogram of the applied gradients' staleness, each worker's answer times and the faults the
-run survived, every one labelled by run. Ray exports them with its own metrics (Prometheus, the dashboard's
+optimality gap, the bytes the step's messages carried (up: the answers as sent; down: the weights), a histogram
+of the applied gradients' staleness, each worker's answer times and the faults the run survived, every one
+labelled by run. Ray exports them with its own metrics (Prometheus, the dashboard's
 Grafana), so a cluster's users see training beside the cluster: `sgd_dist_step{run="..."}` and so on.
 
 Recorded from the driver as the Recorder's batches come, off the step path; Ray's metrics agent reports them
@@ -51,6 +52,8 @@ class RayMetrics(Tracker):
             "answer": metrics.Histogram(f"{PREFIX}answer_seconds", "A worker's time on a command, for each applied "
                                         "answer.", ANSWER_BOUNDARIES_S, ("run", "worker")),
             "faults": metrics.Counter(f"{PREFIX}faults_survived", "Faults the run recovered from.", ("run", "kind")),
+            "bytes": metrics.Counter(f"{PREFIX}bytes", "Bytes the run's messages carried: up, the workers' answers "
+                                     "as sent; down, the weights sent to them.", ("run", "direction")),
         }
         for metric in made.values():
             metric.set_default_tags(run)
@@ -72,6 +75,9 @@ class RayMetrics(Tracker):
                 m["loss"].set(row["loss"])
             if row.get("optimality_gap") is not None:
                 m["gap"].set(row["optimality_gap"])
+            for direction in ("up", "down"):
+                if row.get(f"bytes_{direction}"):
+                    m["bytes"].inc(float(row[f"bytes_{direction}"]), {"direction": direction})
 
     @guarded
     def schedule(self, lines: list[dict]) -> None:

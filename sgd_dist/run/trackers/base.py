@@ -32,6 +32,8 @@ SCALARS = {
     "staleness": "train/staleness",
     "eval_loss": "eval/loss",
     "optimality_gap": "eval/optimality_gap",
+    "bytes_up": "comm/bytes_up",  # the step's answers as sent (compressed, if they are)
+    "bytes_down": "comm/bytes_down",  # the weights (or their delta) sent to the workers that step
 }
 SAMPLES_PER_S = "train/samples_per_s"  # derived: samples_seen and wall_time_s against the previous step's row
 
