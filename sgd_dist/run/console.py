@@ -40,6 +40,11 @@ def train_and_report(config: Config, *, config_path: str | None = None, progress
     return EXIT_OK
 
 
+def _against(s: dict) -> str:
+    """What the relative gap divides by, when it is not f* (f* = 0: the initial gap)."""
+    return "" if s.get("gap_scale") == s["optimal_loss"] else f" of {s['gap_scale_is'].split(':')[0]}"
+
+
 def report(result: RunResult) -> None:
     """The finished run's lines: time, loss against the optimum, weights, mode, faults, stragglers, where."""
     s = result.summary
@@ -54,7 +59,7 @@ def report(result: RunResult) -> None:
         print(f"final loss {s['final_loss']:.6g}; optimum {s['reference']}")
     else:
         print(f"final loss {s['final_loss']:.6g}, optimum {s['optimal_loss']:.6g}, gap {s['optimality_gap']:.3e}"
-              + (f" (relative {rel:.2e})" if rel is not None else ""))
+              + (f" (relative {rel:.2e}{_against(s)})" if rel is not None else ""))
     print("weights " + ", ".join(f"{v:.5g}" for v in s["weights"][:8]) + (" ..." if len(s["weights"]) > 8 else ""))
     print(mode_line(s))
     for entry in s.get("faults") or []:

@@ -44,7 +44,9 @@ class Experiment(BaseModel):
     repeats: int = Field(1, ge=1)
     """Each grid point runs this many times (repeat r of every point before repeat r + 1)."""
     target_gap: float = Field(1e-3, gt=0)
-    """Relative optimality gap (optimality_gap / optimal_loss) that counts as reaching the target."""
+    """Relative optimality gap that counts as reaching the target: optimality_gap / gap_scale, the scale being f*
+    (the optimal loss) when it is positive, else the initial gap f(w0) - f* (f* = 0: least squares that
+    interpolates)."""
     scaling: list[Scaling] = ["weak"]
     """strong: the global batch (global_batch) is split over the workers; weak: train.batch_size per worker; or both."""
     global_batch: list[int] = []

@@ -50,8 +50,9 @@ def steps_model(rows: list[dict], batch: int, say: Callable[[str], None]) -> Ste
     b_noise, global_batch = float(pilot["noise_scale"]), pilot["workers"] * batch
     model = StepsModel(pilot["updates_to_target"] / (1 + b_noise / global_batch), b_noise, global_batch,
                        pilot["updates_to_target"])
+    where = pilot.get("noise_scale_at") or "target gap"
     say(f"  S(B) = {model.s_min:.3g} x (1 + {b_noise:.3g} / B) updates to the target at global batch B "
-        "(the pilot's updates and its noise scale B_simple at the target)")
+        f"(the pilot's updates and its noise scale B_simple at the {where})")
     return model
 
 

@@ -23,8 +23,8 @@ from sgd_dist.study.results import csv_cell
 PLAN_FILE = "plan.csv"
 COLUMNS = ["rank", "config", "stage", "workers", "mode", "mode_parameter", "worker_batch", "global_batch",
            "lr_scaling", "updates_run", "status", "reached", "time_to_target_s", "updates_to_target",
-           "samples_to_target", "bytes_to_target", "worker_seconds", "final_gap", "noise_scale", "failures",
-           "worker_steps", "run", "error"]
+           "samples_to_target", "bytes_to_target", "worker_seconds", "final_gap", "noise_scale", "noise_scale_at",
+           "failures", "worker_steps", "run", "error"]
 INTS = {"rank", "workers", "mode_parameter", "worker_batch", "global_batch", "updates_run", "updates_to_target",
         "samples_to_target", "bytes_to_target", "failures", "worker_steps"}
 FLOATS = {"time_to_target_s", "worker_seconds", "final_gap", "noise_scale"}
@@ -89,6 +89,7 @@ def plan_row(candidate: Any, stage: str, sweep_row: dict, run_dir: Path, out: Pa
     if sweep_row["status"] != "completed":
         return row
     summary = read_summary(run_dir)
+    row.update(noise_scale_where(row["noise_scale"], summary.get("gradient_noise_scale")))
     row["failures"] = sum(1 for f in summary.get("faults", []) if f.get("fault") in ("worker_lost", "server_lost"))
     local = candidate.parameter if candidate.mode == "local_sgd" else 1
     row["worker_steps"] = local * sum(w["answers"] for w in summary.get("per_worker", {}).values())
@@ -99,6 +100,17 @@ def plan_row(candidate: Any, stage: str, sweep_row: dict, run_dir: Path, out: Pa
                samples_to_target=sweep_row["target_samples"], worker_seconds=k * sweep_row["target_time_s"],
                bytes_to_target=bytes_to(run_dir, summary, step, k, itemsize))
     return row
+
+
+def noise_scale_where(at_target: float | None, report: dict | None) -> dict:
+    """The run's noise scale for S(B) and where it was measured: at the target gap, or, where there is no w* to find
+    the target's point on the segment to (f* = 0 without w*), at the initial weights."""
+    if at_target is not None:
+        return {"noise_scale": at_target, "noise_scale_at": "target gap"}
+    initial = (report or {}).get("initial", {}).get("b_simple")
+    if report is not None and not report.get("at_gap") and initial is not None and math.isfinite(initial):
+        return {"noise_scale": initial, "noise_scale_at": "initial weights (no w*)"}
+    return {"noise_scale": None, "noise_scale_at": None}
 
 
 def bytes_to(run_dir: Path, summary: dict, step: int, workers: int, itemsize: int) -> int:

@@ -19,7 +19,15 @@ from sgd_dist.core.noise_scale import fit_steps
 from sgd_dist.run.rundir import read_metrics
 from sgd_dist.study import cost_model as cm
 from sgd_dist.study.model_report import CLUSTER_NETWORK, saved_cores
-from sgd_dist.study.results import EXPERIMENT_FILE, RESULTS_FILE, RUNS_DIR, grid_keys, read_results, series
+from sgd_dist.study.results import (
+    EXPERIMENT_FILE,
+    RESULTS_FILE,
+    RUNS_DIR,
+    gap_scale_of,
+    grid_keys,
+    read_results,
+    series,
+)
 
 WORKERS = "cluster.num_workers"
 MAX_LEGEND = 30  # lines beyond which loss_time.png leaves its legend out
@@ -144,7 +152,7 @@ def _time_to_target(path: Path, rows: list[dict], keys: list[str], target, _dir)
 
 
 def _loss_time(path: Path, rows: list[dict], keys: list[str], target, sweep_dir: Path) -> str | None:
-    runs = [r for r in rows if r["repeat"] == 0 and r["optimal_loss"]
+    runs = [r for r in rows if r["repeat"] == 0 and gap_scale_of(r)
             and (sweep_dir / RUNS_DIR / r["run"] / "metrics.jsonl").is_file()]
     if not runs:
         return "no completed run with an optimality gap and its metrics.jsonl"
@@ -157,7 +165,7 @@ def _loss_time(path: Path, rows: list[dict], keys: list[str], target, sweep_dir:
                      if m.get("optimality_gap") is not None and m["optimality_gap"] > 0]
             label = f"{row['num_workers']} workers, " + ", ".join(
                 f"{k.split('.')[-1]}={row[k]}" for k in keys if k != WORKERS)
-            ax.plot([m["wall_time_s"] for m in evals], [m["optimality_gap"] / row["optimal_loss"] for m in evals],
+            ax.plot([m["wall_time_s"] for m in evals], [m["optimality_gap"] / gap_scale_of(row) for m in evals],
                     lw=1.2, label=label.rstrip(", "))
         if target is not None:
             ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target}")

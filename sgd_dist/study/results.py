@@ -20,27 +20,33 @@ EXPERIMENT_FILE = "experiment.yaml"
 RUNS_DIR = "runs"
 
 
-def relative_gaps(rows: list[dict], optimal_loss: float | None) -> list[tuple[dict, float]]:
-    """(row, optimality_gap / optimal_loss) for every evaluated row; empty without a positive optimum."""
-    if not optimal_loss or optimal_loss <= 0:
+def relative_gaps(rows: list[dict], gap_scale: float | None) -> list[tuple[dict, float]]:
+    """(row, optimality_gap / gap_scale) for every evaluated row; empty without a positive scale."""
+    if not gap_scale or gap_scale <= 0:
         return []
-    return [(row, row["optimality_gap"] / optimal_loss) for row in rows
+    return [(row, row["optimality_gap"] / gap_scale) for row in rows
             if row.get("optimality_gap") is not None]
 
 
-def first_below(rows: list[dict], optimal_loss: float | None, target_gap: float) -> dict | None:
+def first_below(rows: list[dict], gap_scale: float | None, target_gap: float) -> dict | None:
     """The first evaluated row (in step order) whose relative gap is below target_gap, or None."""
-    for row, rel in sorted(relative_gaps(rows, optimal_loss), key=lambda pair: pair[0]["step"]):
+    for row, rel in sorted(relative_gaps(rows, gap_scale), key=lambda pair: pair[0]["step"]):
         if rel < target_gap:
             return row
     return None
+
+
+def gap_scale_of(record: dict) -> float | None:
+    """What a run's relative gap divides by, from its summary.json or its results.csv row (run/reference.py: f* if
+    positive, else the initial gap f(w0) - f*); f* for a record written before the scale was."""
+    return record["gap_scale"] if "gap_scale" in record else record.get("optimal_loss")
 
 
 COLUMNS_HEAD = ["run", "scaling"]
 COLUMNS_TAIL = [
     "repeat", "num_workers", "mode", "n_features", "worker_batch", "global_batch", "status",
     "samples_per_s", "median_step_ms", "steps", "train_time_s", "optimal_loss",
-    "target_step", "target_time_s", "target_samples", "final_relative_gap",
+    "gap_scale", "target_step", "target_time_s", "target_samples", "final_relative_gap",
     "speedup", "efficiency", "speedup_basis", "error",
     "gradient_noise_scale", "worst_worker_ratio",
 ]
@@ -68,15 +74,15 @@ def run_row(plan: RunPlan, run_dir: Path, target_gap: float, error: str | None =
         # a run whose loss stopped being finite is an outcome (its lr is too large), not a failure
         row.update(status="diverged" if summary.get("diverged") else "failed", error=why)
         return row
-    optimal = summary.get("optimal_loss")
-    hit = first_below(read_metrics(run_dir), optimal, target_gap) if (run_dir / METRICS_FILE).is_file() else None
+    optimal, scale = summary.get("optimal_loss"), gap_scale_of(summary)
+    hit = first_below(read_metrics(run_dir), scale, target_gap) if (run_dir / METRICS_FILE).is_file() else None
     gap = summary.get("optimality_gap")
     row.update(
         status="completed", samples_per_s=summary["samples_per_s"], median_step_ms=summary["median_step_ms"],
-        steps=summary["steps"], train_time_s=summary["train_time_s"], optimal_loss=optimal,
+        steps=summary["steps"], train_time_s=summary["train_time_s"], optimal_loss=optimal, gap_scale=scale,
         target_step=None if hit is None else hit["step"], target_time_s=None if hit is None else hit["wall_time_s"],
         target_samples=None if hit is None else hit["samples_seen"],
-        final_relative_gap=gap / optimal if gap is not None and optimal else None,
+        final_relative_gap=gap / scale if gap is not None and scale else None,
         worst_worker_ratio=summary.get("worst_worker_ratio"),
     )
     if "gradient_noise_scale" in summary:
@@ -147,7 +153,7 @@ def write_results(path: Path, experiment: Experiment, rows: list[dict]) -> None:
 def read_results(path: str | Path) -> list[dict]:
     """results.csv's rows, numbers as numbers and empty cells as None (grid values stay text)."""
     numeric_int = {"repeat", "num_workers", "n_features", "global_batch", "steps", "target_step", "target_samples"}
-    numeric = {"samples_per_s", "median_step_ms", "train_time_s", "optimal_loss", "target_time_s",
+    numeric = {"samples_per_s", "median_step_ms", "train_time_s", "optimal_loss", "gap_scale", "target_time_s",
                "final_relative_gap", "speedup", "efficiency", "gradient_noise_scale", "worst_worker_ratio",
                *PREDICTION_COLUMNS[:-1]}
     rows = []
