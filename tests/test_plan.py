@@ -46,8 +46,8 @@ def write(path: Path, raw: dict) -> Path:
 
 def make_plan(tmp_path: Path, cluster: dict, *, objective: str = "time", modes: str = "sync",
               workers: list[int] | None = None, budget: str | None = None, target: float = 3e-3,
-              out: str = "plan") -> planner.Plan:
-    problem = write(tmp_path / "problem.yaml", PROBLEM)
+              out: str = "plan", problem_raw: dict = PROBLEM) -> planner.Plan:
+    problem = write(tmp_path / "problem.yaml", problem_raw)
     spec, profile = load_cluster(write(tmp_path / "cluster.yaml", cluster))
     space = planner.space_from(spec, workers, modes, [8], "none")
     return planner.Plan(tmp_path / out, problem, planner.load_problem(problem), spec, profile, target, objective,
@@ -83,6 +83,33 @@ def test_with_a_huge_latency_local_sgd_with_the_most_local_steps_wins(tmp_path):
     assert (top["mode"], top["mode_parameter"]) == ("local_sgd", 32)
     assert {r["mode"] for r in rows} == {"sync", "async", "local_sgd"}
     assert {r["mode_parameter"] for r in rows if r["mode"] == "local_sgd"} == {2, 8, 32}
+
+
+def test_where_f_star_is_0_the_plan_reaches_a_gap_relative_to_the_initial_one_and_ranks_by_it(tmp_path):
+    """64 rows of 9,000 features: least squares interpolates (f* = 0, no w*), so the target is a fraction of the
+    initial gap and the pilot's noise scale is the one at the initial weights, said so in plan.csv."""
+    wide = {"data": {"n_samples": 64, "n_features": 9000, "seed": 3}, "optim": {"lr": 5e-4},
+            "train": {"steps": 60, "batch_size": 8, "eval_every": 5}}
+    lines: list[str] = []
+    plan = make_plan(tmp_path, {"max_workers": 2, "profile": FREE}, modes="sync,local_sgd:8", target=0.3,
+                     problem_raw=wide)
+    rows = planner.run_plan(replace(plan, say=lines.append))
+    pilot = next(r for r in rows if r["stage"] == "pilot")
+    summary = read_summary(tmp_path / "plan" / pilot["run"])
+    assert summary["optimal_loss"] == 0.0 and summary["gap_scale"] > 0
+    assert pilot["noise_scale"] == summary["gradient_noise_scale"]["initial"]["b_simple"]
+    assert pilot["noise_scale_at"] == "initial weights (no w*)"
+    assert any("noise scale B_simple at the initial weights" in line for line in lines)
+    reached = [r for r in rows if r["reached"] == "yes"]
+    assert {r["mode"] for r in reached} == {"sync", "local_sgd"} and len(reached) == len(rows)
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    times = [r["time_to_target_s"] for r in rows]
+    assert times == sorted(times)
+    for row in reached:
+        summary = read_summary(tmp_path / "plan" / row["run"])
+        hit = next(m for m in read_metrics(tmp_path / "plan" / row["run"]) if m.get("optimality_gap") is not None
+                   and m["optimality_gap"] / summary["gap_scale"] < 0.3)
+        assert row["updates_to_target"] == hit["step"] > 0
 
 
 # --- resume, budget, plan.csv --------------------------------------------------------------------------------

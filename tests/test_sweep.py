@@ -14,11 +14,12 @@ import yaml
 from conftest import assert_png
 
 from sgd_dist.cli import main
-from sgd_dist.config import ConfigError
+from sgd_dist.config import ConfigError, load_config
+from sgd_dist.core.data import generate
 from sgd_dist.run.rundir import read_metrics
 from sgd_dist.study.experiment import load_experiment
 from sgd_dist.study.plots import plot_sweep
-from sgd_dist.study.results import RESULTS_FILE, add_speedups, first_below, read_results
+from sgd_dist.study.results import RESULTS_FILE, add_speedups, first_below, gap_scale_of, read_results
 from sgd_dist.study.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +99,34 @@ def test_the_target_is_the_first_evaluated_row_below_the_relative_gap():
     assert first_below(list(reversed(rows)), 1.0, 1e-2)["step"] == 10
     assert first_below(rows, 1.0, 1e-5) is None
     assert first_below(rows, None, 1e-2) is None and first_below(rows, 0.0, 1e-2) is None
+
+
+def test_a_relative_gap_divides_by_f_star_and_by_the_initial_gap_where_f_star_is_0():
+    assert gap_scale_of({"optimal_loss": 2.0, "gap_scale": 2.0}) == 2.0
+    assert gap_scale_of({"optimal_loss": 0.0, "gap_scale": 5.0}) == 5.0
+    assert gap_scale_of({"optimal_loss": 2.0}) == 2.0  # a record written before the scale was
+
+
+def test_a_sweep_where_least_squares_interpolates_measures_its_target_against_the_initial_gap(tmp_path):
+    # 64 rows of 9,000 features: f* = 0 without w* (the exact optimum is not computed past d = 8,192)
+    overrides = ["data.n_samples=64", "data.n_features=9000", "train.steps=30", "train.batch_size=16",
+                 "train.eval_every=2", "optim.lr=1e-3", "optim.warmup_steps=0", "cluster.backend=serial"]
+    path = experiment(tmp_path, overrides=overrides,
+                      target_gap=0.3)
+    out = tmp_path / "out"
+    run_sweep(load_experiment(path), out, plots=False)
+    for row in read_results(out / RESULTS_FILE):
+        _, y = generate(load_config(out / "runs" / row["run"] / "config.yaml").data)
+        initial = float((y.double() ** 2).mean())  # f(w0) at w0 = 0, by hand; f* = 0
+        metrics = read_metrics(out / "runs" / row["run"])
+        summary = json.loads((out / "runs" / row["run"] / "summary.json").read_text())
+        assert row["optimal_loss"] == 0.0 and summary["gap_scale_is"].startswith("f(w0) - f*")
+        assert row["gap_scale"] == summary["gap_scale"] == pytest.approx(initial, rel=1e-6)
+        # divided by f* = 0 there would be no relative gap and no target
+        hit = next(m for m in metrics if m.get("optimality_gap") is not None and m["optimality_gap"] / initial < 0.3)
+        assert 0 < row["target_step"] == hit["step"] < 30
+        assert row["final_relative_gap"] == pytest.approx(metrics[-1]["optimality_gap"] / initial, rel=1e-6)
+        assert summary["relative_optimality_gap"] == pytest.approx(row["final_relative_gap"], rel=1e-12)
 
 
 def _row(scaling, k, repeat, sps, t, gb, mode="sync"):

@@ -271,7 +271,8 @@ def describe_row(row: dict) -> str:
     if row["status"] != "completed":
         return f"{row['status']} ({row['error']})"
     if row["reached"] != "yes":
-        return f"not reached in {row['updates_run']} updates (gap {row['final_gap']:.2e})"
+        gap = "no relative gap: no optimum" if row["final_gap"] is None else f"gap {row['final_gap']:.2e}"
+        return f"not reached in {row['updates_run']} updates ({gap})"
     return (f"{row['time_to_target_s']:.4g} s to the target, {row['worker_seconds']:.4g} worker-s, "
             f"{row['updates_to_target']} updates")
 
