@@ -6,8 +6,7 @@ plan resumes) of virtual runs (``cluster.backend: virtual``):
 
 1. *pilot*: sync at the fewest workers, the problem's batch; it also measures the gradient noise scale at the
    target gap (``core/noise_scale.py``; at the initial weights where f* = 0 has no w*), which with its steps to the
-   target gives McCandlish et al.'s
-   S(B) = S_min (1 + B_noise / B): the steps to the target at any global batch;
+   target gives McCandlish et al.'s S(B) = S_min (1 + B_noise / B): the steps to the target at any global batch;
 2. *workers*: sync at every worker count (powers of two up to the cluster's largest), with each lr scaling;
 3. *modes*: at the two best worker counts, every mode and its parameter (ssp's staleness bound, backup's backup
    workers, local SGD's local steps), and at the most workers those predicted within reach;
