@@ -42,7 +42,9 @@ def train_and_report(config: Config, *, config_path: str | None = None, progress
 
 def _against(s: dict) -> str:
     """What the relative gap divides by, when it is not f* (f* = 0: the initial gap)."""
-    return "" if s.get("gap_scale") == s["optimal_loss"] else f" of {s['gap_scale_is'].split(':')[0]}"
+    if s.get("gap_scale") in (None, s["optimal_loss"]):
+        return ""
+    return f" of {s['gap_scale_is'].split(':')[0]}"
 
 
 def report(result: RunResult) -> None:
