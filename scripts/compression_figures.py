@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sgd_dist.run.rundir import read_metrics
+from sgd_dist.study.results import gap_scale_of
 
 
 def label(config: dict) -> str:
@@ -65,7 +66,8 @@ def load(sweep: Path) -> list[dict]:
             moved.append(tuple(total))
         evaluated = [(row, b) for row, b in zip(rows, moved) if row.get("optimality_gap") is not None]
         f_star = summary.get("optimal_loss") or 0.0
-        scale = f_star if f_star > 0 else evaluated[0][0]["optimality_gap"]
+        # the run's own scale (f*, or f(w0) - f* where f* = 0); the first evaluation's gap for an older summary
+        scale = gap_scale_of(summary) or evaluated[0][0]["optimality_gap"]
         runs.append({"name": label(config), "config": config, "summary": summary,
                      "step": [r["step"] for r, _ in evaluated], "time": [r["wall_time_s"] for r, _ in evaluated],
                      "bytes_up": [b[0] for _, b in evaluated], "bytes": [sum(b) for _, b in evaluated],

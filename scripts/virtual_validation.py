@@ -39,7 +39,7 @@ from sgd_dist.backends.ray.cluster import init_ray
 from sgd_dist.config import load_config
 from sgd_dist.run.rundir import SUMMARY_FILE, read_metrics, read_summary
 from sgd_dist.run.trainer import train
-from sgd_dist.study.results import first_below
+from sgd_dist.study.results import first_below, gap_scale_of
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_GAP = 2e-2
@@ -107,7 +107,7 @@ def train_once(overrides: list[str], run_dir: Path) -> dict:
 def measure(run_dir: Path, target_gap: float = TARGET_GAP) -> dict:
     """What the comparison needs from one run directory."""
     summary = read_summary(run_dir)
-    hit = first_below(read_metrics(run_dir), summary.get("optimal_loss"), target_gap)
+    hit = first_below(read_metrics(run_dir), gap_scale_of(summary), target_gap)
     return {"median_step_ms": summary["median_step_ms"], "target_s": None if hit is None else hit["wall_time_s"],
             "target_step": None if hit is None else hit["step"], "weights": summary["weights"],
             "staleness": (summary.get("staleness") or {}).get("median"),
