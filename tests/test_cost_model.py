@@ -12,8 +12,7 @@ import pytest
 from conftest import make_config
 
 from sgd_dist.core import time_model
-from sgd_dist.core.time_model import TimeProfile
-from sgd_dist.engine.delays import wire_delay_s
+from sgd_dist.core.time_model import TimeProfile, message_s
 from sgd_dist.run.trainer import train
 from sgd_dist.study.cost_model import (
     CostModel,
@@ -149,8 +148,8 @@ def test_async_is_bounded_by_the_servers_work_for_one_answer():
 
 
 def test_the_network_adds_latency_on_the_path_and_serialises_the_server_link():
-    assert wire_delay_s(50e-6, 1e9, 1000) == pytest.approx(50e-6 + 8e-6)
-    assert wire_delay_s(50e-6, None, 10**9) == 50e-6
+    assert message_s(50e-6, 1e9, 1000) == pytest.approx(50e-6 + 8e-6)
+    assert message_s(50e-6, None, 10**9) == 50e-6
     model = replace(TRUE, cores=None)
     base = Scenario("sync", 64, (128,) * 64, 10**5, 10**8)
     nbytes = 4 * 10**5
@@ -159,7 +158,7 @@ def test_the_network_adds_latency_on_the_path_and_serialises_the_server_link():
     assert step_s(model, slow) - step_s(model, base) == pytest.approx(2 * 64 * nbytes * 8 / 1e9)
     one = replace(slow, num_workers=1, worker_batches=(128,))
     assert step_s(model, one) - step_s(model, replace(base, num_workers=1, worker_batches=(128,))) == pytest.approx(
-        2 * wire_delay_s(50e-6, 1e9, nbytes))
+        2 * message_s(50e-6, 1e9, nbytes))
 
 
 def test_backup_workers_wait_for_the_fastest_k_minus_b_and_a_straggler_slows_sync():

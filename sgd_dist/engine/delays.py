@@ -30,6 +30,7 @@ import torch
 
 from sgd_dist.config import NetworkConfig, StragglersConfig
 from sgd_dist.core.data import generator
+from sgd_dist.core.time_model import message_s
 from sgd_dist.engine.messages import EVALUATE, GRADIENT
 
 _STREAM_DELAYS = 3
@@ -76,17 +77,12 @@ def describe_stragglers(slow: list[dict]) -> list[str]:
 EVALUATE_ANSWER_BYTES = 8  # one float64: the shard's loss sum
 
 
-def wire_delay_s(latency_s: float, bandwidth_bps: float | None, nbytes: int) -> float:
-    """The network model: one message of ``nbytes`` bytes takes latency + nbytes * 8 / bandwidth (None: unlimited)."""
-    return latency_s + (nbytes * 8 / bandwidth_bps if bandwidth_bps else 0.0)
-
-
 def message_delay_s(network: NetworkConfig | None, nbytes: int) -> float:
     """Seconds one message of ``nbytes`` bytes takes on one link of ``network`` (None: no network model)."""
     if network is None:
         return 0.0
     bandwidth = None if network.bandwidth_gbps is None else network.bandwidth_gbps * 1e9
-    return wire_delay_s(network.latency_ms / 1e3, bandwidth, nbytes)
+    return message_s(network.latency_ms / 1e3, bandwidth, nbytes)
 
 
 def message_bytes(dim: int, itemsize: int, kind: int = GRADIENT) -> tuple[int, int]:
