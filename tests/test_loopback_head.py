@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,10 @@ def _head_logs(work: Path, lines: int = 15) -> str:
     return "\n".join(parts)
 
 
-def _cluster_processes(marker: str) -> list[str]:
-    """The live processes whose environment holds ``marker`` (the cluster's private RAY_TMPDIR): every process of
-    that cluster, whatever its process group (Ray gives each worker one of its own), the job's driver too."""
+def _cluster_pids(marker: str) -> list[int]:
+    """The live (not zombie) processes whose environment holds ``marker`` (the cluster's private RAY_TMPDIR):
+    every process of that cluster, whatever its process group (Ray gives each worker one of its own), the job's
+    driver too."""
     found = []
     for pid in Path("/proc").glob("[0-9]*"):
         try:
@@ -51,8 +53,27 @@ def _cluster_processes(marker: str) -> list[str]:
         except OSError:
             continue
         if text[text.rindex(")") + 2:].split()[0] != "Z":
-            found.append(text[text.index("(") + 1:text.rindex(")")])
+            found.append(int(pid.name))
     return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return f"{pid}: gone"
+
+
+def _cluster_processes(marker: str) -> list[str]:
+    """The names of the processes ``_cluster_pids`` finds."""
+    names = []
+    for pid in _cluster_pids(marker):
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        names.append(text[text.index("(") + 1:text.rindex(")")])
+    return names
 
 
 def test_the_readme_recipe_trains_runs_a_job_with_the_heads_python_and_stops_only_its_cluster(ray_session, tmp_path):
@@ -82,8 +103,13 @@ def test_the_readme_recipe_trains_runs_a_job_with_the_heads_python_and_stops_onl
         job = re.search(r"sgd-dist job: sgd_dist \S+ from \S+ \(python (\S+)\)", proc.stdout)
         assert job and Path(job.group(1)).parent == BIN, proc.stdout[-3000:]
         assert (tmp_path / "job" / "summary.json").is_file()
-        # the last line stopped that cluster, all of it, and only it
-        assert _cluster_processes(f"RAY_TMPDIR={work / 'ray'}") == []
+        # the last line stopped that cluster, all of it, and only it. A worker Ray was starting when the group was
+        # killed is in a process group of its own: it exits when it finds no raylet, seconds later on a loaded
+        # machine, so the check waits for that (a cluster left running would stay: its raylet and GCS)
+        marker, deadline = f"RAY_TMPDIR={work / 'ray'}", time.monotonic() + 30
+        while (left := _cluster_processes(marker)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], [_cmdline(pid) for pid in _cluster_pids(marker)]
         assert ray_session.get(ray_session.put("still here")) == "still here"
     finally:
         if (work / "head.pgid").is_file():  # the script stopped early: stop its head here
