@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -175,10 +176,20 @@ def _record_failure(run_dir: Path, config: Config, exc: BaseException, recorder:
 
 def _prefetch(module: str) -> Future:
     """``module`` imported on a thread of its own: matplotlib's import (most of a second) overlaps the cluster's
-    start-up, which mostly waits on other processes, instead of adding to the command's time."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgd-dist-import")
-    imported = pool.submit(importlib.import_module, module)
-    pool.shutdown(wait=False)
+    start-up, which mostly waits on other processes, instead of adding to the command's time.
+
+    A daemon thread, which the interpreter does not wait for at exit: a Ctrl-C that lands in the main thread's
+    own imports (ray.init imports as it goes) can leave a module's import lock held, and an import on this thread
+    would then wait on it forever, holding the interrupted process open (a pool's thread is joined at exit)."""
+    imported: Future = Future()
+
+    def run() -> None:
+        try:
+            imported.set_result(importlib.import_module(module))
+        except BaseException as exc:  # noqa: BLE001  (handed to whoever asks for the module)
+            imported.set_exception(exc)
+
+    threading.Thread(target=run, name="sgd-dist-import", daemon=True).start()
     return imported
 
 
